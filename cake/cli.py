@@ -1,0 +1,95 @@
+"""`cake`: click options only; builds objects and hands off. Errors become one line on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cake.auth import ENV_KEY
+from cake.devices import DTYPE_CHOICES
+from cake.errors import CakeError
+
+log = logging.getLogger("cake")
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="[%(name)s] %(message)s")
+
+
+def run_edge(fn, *args, **kwargs):
+    """The one place errors are caught: a CakeError is one line and exit code 1, never a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except CakeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Llama 3 model folder (or a cake-split-model bundle, for a worker).")
+@click.option("--topology", type=click.Path(dir_okay=False), default=None,
+              help="Topology YAML; without it every layer runs on the master.")
+@click.option("--name", default=None, help="Worker: this worker's name in the topology file.")
+@click.option("--address", default="0.0.0.0:10128", help="Worker: address:port to listen on.")
+@click.option("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default="auto",
+              help="Compute dtype; auto keeps the checkpoint's where the device handles it.")
+@click.option("--context", type=int, default=None,
+              help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
+@click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
+              help="Shared secret: mutual HMAC authentication between master and workers.")
+@click.option("--kv-budget", type=int, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
+@click.option("--prompt", "-p", default="Why is the sky blue?", help="Master: the prompt.")
+@click.option("--system-prompt", default=None, help="Master: a system message for the chat template.")
+@click.option("--raw", is_flag=True, help="Master: tokenize the prompt as is, no chat template.")
+@click.option("--max-tokens", "-n", "--sample-len", type=int, default=256, help="Master: tokens to generate at most.")
+@click.option("--temperature", type=float, default=None,
+              help="0 = greedy [default: generation_config.json's when it samples, else 0].")
+@click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (1 = off).")
+@click.option("--repeat-penalty", type=float, default=1.0, help="Penalty for recent tokens (1 = off).")
+@click.option("--repeat-last-n", type=int, default=64, help="How many recent tokens the penalty looks at.")
+@click.option("--seed", type=int, default=299792458, help="Sampling seed.")
+@click.option("--retry-timeout", type=float, default=30.0, help="Master: seconds to wait for a lost worker.")
+@click.option("--request-timeout", type=float, default=300.0, help="Master: seconds before a stuck request fails.")
+@click.option("--output-ids", type=click.Path(dir_okay=False), default=None,
+              help="Master: also write the prompt and generated token ids as JSON to this file.")
+@click.option("--verbose", "-v", count=True, help="More logging on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+def main(mode, model_dir, topology, name, address, device, dtype, context, cluster_key, kv_budget, prompt,
+         system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
+         retry_timeout, request_timeout, output_ids, verbose, quiet):
+    """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
+    setup_logging(verbose, quiet)
+    if mode == "worker":
+        if not name or not topology:
+            raise click.UsageError("a worker needs --name and --topology")
+        from cake.worker import run_worker
+
+        run_edge(run_worker, model_dir, name, topology, address, device, dtype, context, cluster_key, kv_budget)
+        return
+    from cake.run_master import MasterArgs, run_master
+
+    args = MasterArgs(
+        model_dir=model_dir, topology=topology, device=device, dtype=dtype, context=context, key=cluster_key,
+        prompt=prompt, system_prompt=system_prompt, raw=raw, max_tokens=max_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+        retry_timeout=retry_timeout, request_timeout=request_timeout, output_ids=output_ids, quiet=quiet,
+    )
+    run_edge(run_master, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The master's side of one worker connection: connect, handshake, requests, reconnect.
+
+One connection per worker, shared by all its stages and sessions. A request that fails because the
+connection broke (worker killed, restarted, network blip) reconnects with backoff for up to
+`retry_timeout` seconds and raises `SessionsLost`: the worker's KV caches are gone and the caller
+replays. A worker that stays away raises a WorkerError naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cake import auth, wire
+from cake.errors import CakeError, ProtocolError, WorkerError
+from cake.topology import Worker, format_layers
+
+log = logging.getLogger("cake.master")
+
+
+class SessionsLost(Exception):
+    """The worker no longer holds (part of) a session's KV cache; replay from `cached`."""
+
+    def __init__(self, worker: str, cached: int = 0):
+        super().__init__(worker)
+        self.worker, self.cached = worker, cached
+
+
+@dataclass
+class LinkStats:
+    requests: int = 0
+    round_trip_s: float = 0.0
+    compute_s: float = 0.0
+    reconnects: int = 0
+
+
+@dataclass
+class Options:
+    key: str | None = None
+    connect_timeout: float = 10.0
+    request_timeout: float = 300.0
+    retry_timeout: float = 30.0
+    max_frame: int = 1 << 31
+
+
+class WorkerLink:
+    def __init__(self, worker: Worker, options: Options):
+        self.worker = worker
+        self.opt = options
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.info: wire.Info | None = None
+        self.lock = asyncio.Lock()
+        self.ids = itertools.count(1)
+        self.stats = LinkStats()
+        self.epoch = 0  # bumped on every new connection: caches from older epochs are gone
+
+    @property
+    def label(self) -> str:
+        return f"worker '{self.worker.name}' at {self.worker.address}"
+
+    async def connect(self) -> None:
+        """One attempt: open, handshake, check the worker serves what the topology says."""
+        w = self.worker
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(w.host, w.port, limit=1 << 20), self.opt.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ConnectionError(f"cannot connect: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            info = await asyncio.wait_for(self._handshake(reader, writer), self.opt.connect_timeout)
+        except BaseException:
+            writer.close()
+            raise
+        want = list(w.layers)
+        if info.layers != want:
+            writer.close()
+            raise WorkerError(
+                f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
+                f"start it with the same topology file")
+        self.reader, self.writer, self.info = reader, writer, info
+        self.epoch += 1
+
+    async def _handshake(self, reader, writer) -> wire.Info:
+        mine = auth.nonce()
+        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, mine))
+        try:
+            msg = await self._expect(reader, wire.Welcome)
+            if msg.auth:
+                if not self.opt.key:
+                    raise WorkerError(f"{self.label} requires a cluster key; pass --cluster-key or set "
+                                      f"{auth.ENV_KEY}")
+                if not auth.verify(self.opt.key, "worker", mine, msg.nonce, msg.proof):
+                    raise WorkerError(f"{self.label} does not know our cluster key; give every node the "
+                                      f"same --cluster-key")
+                await wire.write_message(writer, wire.Auth(auth.proof(self.opt.key, "client", mine, msg.nonce)))
+            elif self.opt.key:
+                log.warning("%s accepts clients without a cluster key; set --cluster-key on it too", self.label)
+            return await self._expect(reader, wire.Info)
+        except (asyncio.IncompleteReadError, ProtocolError) as e:
+            raise WorkerError(f"{self.label} broke the handshake ({type(e).__name__}); is it a cake worker "
+                              f"of the same version?") from None
+
+    async def _expect(self, reader, cls):
+        msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
+        if isinstance(msg, wire.Error):
+            raise WorkerError(f"{self.label}: {msg.message}")
+        if not isinstance(msg, cls):
+            raise ProtocolError(f"expected {cls.TYPE}, got {msg.TYPE}")
+        return msg
+
+    async def ensure_connected(self, deadline: float | None = None) -> None:
+        """Connect, retrying with backoff until `deadline` (monotonic); WorkerError after it."""
+        if self.writer is not None:
+            return
+        deadline = deadline or time.monotonic() + self.opt.retry_timeout
+        delay, reason = 0.1, ""
+        while True:
+            try:
+                await self.connect()
+                return
+            except ConnectionError as e:
+                reason = str(e)
+            if time.monotonic() + delay > deadline:
+                raise WorkerError(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:.0f}s; "
+                                  f"start it, or check its address in the topology file")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, msg: wire.Message, tensor: torch.Tensor | None = None
+                      ) -> tuple[wire.Message, torch.Tensor | None]:
+        """Send one request, return its reply. A broken connection reconnects and raises SessionsLost."""
+        async with self.lock:
+            await self.ensure_connected()
+            try:
+                await wire.write_message(self.writer, msg, tensor)
+                reply, out = await asyncio.wait_for(
+                    wire.read_message(self.reader, self.opt.max_frame), self.opt.request_timeout)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
+                await self._recover(e)
+                raise SessionsLost(self.worker.name) from None
+        if isinstance(reply, wire.Error):
+            if reply.code == "cache_behind":
+                raise SessionsLost(self.worker.name, reply.cached)
+            raise WorkerError(f"{self.label}: {reply.message}")
+        return reply, out
+
+    async def _recover(self, cause: BaseException) -> None:
+        what = "timed out" if isinstance(cause, asyncio.TimeoutError) else "connection lost"
+        self.close()
+        log.warning("%s: %s; reconnecting for up to %.0fs", self.label, what, self.opt.retry_timeout)
+        t0 = time.monotonic()
+        await self.ensure_connected(t0 + self.opt.retry_timeout)
+        self.stats.reconnects += 1
+        log.warning("%s is back after %.1fs; replaying lost sessions", self.label, time.monotonic() - t0)
+
+    async def forward(self, start: int, end: int, sessions: list[str], positions: list[int],
+                      hidden: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        reply, out = await self.request(wire.Forward(next(self.ids), start, end, sessions, positions), hidden)
+        if not isinstance(reply, wire.Result) or out is None or out.shape != hidden.shape:
+            self.close()
+            raise WorkerError(f"{self.label} answered a forward with a malformed result; restart it")
+        self.stats.requests += 1
+        self.stats.round_trip_s += time.perf_counter() - t0
+        self.stats.compute_s += reply.compute_us / 1e6
+        return out
+
+    async def end(self, sessions: list[str]) -> None:
+        """Free sessions on the worker; best effort (a dead worker has freed them already)."""
+        if self.writer is None or not sessions:
+            return
+        try:
+            await self.request(wire.End(sessions))
+        except (CakeError, SessionsLost):
+            pass

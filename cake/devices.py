@@ -1,0 +1,67 @@
+"""Per-node device and dtype selection."""
+
+from __future__ import annotations
+
+import torch
+
+from cake.errors import CakeError
+
+DTYPES = {
+    "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+    "f16": torch.float16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+DTYPE_CHOICES = ["auto", *DTYPES]
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """`auto`: cuda, then mps, then cpu. Explicit choices are checked so a typo fails at start-up."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise CakeError(f"unknown device '{spec}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CakeError(f"device '{spec}' asked for but this torch build sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CakeError(f"device '{spec}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CakeError("device 'mps' asked for but Metal is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise CakeError(f"unsupported device '{spec}'; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def pick_dtype(spec: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    """`auto`: the checkpoint's dtype where the device computes in it well.
+
+    - CUDA: bf16 checkpoints stay bf16 (f16 on GPUs without bf16); f32 stays f32.
+    - MPS: bf16 -> f16 (bf16 support on Metal is partial).
+    - CPU: f16 -> f32 (CPU f16 kernels are slow or missing); bf16 stays bf16 (half the memory, and
+      decode is memory-bound); f32 stays f32.
+    """
+    spec = (spec or "auto").lower()
+    if spec != "auto":
+        if spec not in DTYPES:
+            raise CakeError(f"unknown dtype '{spec}'; use auto, f32, f16 or bf16")
+        return DTYPES[spec]
+    ckpt = DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+    if device.type == "cuda":
+        if ckpt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return ckpt
+    if device.type == "mps":
+        return torch.float16 if ckpt == torch.bfloat16 else ckpt
+    return torch.float32 if ckpt == torch.float16 else ckpt
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]

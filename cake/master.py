@@ -1,0 +1,196 @@
+"""The master: embedding, head, and the ordered stages that hidden states stream through.
+
+A stage is a run of consecutive layers on one node; local stages and remote stages have the same
+`forward(sessions, positions, hidden)` contract, so the step logic does not care where layers run.
+The master keeps every session's token ids; when a worker loses a session's KV cache (it restarted,
+the connection broke, it evicted the session) the step is replayed from the last position that every
+stage still holds, and the user sees a pause, never a different answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cake.client import Options, SessionsLost, WorkerLink
+from cake.errors import CakeError, WorkerError
+from cake.model.config import LlamaConfig, load_config
+from cake.model.llama import KVCache, LayerStack, Row
+from cake.model.loader import load_head, load_layers
+from cake.model.weights import WeightFiles
+from cake.topology import Stage, Topology, format_layers
+
+log = logging.getLogger("cake.master")
+
+MAX_REPLAYS = 20
+
+
+@dataclass
+class Session:
+    id: str
+    tokens: list[int] = field(default_factory=list)
+    cached: int = 0  # positions whose keys/values every stage holds
+
+
+@dataclass
+class StageStats:
+    calls: int = 0
+    tokens: int = 0
+    total_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class LocalStage:
+    def __init__(self, stage: Stage, stack: LayerStack):
+        self.stage = stage
+        self.stack = stack
+        self.caches: dict[str, KVCache] = {}
+        self.stats = StageStats()
+
+    async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        rows = []
+        for s, p in zip(sessions, positions):
+            cache = self.caches.get(s)
+            if cache is None:
+                if p != 0:
+                    raise SessionsLost("master", 0)
+                cache = self.caches[s] = self.stack.new_cache()
+            rows.append(Row(cache, p))
+        out = self.stack.forward(hidden, rows, self.stage.start, self.stage.end)
+        dt = time.perf_counter() - t0
+        self.stats.calls += 1
+        self.stats.total_s += dt
+        self.stats.compute_s += dt
+        return out
+
+    async def end(self, sessions: list[str]) -> None:
+        for s in sessions:
+            self.caches.pop(s, None)
+
+
+class RemoteStage:
+    def __init__(self, stage: Stage, link: WorkerLink):
+        self.stage = stage
+        self.link = link
+        self.stats = StageStats()
+
+    async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        compute0 = self.link.stats.compute_s
+        out = await self.link.forward(self.stage.start, self.stage.end, sessions, positions, hidden)
+        self.stats.calls += 1
+        self.stats.total_s += time.perf_counter() - t0
+        self.stats.compute_s += self.link.stats.compute_s - compute0
+        return out
+
+    async def end(self, sessions: list[str]) -> None:
+        await self.link.end(sessions)
+
+
+class Master:
+    def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
+                 context: int | None = None, options: Options | None = None):
+        self.config: LlamaConfig = load_config(model_dir)
+        self.stages_plan = topology.stages(self.config.num_hidden_layers)
+        local_layers = [i for s in self.stages_plan if s.worker is None for i in range(s.start, s.end)]
+        files = WeightFiles(model_dir)
+        self.stack, _ = load_layers(model_dir, local_layers, device, dtype, context, self.config, files)
+        self.device, self.dtype = self.stack.device, self.stack.dtype
+        self.capacity = self.stack.capacity
+        self.head = load_head(model_dir, self.config, self.device, self.dtype, files)
+        files.close()
+        self.options = options or Options()
+        self.links: dict[str, WorkerLink] = {}
+        self.stages: list[LocalStage | RemoteStage] = []
+        for s in self.stages_plan:
+            if s.worker is None:
+                self.stages.append(LocalStage(s, self.stack))
+            else:
+                link = self.links.setdefault(s.worker.name, WorkerLink(s.worker, self.options))
+                self.stages.append(RemoteStage(s, link))
+
+    async def connect(self) -> None:
+        """Reach every worker before generating: a missing one is a clear error now, not mid-answer."""
+        await asyncio.gather(*(link.ensure_connected() for link in self.links.values()))
+        for link in self.links.values():
+            i = link.info
+            if i.hidden_size != self.config.hidden_size or i.num_layers != self.config.num_hidden_layers:
+                raise WorkerError(f"{link.label} runs a different model (hidden {i.hidden_size}, {i.num_layers} "
+                                  f"layers); give every node the same model")
+            self.capacity = min(self.capacity, i.capacity)
+            log.info("%s: layers %s on %s (%s)", link.label, format_layers(i.layers), i.device, i.dtype)
+
+    def new_session(self) -> Session:
+        return Session(uuid.uuid4().hex)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.capacity:
+            raise CakeError(
+                f"prompt ({prompt_tokens} tokens) + --max-tokens ({max_tokens}) does not fit the context of "
+                f"{self.capacity}; raise --context (on the master and every worker) or lower --max-tokens")
+
+    async def step(self, session: Session, new_tokens: list[int]) -> torch.Tensor:
+        """Append tokens to a session, run them through every stage, return the last position's
+        float32 logits [vocab]."""
+        return (await self.step_batch([session], [new_tokens]))[0]
+
+    async def step_batch(self, sessions: list[Session], new_tokens: list[list[int]]) -> torch.Tensor:
+        """One step for several sessions at once (same number of new tokens each): the stages see one
+        batched request, so the weights are read once for all of them. Returns logits [B, vocab]."""
+        for s, toks in zip(sessions, new_tokens):
+            if len(s.tokens) + len(toks) > self.capacity:
+                raise CakeError(f"session {s.id[:8]} would exceed the context of {self.capacity} tokens")
+            s.tokens.extend(toks)
+        lost = ""
+        for _ in range(MAX_REPLAYS):
+            try:
+                return await self._run(sessions)
+            except SessionsLost as e:
+                lost = e.worker
+                for s in sessions:
+                    s.cached = min(s.cached, e.cached)
+                log.info("replaying %d session(s) from position %d after '%s' lost them",
+                         len(sessions), min(s.cached for s in sessions), lost)
+        raise WorkerError(f"worker '{lost}' keeps losing sessions; check it and its network")
+
+    async def _run(self, sessions: list[Session]) -> torch.Tensor:
+        # Sessions that must replay a different number of tokens cannot share one rectangular batch.
+        counts = {len(s.tokens) - s.cached for s in sessions}
+        if len(counts) > 1:
+            return torch.cat([await self._run([s]) for s in sessions])
+        starts = [s.cached for s in sessions]
+        ids = torch.tensor([s.tokens[s.cached:] for s in sessions], device=self.device)
+        h = self.head.embed(ids)
+        names = [s.id for s in sessions]
+        for stage in self.stages:
+            h = await stage.forward(names, starts, h)
+        logits = self.head.logits(h[:, -1].to(self.device))
+        for s in sessions:
+            s.cached = len(s.tokens)
+        return logits
+
+    async def end(self, session: Session) -> None:
+        await asyncio.gather(*(stage.end([session.id]) for stage in self.stages))
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+
+    def stage_report(self, decode_steps: int) -> list[str]:
+        lines = []
+        for st in self.stages:
+            s = st.stats
+            if not s.calls:
+                continue
+            net = max(0.0, s.total_s - s.compute_s)
+            lines.append(f"  {st.stage}: {s.calls} calls, {1e3 * s.total_s / s.calls:.2f} ms/call "
+                         f"(compute {1e3 * s.compute_s / s.calls:.2f} ms, network {1e3 * net / s.calls:.2f} ms)")
+        return lines
+

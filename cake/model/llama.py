@@ -1,0 +1,221 @@
+"""Llama 3 arithmetic in plain torch: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU MLP.
+
+Weights are plain tensors (no nn.Module init cost for 70B-sized layers). Q/K/V and gate/up are fused into
+one matrix each so a decode step does 4 matrix products per layer instead of 7. Every forward takes
+a batch of rows [B, T, H]; each row is a session with its own KV cache and start position, so concurrent
+sessions share one pass over the weights (the bandwidth cost) while attention stays per session.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cake.model.config import LlamaConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32 and cast back, as the reference does, so fp16/bf16 nodes agree with it.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3.1's long-context rescaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if not s:
+        return inv_freq
+    factor = float(s["factor"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(config: LlamaConfig, capacity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [capacity, head_dim] in float32 for positions 0..capacity-1."""
+    inv_freq = rope_inv_freq(config)
+    pos = torch.arange(capacity, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of one session over one node's layers.
+
+    `torch.empty` so untouched capacity costs address space, not resident memory.
+    """
+
+    def __init__(self, layers: list[int], config: LlamaConfig, capacity: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.slot = {layer: i for i, layer in enumerate(layers)}
+        shape = (len(layers), config.num_key_value_heads, capacity, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        # Per layer: how many positions hold valid keys. A session's layers can be run by separate
+        # stages at separate times, so each layer keeps its own count.
+        self.lengths = [0] * len(layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class Row:
+    """One row of a batch: which session's cache, and the position of its first token."""
+
+    cache: KVCache
+    start: int
+
+
+class DecoderLayer:
+    def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor]):
+        self.index = index
+        self.c = config
+        self.attn_norm = w["input_layernorm.weight"]
+        self.mlp_norm = w["post_attention_layernorm.weight"]
+        self.wqkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
+                               w["self_attn.v_proj.weight"]])
+        self.bqkv = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"],
+                                w["self_attn.v_proj.bias"]]) if config.attention_bias else None)
+        self.wo = w["self_attn.o_proj.weight"]
+        self.bo = w.get("self_attn.o_proj.bias")
+        self.w13 = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
+        self.b13 = (torch.cat([w["mlp.gate_proj.bias"], w["mlp.up_proj.bias"]]) if config.mlp_bias else None)
+        self.w2 = w["mlp.down_proj.weight"]
+        self.b2 = w.get("mlp.down_proj.bias")
+
+    @staticmethod
+    def tensor_names(index: int, config: LlamaConfig) -> list[str]:
+        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"]
+        if config.attention_bias:
+            names += [f"self_attn.{p}_proj.bias" for p in "qkvo"]
+        if config.mlp_bias:
+            names += [f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
+        return [f"model.layers.{index}.{n}" for n in names]
+
+    def forward(self, x: torch.Tensor, rows: list[Row], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        B, T, _ = x.shape
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv = F.linear(rms_norm(x, self.attn_norm, c.rms_norm_eps), self.wqkv, self.bqkv)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if B == 1:
+            out = self._attend(q, k[0], v[0], rows[0])
+        else:
+            out = torch.cat([self._attend(q[b:b + 1], k[b], v[b], row) for b, row in enumerate(rows)])
+        attn = out.transpose(1, 2).reshape(B, T, nh * hd)
+        h = x + F.linear(attn, self.wo, self.bo)
+        gate, up = F.linear(rms_norm(h, self.mlp_norm, c.rms_norm_eps), self.w13, self.b13).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, self.w2, self.b2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: Row) -> torch.Tensor:
+        cache, start = row.cache, row.start
+        slot = cache.slot[self.index]
+        T = q.shape[2]
+        end = start + T
+        cache.k[slot, :, start:end] = k
+        cache.v[slot, :, start:end] = v
+        cache.lengths[slot] = end
+        keys = cache.k[slot, :, :end].unsqueeze(0)
+        values = cache.v[slot, :, :end].unsqueeze(0)
+        gqa = self.c.num_attention_heads != self.c.num_key_value_heads
+        if T == 1:
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        # A chunk after a cached prefix: query i sees keys 0..start+i.
+        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
+class LayerStack:
+    """The decoder layers one node holds; runs any contiguous sub-range of them in one call."""
+
+    def __init__(self, config: LlamaConfig, layers: dict[int, DecoderLayer], capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.layers = layers
+        self.capacity = capacity
+        self.dtype = dtype
+        self.device = device
+        self.cos, self.sin = rope_table(config, capacity, device)
+
+    @property
+    def indices(self) -> list[int]:
+        return sorted(self.layers)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.indices, self.config, self.capacity, self.dtype, self.device)
+
+    def new_cache_bytes(self) -> int:
+        c = self.config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.layers) * c.num_key_value_heads * self.capacity * c.head_dim * itemsize
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
+        """Run layers [start, end) on hidden [B, T, H]; row b's tokens sit at positions rows[b].start + t."""
+        B, T, _ = hidden.shape
+        pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
+            T, device=self.device)
+        cos = self.cos[pos].to(self.dtype).unsqueeze(1)
+        sin = self.sin[pos].to(self.dtype).unsqueeze(1)
+        x = hidden.to(self.dtype)
+        for i in range(start, end):
+            x = self.layers[i].forward(x, rows, cos, sin)
+        return x
+
+
+class Head:
+    """What the master always holds: token embedding, final norm, and the output projection."""
+
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor):
+        self.config = config
+        self.embed_weight = embed
+        self.norm = norm
+        self.lm_head = lm_head  # the embedding itself when tie_word_embeddings
+
+    @staticmethod
+    def tensor_names(config: LlamaConfig) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not config.tie_word_embeddings:
+            names.append("lm_head.weight")
+        return names
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_weight)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> float32 logits [..., V]."""
+        h = rms_norm(hidden.to(self.norm.dtype), self.norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

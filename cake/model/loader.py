@@ -1,0 +1,58 @@
+"""Build a node's part of the model from a folder: only the tensors that node needs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from cake.devices import dtype_name, pick_device, pick_dtype
+from cake.errors import ModelError
+from cake.model.config import LlamaConfig, load_config
+from cake.model.llama import DecoderLayer, Head, LayerStack
+from cake.model.weights import WeightFiles
+
+log = logging.getLogger("cake.model")
+
+DEFAULT_CONTEXT = 4096
+
+
+def resolve_context(config: LlamaConfig, context: int | None) -> int:
+    """KV-cache capacity: the asked size (default 4096), never more than the model's trained length."""
+    want = context or DEFAULT_CONTEXT
+    if want < 1:
+        raise ModelError(f"--context must be at least 1, got {want}")
+    return min(want, config.max_position_embeddings)
+
+
+def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: str, context: int | None,
+                config: LlamaConfig | None = None, files: WeightFiles | None = None) -> tuple[LayerStack, LlamaConfig]:
+    config = config or load_config(model_dir)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev, config.torch_dtype)
+    files = files or WeightFiles(model_dir)
+    bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
+    if bad:
+        raise ModelError(f"layer {bad[0]} is outside the model's {config.num_hidden_layers} layers")
+    names = [n for i in layers for n in DecoderLayer.tensor_names(i, config)]
+    for n in names:  # fail on a missing tensor before spending minutes reading the others
+        if n not in files:
+            files._file(n)
+    t0 = time.perf_counter()
+    built = {}
+    for i in layers:
+        w = files.load(DecoderLayer.tensor_names(i, config), dt, dev, prefix=f"model.layers.{i}.")
+        built[i] = DecoderLayer(i, config, w)
+    if layers:
+        log.info("loaded %d layer(s) on %s as %s in %.1fs", len(layers), dev, dtype_name(dt), time.perf_counter() - t0)
+    return LayerStack(config, built, resolve_context(config, context), dt, dev), config
+
+
+def load_head(model_dir: str | Path, config: LlamaConfig, device: torch.device, dtype: torch.dtype,
+              files: WeightFiles | None = None) -> Head:
+    files = files or WeightFiles(model_dir)
+    w = files.load(Head.tensor_names(config), dtype, device)
+    embed = w["model.embed_tokens.weight"]
+    return Head(config, embed, w["model.norm.weight"], w.get("lm_head.weight", embed))

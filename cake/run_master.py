@@ -1,0 +1,106 @@
+"""`cake --mode master` on a prompt: tokenize, generate with streaming to stdout, report on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cake.client import Options
+from cake.errors import CakeError
+from cake.generate import GenerationStats, generate
+from cake.master import Master
+from cake.model.config import load_eos_ids
+from cake.sampling import SamplingParams
+from cake.tokenizer import Tokenizer
+from cake.topology import load_topology
+
+log = logging.getLogger("cake")
+
+
+@dataclass
+class MasterArgs:
+    model_dir: str
+    topology: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    context: int | None = None
+    key: str | None = None
+    prompt: str = ""
+    system_prompt: str | None = None
+    raw: bool = False
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 299792458
+    retry_timeout: float = 30.0
+    request_timeout: float = 300.0
+    output_ids: str | None = None
+    quiet: bool = False
+
+
+def sampling_params(args: MasterArgs) -> SamplingParams:
+    """Flags win; otherwise generation_config.json's sampling settings when it samples; else greedy."""
+    gen = {}
+    path = Path(args.model_dir) / "generation_config.json"
+    if path.exists():
+        try:
+            gen = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            gen = {}
+    samples = bool(gen.get("do_sample"))
+    temperature = args.temperature if args.temperature is not None else (
+        float(gen.get("temperature", 1.0)) if samples else 0.0)
+    top_k = args.top_k if args.top_k is not None else (int(gen.get("top_k") or 0) if samples else 0)
+    top_p = args.top_p if args.top_p is not None else (float(gen.get("top_p", 1.0)) if samples else 1.0)
+    for name, value, ok in (("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0),
+                            ("--top-p", top_p, 0 < top_p <= 1), ("--repeat-penalty", args.repeat_penalty,
+                                                                 args.repeat_penalty > 0)):
+        if not ok:
+            raise CakeError(f"{name} {value} is out of range")
+    return SamplingParams(temperature, top_k, top_p, args.repeat_penalty, args.repeat_last_n, args.seed)
+
+
+def run_master(args: MasterArgs) -> None:
+    if args.max_tokens < 0:
+        raise CakeError("--max-tokens must be 0 or more")
+    params = sampling_params(args)
+    topology = load_topology(args.topology)
+    tokenizer = Tokenizer(args.model_dir)
+    prompt_ids = tokenizer.encode_prompt(args.prompt, args.system_prompt, args.raw)
+    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
+    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options)
+    eos = load_eos_ids(args.model_dir, master.config)
+    asyncio.run(_generate(master, tokenizer, prompt_ids, params, args, eos))
+
+
+async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    args: MasterArgs, eos: tuple[int, ...]) -> None:
+    try:
+        await master.connect()
+        master.check_fits(len(prompt_ids), args.max_tokens)
+        stats = GenerationStats()
+        stream = tokenizer.stream()
+        out = sys.stdout
+        async for token in generate(master, prompt_ids, params, args.max_tokens, eos, stats):
+            piece = stream.push(token)
+            if piece:
+                out.write(piece)
+                out.flush()
+        out.write(stream.flush() + "\n")
+        out.flush()
+    finally:
+        await master.close()
+    if args.output_ids:
+        Path(args.output_ids).write_text(json.dumps({"prompt": prompt_ids, "generated": stats.tokens,
+                                                     "finish_reason": stats.finish_reason}))
+    if not args.quiet:
+        log.info("%s", stats.summary())
+        for line in master.stage_report(stats.generated):
+            log.info("%s", line)

@@ -1,0 +1,70 @@
+"""Turning logits into the next token: greedy, or seeded sampling with the usual processors.
+
+Processors run in transformers' order: repetition penalty, temperature, top-k, top-p. Sampling happens
+on the master's CPU with its own seeded generator, so a seed gives the same text whatever the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_SEED = 299792458
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64  # 0: the whole history
+    seed: int = DEFAULT_SEED
+
+
+def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: float, last_n: int) -> torch.Tensor:
+    if penalty == 1.0 or not history:
+        return logits
+    recent = history[-last_n:] if last_n > 0 else history
+    idx = torch.tensor(sorted(set(recent)), dtype=torch.long)
+    picked = logits[idx]
+    logits[idx] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if 0 < k < logits.numel():
+        kth = torch.topk(logits, k).values[-1]
+        logits[logits < kth] = float("-inf")
+    return logits
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop = cum - torch.softmax(sorted_logits, dim=-1) >= p
+    drop[0] = False
+    logits[order[drop]] = float("-inf")
+    return logits
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.generator = torch.Generator().manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        p = self.p
+        if p.temperature <= 0 and p.repeat_penalty == 1.0:
+            return int(torch.argmax(logits))
+        x = logits.detach().float().cpu().clone()
+        x = apply_repeat_penalty(x, history, p.repeat_penalty, p.repeat_last_n)
+        if p.temperature <= 0:
+            return int(torch.argmax(x))
+        x = top_p_filter(top_k_filter(x / p.temperature, p.top_k), p.top_p)
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,104 @@
+"""Prompts to token ids (raw or through the chat template) and token ids back to streamed text."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cake.errors import ModelError
+
+log = logging.getLogger("cake")
+
+# Meta's Llama 3 instruct template, for folders (base models) that ship none.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from transformers import PreTrainedTokenizerFast  # lighter than AutoTokenizer; Llama 3 uses it
+
+        path = Path(model_dir)
+        if not (path / "tokenizer.json").exists():
+            raise ModelError(f"no tokenizer.json in '{model_dir}'; the master needs the model's tokenizer files")
+        self.tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        if not self.tok.chat_template:
+            self.tok.chat_template = LLAMA3_CHAT_TEMPLATE
+            self.builtin_template = True
+        else:
+            self.builtin_template = False
+        if self.tok.bos_token is None:
+            self.tok.bos_token = "<|begin_of_text|>"
+
+    @property
+    def cleans_up_spaces(self) -> bool:
+        """Whether decode() really applies clean_up_tokenization_spaces (transformers 5 skips it for BPE)."""
+        probe = "a . b"
+        return self.tok.decode(self.tok.encode(probe, add_special_tokens=False)) != probe
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Exactly `tokenizer(text)` in transformers: the tokenizer's own special-token rules."""
+        return list(self.tok(text)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # The rendered text already holds BOS; encode it without adding another (as transformers does).
+        return list(self.tok(self.render_chat(messages), add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+        if raw:
+            return self.encode_raw(prompt)
+        if self.builtin_template:
+            log.info("model folder has no chat template; using the Llama 3 instruct template")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_chat(messages)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get the new text that is final.
+
+    Byte-level BPE tokens can end mid-character; lossy UTF-8 decoding shows an unfinished character as
+    one trailing U+FFFD that later bytes may still complete, so that last character is held back.
+    With clean_up_tokenization_spaces a trailing space may yet be removed (" ." -> "."), so text from the
+    last space within a few characters of the end is held too. The concatenation of everything returned,
+    plus `flush()`, equals `decode(all ids)`.
+    """
+
+    HOLD_SPACE = 4  # longest clean-up pattern is " n't"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.cleanup = tokenizer.cleans_up_spaces
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        if self.cleanup:
+            cut = stable.rfind(" ", max(0, len(stable) - self.HOLD_SPACE))
+            if cut >= 0:
+                stable = stable[:cut]
+        return self._emit(stable)
+
+    def flush(self) -> str:
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, stable: str) -> str:
+        if len(stable) <= len(self.emitted) or not stable.startswith(self.emitted):
+            return ""
+        new = stable[len(self.emitted):]
+        self.emitted = stable
+        return new

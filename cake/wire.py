@@ -1,0 +1,272 @@
+"""The wire protocol: framing, message schema and validation, tensors <-> bytes. Nothing else touches bytes.
+
+Frame:   u32 big-endian body length N | body
+Body:    u32 big-endian header length h | msgpack header (h bytes) | payload (N - 4 - h bytes)
+Payload: the raw bytes of at most one tensor, described in the header as {"dtype", "shape"}.
+
+Every length is checked against a limit before anything is read or allocated; the header is unpacked
+with msgpack's size limits; tensors are checked against a dtype whitelist and prod(shape) * itemsize ==
+len(payload). No pickle, ever. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from cake.errors import ProtocolError
+
+PROTOCOL = "cake"
+VERSION = 1
+MAX_HEADER = 64 * 1024
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+MAX_RANK = 4
+_U32 = struct.Struct(">I")
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i64": torch.int64,
+}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+
+class FrameError(ProtocolError):
+    """The byte stream itself is broken (bad length, bad msgpack): the connection must be closed."""
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_header(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["type"] = self.TYPE
+        return d
+
+
+@dataclass
+class Hello(Message):
+    """client -> worker, first frame."""
+    TYPE: ClassVar[str] = "hello"
+    proto: str
+    version: int
+    nonce: bytes
+
+
+@dataclass
+class Welcome(Message):
+    """worker -> client. With a cluster key, `proof` shows the worker knows it; the client must answer."""
+    TYPE: ClassVar[str] = "welcome"
+    version: int
+    nonce: bytes
+    auth: bool
+    proof: bytes = b""
+
+
+@dataclass
+class Auth(Message):
+    """client -> worker, only when the worker asked for authentication."""
+    TYPE: ClassVar[str] = "auth"
+    proof: bytes
+
+
+@dataclass
+class Info(Message):
+    """worker -> client, once the handshake is done: who it is and what it serves."""
+    TYPE: ClassVar[str] = "info"
+    name: str
+    layers: list[int]
+    device: str
+    dtype: str
+    hidden_size: int
+    num_layers: int
+    capacity: int
+    memory: int
+
+
+@dataclass
+class Forward(Message):
+    """Run layers [start, end) on hidden [B, T, H]; row b is session sessions[b] at positions[b].
+
+    A position below the session's cached length truncates its cache first (replay or rollback).
+    """
+    TYPE: ClassVar[str] = "forward"
+    id: int
+    start: int
+    end: int
+    sessions: list[str]
+    positions: list[int]
+
+
+@dataclass
+class Result(Message):
+    TYPE: ClassVar[str] = "result"
+    id: int
+    compute_us: int
+
+
+@dataclass
+class End(Message):
+    """Free these sessions' KV caches."""
+    TYPE: ClassVar[str] = "end"
+    sessions: list[str]
+
+
+@dataclass
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass
+class Ok(Message):
+    TYPE: ClassVar[str] = "ok"
+
+
+@dataclass
+class Error(Message):
+    """A request failed; the connection stays usable. `cached` is set with code 'cache_behind'."""
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    cached: int = 0
+
+
+MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Ok, Error)
+}
+
+_ELEMENT_TYPES = {"list[int]": int, "list[str]": str}
+_SCALAR_TYPES = {"int": int, "str": str, "bytes": bytes, "bool": bool}
+MAX_LIST = 4096
+MAX_STR = 256
+
+
+def parse_message(header: Any) -> Message:
+    """Validate a decoded header against the schema; raise ProtocolError naming the bad field."""
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    kind = header.get("type")
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    values = {}
+    for f in fields(cls):
+        if f.name in header:
+            values[f.name] = _check_field(kind, f.name, str(f.type), header[f.name])
+        elif f.default is MISSING:
+            raise ProtocolError(f"'{kind}' message is missing field '{f.name}'")
+    return cls(**values)
+
+
+def _check_field(kind: str, name: str, type_name: str, value: Any) -> Any:
+    if type_name in _SCALAR_TYPES:
+        want = _SCALAR_TYPES[type_name]
+        # bool is an int subclass: keep them apart so True is not a position.
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ProtocolError(f"'{kind}.{name}' must be {type_name}, got {type(value).__name__}")
+        if want is str and len(value) > MAX_STR:
+            raise ProtocolError(f"'{kind}.{name}' is longer than {MAX_STR} characters")
+        if want is int and not -(2**62) < value < 2**62:
+            raise ProtocolError(f"'{kind}.{name}' is out of range")
+        return value
+    elem = _ELEMENT_TYPES[type_name]
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise ProtocolError(f"'{kind}.{name}' must be a list of at most {MAX_LIST} {elem.__name__}")
+    for v in value:
+        _check_field(kind, name, elem.__name__, v)
+    return value
+
+
+# ---- tensors ------------------------------------------------------------------------------------------
+
+def tensor_desc(t: torch.Tensor) -> dict[str, Any]:
+    if t.dtype not in _DTYPE_NAMES:
+        raise ProtocolError(f"dtype {t.dtype} cannot go on the wire")
+    return {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a packing copy (one copy from GPU memory when it lives there)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+
+
+def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
+    if not isinstance(desc, dict):
+        raise ProtocolError("'tensor' must be a map with dtype and shape")
+    dtype_name, shape = desc.get("dtype"), desc.get("shape")
+    if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
+        raise ProtocolError(f"tensor dtype {str(dtype_name)[:20]!r} is not one of {', '.join(WIRE_DTYPES)}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in shape)):
+        raise ProtocolError(f"tensor shape must be a list of 1 to {MAX_RANK} non-negative ints")
+    dtype = WIRE_DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if math.prod(shape) * itemsize != len(payload):
+        raise ProtocolError(
+            f"tensor {dtype_name}{shape} needs {math.prod(shape) * itemsize} bytes but the frame carries {len(payload)}"
+        )
+    if not payload:
+        return torch.empty(shape, dtype=dtype)
+    buf = payload if isinstance(payload, bytearray) else bytearray(payload)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+# ---- frames -------------------------------------------------------------------------------------------
+
+def encode(msg: Message, tensor: torch.Tensor | None = None) -> list[bytes | memoryview]:
+    header = msg.to_header()
+    payload: bytes | memoryview = b""
+    if tensor is not None:
+        header["tensor"] = tensor_desc(tensor)
+        payload = tensor_bytes(tensor)
+    head = msgpack.packb(header, use_bin_type=True)
+    return [_U32.pack(4 + len(head) + len(payload)) + _U32.pack(len(head)) + head, payload]
+
+
+async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torch.Tensor | None = None) -> None:
+    for part in encode(msg, tensor):
+        if len(part):
+            writer.write(part)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict, bytes]:
+    """One frame as (header dict, payload). ProtocolError for a frame that breaks the rules:
+    the caller closes the connection, since the byte stream can no longer be trusted."""
+    (n,) = _U32.unpack(await reader.readexactly(4))
+    if n < 4 or n > max_frame:
+        raise FrameError(f"frame of {n} bytes is outside the limit of 4..{max_frame}")
+    (h,) = _U32.unpack(await reader.readexactly(4))
+    if h > MAX_HEADER or h > n - 4:
+        raise FrameError(f"header of {h} bytes does not fit the frame (limit {MAX_HEADER})")
+    head = await reader.readexactly(h)
+    payload = await reader.readexactly(n - 4 - h) if n - 4 - h else b""
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises a zoo of types for garbage
+        raise FrameError(f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise FrameError("header is not a map")
+    return header, payload
+
+
+async def read_message(reader: asyncio.StreamReader, max_frame: int) -> tuple[Message, torch.Tensor | None]:
+    header, payload = await read_frame(reader, max_frame)
+    msg = parse_message(header)
+    tensor = None
+    if "tensor" in header:
+        tensor = tensor_from(header["tensor"], payload)
+    elif payload:
+        raise ProtocolError("frame carries a payload but no 'tensor' description")
+    return msg, tensor

@@ -1,0 +1,249 @@
+"""The worker: an asyncio TCP server that runs its decoder layers for masters.
+
+Each connection is its own task, so a silent or broken client blocks nobody. A bad request gets an
+error reply; a broken frame closes that connection only. KV caches belong to (connection, session):
+they are freed on `end`, when the connection closes, or when idle sessions are evicted to stay under
+the memory budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cake import auth, wire
+from cake.devices import dtype_name
+from cake.errors import CakeError, ProtocolError
+from cake.model.config import LlamaConfig
+from cake.model.llama import KVCache, LayerStack, Row
+from cake.model.loader import load_layers
+from cake.topology import format_layers, load_topology, parse_host
+
+log = logging.getLogger("cake.worker")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_BATCH = 256
+
+
+class RequestError(CakeError):
+    def __init__(self, code: str, message: str, cached: int = 0):
+        super().__init__(message)
+        self.code, self.cached = code, cached
+
+
+@dataclass
+class SessionEntry:
+    cache: KVCache
+    conn: int
+    last_used: float
+
+
+class Worker:
+    def __init__(self, name: str, stack: LayerStack, config: LlamaConfig, key: str | None = None,
+                 kv_budget: int = 2 << 30, max_frame: int | None = None):
+        self.name = name
+        self.stack = stack
+        self.config = config
+        self.key = key or None
+        self.kv_budget = kv_budget
+        # A frame never needs more than a full-context prompt in f32, plus the header.
+        self.max_frame = max_frame or max(
+            1 << 20, stack.capacity * config.hidden_size * 4 + wire.MAX_HEADER + 64)
+        self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
+        self._conn_ids = itertools.count(1)
+        self.connections = 0
+
+    # ---- server ------------------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+        server = await asyncio.start_server(self.handle, host, port, limit=1 << 20)
+        addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+        log.info("worker '%s' serving layers %s on %s (%s, %s)", self.name, format_layers(self.stack.indices),
+                 addrs, self.stack.device, dtype_name(self.stack.dtype))
+        if ready:
+            ready.set()
+        async with server:
+            await server.serve_forever()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = next(self._conn_ids)
+        peer = writer.get_extra_info("peername")
+        peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connections += 1
+        try:
+            await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
+            log.info("master connected from %s", peer)
+            while True:
+                try:
+                    msg, tensor = await wire.read_message(reader, self.max_frame)
+                except wire.FrameError:
+                    raise
+                except ProtocolError as e:
+                    log.warning("bad request from %s: %s", peer, e)
+                    await wire.write_message(writer, wire.Error("bad_request", str(e)))
+                    continue
+                reply, out = self._dispatch(conn, msg, tensor, peer)
+                await wire.write_message(writer, reply, out)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.TimeoutError:
+            log.warning("client %s did not finish the handshake in %.0fs; closed", peer, HANDSHAKE_TIMEOUT)
+        except ProtocolError as e:
+            log.warning("closed connection from %s: %s", peer, e)
+        except Exception:  # never let one connection take the worker down
+            log.exception("internal error on connection from %s", peer)
+        finally:
+            self.connections -= 1
+            freed = self._free_connection(conn)
+            if freed:
+                log.info("connection from %s closed; freed %d session(s)", peer, freed)
+            writer.close()
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
+        if not isinstance(msg, wire.Hello) or msg.proto != wire.PROTOCOL:
+            raise wire.FrameError("first frame is not a cake hello")
+        if msg.version != wire.VERSION:
+            await wire.write_message(writer, wire.Error(
+                "version", f"worker '{self.name}' speaks protocol v{wire.VERSION}, master v{msg.version}; "
+                           f"run the same cake version on every node"))
+            raise ProtocolError(f"protocol version {msg.version} != {wire.VERSION}")
+        mine = auth.nonce()
+        proof = auth.proof(self.key, "worker", msg.nonce, mine) if self.key else b""
+        await wire.write_message(writer, wire.Welcome(wire.VERSION, mine, bool(self.key), proof))
+        if self.key:
+            reply, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
+            if not (isinstance(reply, wire.Auth) and auth.verify(self.key, "client", msg.nonce, mine, reply.proof)):
+                await wire.write_message(writer, wire.Error(
+                    "auth", f"worker '{self.name}' refused the cluster key; give every node the same --cluster-key"))
+                raise ProtocolError("client failed authentication")
+        await wire.write_message(writer, self.info())
+
+    def info(self) -> wire.Info:
+        return wire.Info(
+            name=self.name, layers=self.stack.indices, device=str(self.stack.device),
+            dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
+            num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
+            memory=_free_memory(self.stack.device),
+        )
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def _dispatch(self, conn: int, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
+        try:
+            if isinstance(msg, wire.Forward):
+                return self._forward(conn, msg, tensor)
+            if isinstance(msg, wire.End):
+                for s in msg.sessions:
+                    self.sessions.pop((conn, s), None)
+                return wire.Ok(), None
+            if isinstance(msg, wire.Ping):
+                return wire.Ok(), None
+            raise RequestError("bad_request", f"'{msg.TYPE}' is not a request a worker serves")
+        except RequestError as e:
+            log.warning("request from %s refused: %s", peer, e)
+            return wire.Error(e.code, str(e), e.cached), None
+
+    def _forward(self, conn: int, msg: wire.Forward, x: torch.Tensor | None):
+        c = self.config
+        if x is None:
+            raise RequestError("bad_request", "forward carries no hidden-state tensor")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise RequestError("bad_tensor", f"hidden states must be f32/f16/bf16, not {x.dtype}")
+        if x.dim() != 3 or x.shape[2] != c.hidden_size:
+            raise RequestError("bad_tensor", f"hidden states must be [batch, tokens, {c.hidden_size}], got {list(x.shape)}")
+        B, T, _ = x.shape
+        if B == 0 or T == 0 or B > MAX_BATCH:
+            raise RequestError("bad_tensor", f"batch {B} x tokens {T} is empty or over {MAX_BATCH} rows")
+        if len(msg.sessions) != B or len(msg.positions) != B or len(set(msg.sessions)) != B:
+            raise RequestError("bad_request", f"need {B} distinct sessions and {B} positions for a batch of {B}")
+        if not (0 <= msg.start < msg.end) or any(i not in self.stack.layers for i in range(msg.start, msg.end)):
+            raise RequestError("bad_layers", f"worker '{self.name}' serves layers {format_layers(self.stack.indices)}, "
+                                             f"not {msg.start}-{msg.end - 1}; check the topology file")
+        for s, p in zip(msg.sessions, msg.positions):
+            if p < 0 or p + T > self.stack.capacity:
+                raise RequestError("capacity", f"positions {p}..{p + T - 1} of session {s} exceed this worker's "
+                                               f"context of {self.stack.capacity}; start it with a larger --context")
+        rows = [Row(self._cache(conn, s, p, msg.start, msg.end), p) for s, p in zip(msg.sessions, msg.positions)]
+        t0 = time.perf_counter()
+        out = self.stack.forward(x, rows, msg.start, msg.end)
+        if out.device.type != "cpu":
+            out = out.cpu()  # also the sync point, so compute_us is real
+        us = int((time.perf_counter() - t0) * 1e6)
+        return wire.Result(msg.id, us), out
+
+    def _cache(self, conn: int, session: str, pos: int, start: int, end: int) -> KVCache:
+        key = (conn, session)
+        entry = self.sessions.get(key)
+        if entry is None:
+            if pos != 0:
+                raise RequestError("cache_behind", f"session {session} is not cached here (worker restarted or "
+                                                   f"evicted it); replay from position 0", cached=0)
+            self._make_room(self.stack.new_cache_bytes())
+            entry = SessionEntry(self.stack.new_cache(), conn, 0.0)
+            self.sessions[key] = entry
+        cached = min(entry.cache.lengths[entry.cache.slot[i]] for i in range(start, end))
+        if pos > cached:
+            raise RequestError("cache_behind", f"session {session} has {cached} cached positions, request starts "
+                                               f"at {pos}; replay from {cached}", cached=cached)
+        entry.last_used = time.monotonic()
+        self.sessions.move_to_end(key)
+        return entry.cache
+
+    def _make_room(self, need: int) -> None:
+        """Evict least recently used sessions until a new cache fits the budget."""
+        used = sum(e.cache.nbytes for e in self.sessions.values())
+        while self.sessions and used + need > self.kv_budget:
+            (conn, s), e = self.sessions.popitem(last=False)
+            used -= e.cache.nbytes
+            log.info("evicted idle session %s to stay under the KV budget", s)
+        if need > self.kv_budget:
+            raise RequestError("memory", f"one session needs {need >> 20} MiB of KV cache, over this worker's "
+                                         f"budget of {self.kv_budget >> 20} MiB; raise --kv-budget or lower --context")
+
+    def _free_connection(self, conn: int) -> int:
+        keys = [k for k in self.sessions if k[0] == conn]
+        for k in keys:
+            del self.sessions[k]
+        return len(keys)
+
+
+def _free_memory(device: torch.device) -> int:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return 0
+
+
+def run_worker(model_dir: str | Path, name: str, topology_path: str, address: str, device: str, dtype: str,
+               context: int, key: str | None, kv_budget_mb: int) -> None:
+    topo = load_topology(topology_path)
+    me = topo.worker(name)
+    host, port = parse_host(address, f"--address {address}")
+    stack, config = load_layers(model_dir, list(me.layers), device, dtype, context)
+    if not auth_is_loopback(host) and not key:
+        log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
+                    "worker; set --cluster-key (or CAKE_CLUSTER_KEY) on every node", host)
+    worker = Worker(name, stack, config, key=key, kv_budget=kv_budget_mb << 20)
+    try:
+        asyncio.run(worker.serve(host, port))
+    except OSError as e:
+        raise CakeError(f"cannot listen on {address}: {e.strerror}; pick another --address port") from None
+
+
+def auth_is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
