@@ -66,6 +66,9 @@ def make_model(out: str | Path, *, hidden: int = 64, intermediate: int = 128, la
     """Write a random-weight Llama 3 folder and return its path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

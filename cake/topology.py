@@ -77,7 +77,7 @@ class Topology:
             beyond = [i for i in w.layers if i >= num_layers]
             if beyond:
                 raise TopologyError(
-                    f"worker '{w.name}' lists model.layers.{beyond[0]} but the model has only "
+                    f"worker '{w.name}' lists model.layers.{max(beyond)} but the model has only "
                     f"{num_layers} layers (0-{num_layers - 1}); fix its 'layers' in the topology file"
                 )
 
@@ -121,15 +121,22 @@ def parse_layers(spec: object, worker: str) -> list[int]:
     return list(range(start, end + 1))
 
 
+def split_address(value: str) -> tuple[str, int] | None:
+    """'host:port' (or '[v6]:port') -> (host, port); None when there is no valid port."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def parse_host(value: object, worker: str) -> tuple[str, int]:
     if not isinstance(value, str) or not value.strip():
         raise TopologyError(f"worker '{worker}' has no 'host'; add host: 'address:port'")
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    parsed = split_address(value)
+    if parsed is None:
         raise TopologyError(
-            f"worker '{worker}': host '{value}' needs a port between 1 and 65535, e.g. 'myhost:10128'"
-        )
-    return host.strip("[]"), int(port)
+            f"worker '{worker}': host '{value}' needs a port between 1 and 65535, e.g. 'myhost:10128'")
+    return parsed
 
 
 def parse_topology(data: object, source: str = "topology") -> Topology:

