@@ -65,19 +65,23 @@ class WorkerLink:
     def label(self) -> str:
         return f"worker '{self.worker.name}' at {self.worker.address}"
 
-    async def connect(self) -> None:
+    async def connect(self, timeout: float | None = None) -> None:
         """One attempt: open, handshake, check the worker serves what the topology says."""
         w = self.worker
+        timeout = timeout or self.opt.connect_timeout
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(w.host, w.port, limit=1 << 20), self.opt.connect_timeout)
+                asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionError(f"cannot connect: {getattr(e, 'strerror', None) or type(e).__name__}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            info = await asyncio.wait_for(self._handshake(reader, writer), self.opt.connect_timeout)
+            info = await asyncio.wait_for(self._handshake(reader, writer), timeout)
+        except asyncio.TimeoutError:
+            writer.close()
+            raise ConnectionError("no handshake reply (is the worker stuck?)") from None
         except BaseException:
             writer.close()
             raise
@@ -104,7 +108,9 @@ class WorkerLink:
                                       f"same --cluster-key")
                 await wire.write_message(writer, wire.Auth(auth.proof(self.opt.key, "client", mine, msg.nonce)))
             elif self.opt.key:
-                log.warning("%s accepts clients without a cluster key; set --cluster-key on it too", self.label)
+                # It cannot prove it knows the key, so it could be anyone: hidden states carry the prompt.
+                raise WorkerError(f"{self.label} runs without a cluster key, so it cannot prove who it is; "
+                                  f"start it with the same --cluster-key")
             return await self._expect(reader, wire.Info)
         except (asyncio.IncompleteReadError, ProtocolError) as e:
             raise WorkerError(f"{self.label} broke the handshake ({type(e).__name__}); is it a cake worker "
@@ -126,7 +132,8 @@ class WorkerLink:
         delay, reason = 0.1, ""
         while True:
             try:
-                await self.connect()
+                # Never let one attempt run far past the deadline (a stuck worker accepts but never answers).
+                await self.connect(max(0.5, min(self.opt.connect_timeout, deadline - time.monotonic())))
                 return
             except ConnectionError as e:
                 reason = str(e)

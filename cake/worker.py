@@ -54,9 +54,9 @@ class Worker:
         self.config = config
         self.key = key or None
         self.kv_budget = kv_budget
-        # A frame never needs more than a full-context prompt in f32, plus the header.
-        self.max_frame = max_frame or max(
-            1 << 20, stack.capacity * config.hidden_size * 4 + wire.MAX_HEADER + 64)
+        # A frame never needs more than a full context (or a full batch) of f32 hidden states.
+        self.max_frame = max_frame or (
+            max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.MAX_HEADER + 64)
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self.connections = 0
@@ -209,8 +209,9 @@ class Worker:
             used -= e.cache.nbytes
             log.info("evicted idle session %s to stay under the KV budget", s)
         if need > self.kv_budget:
-            raise RequestError("memory", f"one session needs {need >> 20} MiB of KV cache, over this worker's "
-                                         f"budget of {self.kv_budget >> 20} MiB; raise --kv-budget or lower --context")
+            raise RequestError("memory", f"one session needs {need / (1 << 20):.2f} MiB of KV cache, over this "
+                                         f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
+                                         f"--kv-budget or lower --context")
 
     def _free_connection(self, conn: int) -> int:
         keys = [k for k in self.sessions if k[0] == conn]
@@ -229,26 +230,41 @@ def _free_memory(device: torch.device) -> int:
         return 0
 
 
-def run_worker(model_dir: str | Path, name: str, topology_path: str, address: str, device: str, dtype: str,
-               context: int | None, key: str | None, kv_budget_mb: int) -> None:
-    topo = load_topology(topology_path)
-    me = topo.worker(name)
-    config = load_config(model_dir)
+@dataclass
+class WorkerArgs:
+    model_dir: str
+    name: str
+    topology: str
+    address: str = "0.0.0.0:10128"
+    device: str = "auto"
+    dtype: str = "auto"
+    context: int | None = None
+    key: str | None = None
+    kv_budget_mb: float = 2048
+    max_frame_mb: int = 0  # 0: derived from the model and context
+
+
+def run_worker(args: WorkerArgs) -> None:
+    topo = load_topology(args.topology)
+    me = topo.worker(args.name)
+    config = load_config(args.model_dir)
     topo.check_layers(config.num_hidden_layers)
-    parsed = split_address(address)
+    parsed = split_address(args.address)
     if parsed is None:
-        raise CakeError(f"--address '{address}' needs host:port with a port between 1 and 65535, e.g. 0.0.0.0:10128")
+        raise CakeError(f"--address '{args.address}' needs host:port with a port between 1 and 65535, "
+                        f"e.g. 0.0.0.0:10128")
     host, port = parsed
-    stack, config = load_layers(model_dir, list(me.layers), device, dtype, context, config)
-    if not auth_is_loopback(host) and not key:
+    stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
+    if not is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
-    worker = Worker(name, stack, config, key=key, kv_budget=kv_budget_mb << 20)
+    worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
+                    max_frame=args.max_frame_mb << 20)
     try:
         asyncio.run(worker.serve(host, port))
     except OSError as e:
-        raise CakeError(f"cannot listen on {address}: {e.strerror}; pick another --address port") from None
+        raise CakeError(f"cannot listen on {args.address}: {e.strerror}; pick another --address port") from None
 
 
-def auth_is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")

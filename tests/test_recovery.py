@@ -1,0 +1,148 @@
+"""Nothing lost when a worker dies: real processes killed, restarted, stopped and starved."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cake.client import Options
+from cake.errors import WorkerError
+from cake.generate import generate
+from cake.master import Master
+from cake.sampling import SamplingParams
+from cake.tokenizer import Tokenizer
+from cake.topology import load_topology
+from conftest import EOS, reference_greedy, reference_model, run
+
+N = 20
+LAYOUT = {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]}
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_model):
+    return Tokenizer(tiny_model).encode_prompt("Keep going no matter what.")
+
+
+async def generate_with(master: Master, prompt: list[int], on_token) -> list[int]:
+    await master.connect()
+    out = []
+    try:
+        async for t in generate(master, prompt, SamplingParams(), N, EOS):
+            out.append(t)
+            on_token(len(out))
+    finally:
+        await master.close()
+    return out
+
+
+def test_kill_9_and_restart_mid_generation_loses_nothing(tiny_model, cluster, prompt, caplog):
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=30))
+
+    def chaos(n: int) -> None:
+        if n == 6:
+            c.kill("b")
+            c.start("b")  # same port; it takes a while to boot, the master waits and replays
+        if n == 12:
+            c.kill("a")
+            c.start("a")
+
+    with caplog.at_level(logging.INFO, logger="cake"):
+        got = run(generate_with(master, prompt, chaos))
+    assert got == reference_greedy(tiny_model, prompt, N)
+    text = caplog.text
+    for name in ("a", "b"):
+        addr = f"127.0.0.1:{c.ports[name]}"
+        assert f"worker '{name}' at {addr}: connection lost; reconnecting" in text
+        assert f"worker '{name}' at {addr} is back after" in text
+    assert "replaying" in text
+
+
+def test_worker_gone_for_good_is_a_clear_error_within_the_timeout(tiny_model, cluster, prompt):
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=2))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as e:
+        run(generate_with(master, prompt, lambda n: c.kill("b") if n == 3 else None))
+    assert time.monotonic() - t0 < 15
+    assert f"worker 'b' at 127.0.0.1:{c.ports['b']} is unreachable" in str(e.value)
+
+
+def test_stuck_worker_is_detected_and_recovers_when_it_resumes(tiny_model, cluster, prompt):
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=20, request_timeout=1))
+    pid = c.procs["a"].pid
+
+    def freeze(n: int) -> None:
+        if n == 4:
+            os.kill(pid, signal.SIGSTOP)
+            subprocess.Popen([sys.executable, "-c", f"import os,signal,time; time.sleep(2.5); os.kill({pid}, signal.SIGCONT)"])
+
+    assert run(generate_with(master, prompt, freeze)) == reference_greedy(tiny_model, prompt, N)
+
+
+def test_stuck_worker_that_stays_stuck_fails_in_time(tiny_model, cluster, prompt):
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=2, request_timeout=1))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WorkerError, match="worker 'a' at 127.0.0.1:"):
+            run(generate_with(master, prompt, lambda n: os.kill(c.procs["a"].pid, signal.SIGSTOP) if n == 2 else None))
+        assert time.monotonic() - t0 < 15
+    finally:
+        os.kill(c.procs["a"].pid, signal.SIGCONT)
+
+
+def test_unreachable_worker_at_start_up_through_the_cli(tiny_model, cluster):
+    c = cluster(tiny_model, LAYOUT, start=False)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "--topology", str(c.topology),
+                           "--prompt", "hi", "--retry-timeout", "1", "-q"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: worker '") and "is unreachable" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def two_alternating_sessions(tiny_model, topology):
+    a_ids, b_ids = [128000, 9906, 1917, 11], [128000, 3923, 374, 279, 1888]
+
+    async def go():
+        master = Master(tiny_model, load_topology(topology), context=64)
+        await master.connect()
+        a, b = master.new_session(), master.new_session()
+        out_a = [await master.step(a, a_ids)]
+        out_b = [await master.step(b, b_ids)]
+        for t in (5, 6, 7):  # alternate: each step finds its cache evicted by the other session
+            out_a.append(await master.step(a, [t]))
+            out_b.append(await master.step(b, [t]))
+        await master.close()
+        return (a_ids + [5, 6, 7], out_a), (b_ids + [5, 6, 7], out_b)
+
+    return run(go())
+
+
+def test_evicted_sessions_are_replayed_exactly(tiny_model, cluster):
+    # Room for one session's cache only: 6 layers x (k, v) x 2 heads x 64 positions x 16 dims x 4 B = 96 KiB.
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--kv-budget", "0.1", "--context", "64"))
+    ref = reference_model(tiny_model)
+    for ids, outs in two_alternating_sessions(tiny_model, c.topology):
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0]
+        first = len(ids) - len(outs)
+        for i, got in enumerate(outs):
+            assert torch.allclose(got, want[first + i], atol=1e-4, rtol=0)
+    assert c.log("w").read_text().count("evicted idle session") >= 6
+
+
+def test_a_budget_below_one_session_is_a_clear_error(tiny_model, cluster):
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--kv-budget", "0.01", "--context", "64"))
+    with pytest.raises(WorkerError, match="needs 0.09 MiB of KV cache, over this worker's budget of 0.01 MiB"):
+        two_alternating_sessions(tiny_model, c.topology)

@@ -1,0 +1,193 @@
+"""Bad input never hurts a worker: garbage, fuzzed and malformed frames against a real worker process,
+then an exact generation through it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cake import auth, wire
+from cake.synthetic import make_model
+from conftest import Cluster, reference_greedy, run
+from test_pipeline import cake_generate
+
+H = 64
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("fuzz"), tiny_model, {"w": ["model.layers.2-4"]})
+    yield c
+    c.stop()
+
+
+async def connect(port: int, hello: bool = True):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if hello:
+        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+        welcome, _ = await wire.read_message(reader, 1 << 20)
+        assert isinstance(welcome, wire.Welcome) and not welcome.auth
+        info, _ = await wire.read_message(reader, 1 << 20)
+        assert isinstance(info, wire.Info) and info.layers == [2, 3, 4]
+    return reader, writer
+
+
+async def reply_to(port: int, data: bytes, hello: bool = True, timeout: float = 5.0):
+    """Send raw bytes; return the reply message, or None when the worker closed the connection."""
+    reader, writer = await connect(port, hello)
+    writer.write(data)
+    await writer.drain()
+    try:
+        msg, _ = await asyncio.wait_for(wire.read_message(reader, 1 << 26), timeout)
+        return msg
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    finally:
+        writer.close()
+
+
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    head = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", 4 + len(head) + len(payload), len(head)) + head + payload
+
+
+def forward(positions=(0,), sessions=("s",), start=2, end=5, shape=(1, 3, H), dtype="f32", data=None) -> bytes:
+    n = 1
+    for d in shape:
+        n *= d
+    payload = data if data is not None else bytes(4 * n if dtype == "f32" else 2 * n)
+    return frame({"type": "forward", "id": 1, "start": start, "end": end, "sessions": list(sessions),
+                  "positions": list(positions), "tensor": {"dtype": dtype, "shape": list(shape)}}, payload)
+
+
+def assert_serving(port: int) -> None:
+    msg = run(reply_to(port, frame({"type": "ping"})))
+    assert isinstance(msg, wire.Ok)
+
+
+CLOSES = {
+    "garbage": b"\x00\xffgarbage" * 50,
+    "http": b"GET /v1/models HTTP/1.1\r\nHost: worker\r\n\r\n",
+    "2GiB-length": struct.pack(">I", 2**31) + b"\0" * 64,
+    "max-length": struct.pack(">I", 2**32 - 1) + b"\0" * 64,
+    "header-longer-than-frame": struct.pack(">II", 16, 1000) + b"\0" * 12,
+    "header-not-msgpack": struct.pack(">II", 12, 8) + b"\xc1" * 8,
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSES))
+@pytest.mark.parametrize("after_hello", [False, True])
+def test_broken_streams_close_only_that_connection(target, name, after_hello):
+    port = target.ports["w"]
+    assert run(reply_to(port, CLOSES[name], hello=after_hello)) is None
+    assert_serving(port)
+
+
+def test_truncated_frames_and_silent_clients_block_nobody(target):
+    port = target.ports["w"]
+
+    async def go():
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # no hello at all
+        reader, writer = await connect(port)
+        writer.write(forward()[:40])  # a frame cut short, then the client goes quiet
+        await writer.drain()
+        msg = await reply_to(port, frame({"type": "ping"}))  # others are served meanwhile
+        for _, w in silent + [(reader, writer)]:
+            w.close()
+        return msg
+
+    assert isinstance(run(go()), wire.Ok)
+
+
+ERRORS = {
+    "unknown-type": (frame({"type": "launch_missiles"}), "bad_request"),
+    "missing-field": (frame({"type": "forward", "id": 1}), "bad_request"),
+    "wrong-field-type": (frame({"type": "end", "sessions": [1, 2]}), "bad_request"),
+    "wrong-dtype": (forward(dtype="i64", data=bytes(8 * 3 * H)), "bad_tensor"),
+    "unknown-dtype": (frame({"type": "forward", "id": 1, "start": 2, "end": 5, "sessions": ["s"], "positions": [0],
+                             "tensor": {"dtype": "complex128", "shape": [1, 1, H]}}, bytes(16 * H)), "bad_request"),
+    "wrong-hidden": (forward(shape=(1, 3, H + 1)), "bad_tensor"),
+    "wrong-rank": (forward(shape=(3, H)), "bad_tensor"),
+    "huge-shape-tiny-data": (forward(shape=(1, 2**30, H), data=b"\0" * 256), "bad_request"),
+    "short-data": (forward(data=b"\0" * 100), "bad_request"),
+    "unknown-session": (forward(positions=(5,)), "cache_behind"),
+    "layers-not-served": (forward(start=0, end=3), "bad_layers"),
+    "empty-layer-range": (forward(start=3, end=3), "bad_layers"),
+    "position-beyond-context": (forward(positions=(10**9,)), "capacity"),
+    "negative-position": (forward(positions=(-1,)), "capacity"),
+    "batch-session-mismatch": (forward(sessions=("a", "b")), "bad_request"),
+    "duplicate-sessions": (forward(sessions=("a", "a"), positions=(0, 0), shape=(2, 1, H)), "bad_request"),
+    "no-tensor": (frame({"type": "forward", "id": 1, "start": 2, "end": 5, "sessions": ["s"], "positions": [0]}),
+                  "bad_request"),
+    "hello-again": (frame({"type": "hello", "proto": "cake", "version": 1, "nonce": b"x"}), "bad_request"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_requests_get_error_replies_and_the_connection_goes_on(target, name):
+    data, code = ERRORS[name]
+
+    async def go():
+        reader, writer = await connect(target.ports["w"])
+        writer.write(data)
+        await writer.drain()
+        err, _ = await wire.read_message(reader, 1 << 26)
+        await wire.write_message(writer, wire.Ping())  # the same connection still works
+        ok, _ = await wire.read_message(reader, 1 << 26)
+        writer.close()
+        return err, ok
+
+    err, ok = run(go())
+    assert isinstance(err, wire.Error) and err.code == code, err
+    assert err.message and "\n" not in err.message
+    assert isinstance(ok, wire.Ok)
+
+
+def test_version_mismatch_is_a_clear_error(target):
+    msg = run(reply_to(target.ports["w"], frame({"type": "hello", "proto": "cake", "version": 99, "nonce": b"n"}),
+                       hello=False))
+    assert isinstance(msg, wire.Error) and msg.code == "version" and "protocol v1" in msg.message
+
+
+VALID = forward()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.binary(min_size=1, max_size=300),
+    st.tuples(st.integers(0, len(VALID) - 1), st.binary(min_size=1, max_size=8)).map(
+        lambda m: VALID[:m[0]] + m[1] + VALID[m[0] + len(m[1]):]),
+    st.integers(1, len(VALID) - 1).map(lambda n: VALID[:n]),
+    st.dictionaries(st.sampled_from(["type", "id", "start", "end", "sessions", "positions", "tensor", "x"]),
+                    st.one_of(st.integers(-2**63, 2**64 - 1), st.text(max_size=5), st.binary(max_size=5),
+                              st.lists(st.integers(-3, 10), max_size=3), st.sampled_from(["forward", "end", "ping"]),
+                              st.fixed_dictionaries({"dtype": st.sampled_from(["f32", "bf16", "zz"]),
+                                                     "shape": st.lists(st.integers(-1, 2**40), max_size=5)})),
+                    max_size=8).map(lambda h: frame(h, b"\0" * 64)),
+))
+def test_fuzzed_frames(target, data):
+    try:
+        run(reply_to(target.ports["w"], data, timeout=0.3))
+    except asyncio.TimeoutError:
+        pass  # a frame that claims more bytes than were sent waits for them; the worker is not stuck
+    assert target.alive("w")
+
+
+def test_generation_is_exact_after_the_abuse(target, tiny_model):
+    """Runs after the fuzzing (same module-scoped worker): it must still be exact."""
+    from cake.tokenizer import Tokenizer
+
+    assert target.alive("w")
+    ids = Tokenizer(tiny_model).encode_prompt("After the storm")
+    assert run(cake_generate(tiny_model, target.topology, ids, n=12)) == reference_greedy(tiny_model, ids, 12)
+    log = target.log("w").read_text()
+    assert "Traceback" not in log and "internal error" not in log
+    assert "bad request" in log or "refused" in log  # it did log the abuse, one line each
