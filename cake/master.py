@@ -107,6 +107,8 @@ class Master:
         self.head = load_head(model_dir, self.config, self.device, self.dtype, files)
         files.close()
         self.options = options or Options()
+        self._pending: list[tuple[Session, list[int], asyncio.Future]] = []
+        self._batcher: asyncio.Future | None = None
         self.links: dict[str, WorkerLink] = {}
         self.stages: list[LocalStage | RemoteStage] = []
         for s in self.stages_plan:
@@ -138,15 +140,46 @@ class Master:
 
     async def step(self, session: Session, new_tokens: list[int]) -> torch.Tensor:
         """Append tokens to a session, run them through every stage, return the last position's
-        float32 logits [vocab]."""
-        return (await self.step_batch([session], [new_tokens]))[0]
+        float32 logits [vocab].
+
+        Decode steps (one token) of concurrent sessions are gathered into one batched pass: the weights
+        are read once for all of them. A prompt runs on its own.
+        """
+        if len(new_tokens) != 1:
+            return (await self.step_batch([session], [new_tokens]))[0]
+        self._check_room(session, 1)  # here, so one session's overflow never fails a shared batch
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append((session, new_tokens, done))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.ensure_future(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let every session that is ready to step join this batch
+            batch, self._pending = self._pending, []
+            live = [(s, t, f) for s, t, f in batch if not f.cancelled()]
+            if not live:
+                continue
+            try:
+                logits = await self.step_batch([s for s, _, _ in live], [t for _, t, _ in live])
+            except BaseException as e:  # each waiting session gets the failure, the batcher goes on
+                for _, _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            for i, (_, _, f) in enumerate(live):
+                if not f.done():
+                    f.set_result(logits[i])
 
     async def step_batch(self, sessions: list[Session], new_tokens: list[list[int]]) -> torch.Tensor:
         """One step for several sessions at once (same number of new tokens each): the stages see one
         batched request, so the weights are read once for all of them. Returns logits [B, vocab]."""
         for s, toks in zip(sessions, new_tokens):
-            if len(s.tokens) + len(toks) > self.capacity:
-                raise CakeError(f"session {s.id[:8]} would exceed the context of {self.capacity} tokens")
+            self._check_room(s, len(toks))
+        for s, toks in zip(sessions, new_tokens):
             s.tokens.extend(toks)
         lost = ""
         for _ in range(MAX_REPLAYS):
@@ -159,6 +192,11 @@ class Master:
                 log.info("replaying %d session(s) from position %d after '%s' lost them",
                          len(sessions), min(s.cached for s in sessions), lost)
         raise WorkerError(f"worker '{lost}' keeps losing sessions; check it and its network")
+
+    def _check_room(self, session: Session, n: int) -> None:
+        if len(session.tokens) + n > self.capacity:
+            raise CakeError(f"session {session.id[:8]} would exceed the context of {self.capacity} tokens; "
+                            f"raise --context on every node")
 
     async def _run(self, sessions: list[Session]) -> torch.Tensor:
         # Sessions that must replay a different number of tokens cannot share one rectangular batch.

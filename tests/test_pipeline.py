@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -113,6 +114,36 @@ def test_second_generation_same_workers(tiny_model, prompt_ids, expected, cluste
     assert other == reference_greedy(tiny_model, prompt_ids[:-3], 5)
     # a fresh master on the same still-running workers too
     assert run(cake_generate(tiny_model, c.topology, prompt_ids)) == expected
+
+
+def test_concurrent_sessions_are_batched_and_isolated(tiny_model, cluster):
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    tok = Tokenizer(tiny_model)
+    prompts = [tok.encode_prompt(p) for p in ("First question?", "A much longer second question, really.", "3")]
+    lengths = [N, 9, 17]  # sessions finish at different times: batches shrink as they go
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology))
+        await master.connect()
+        batches = []
+        real_step_batch = master.step_batch
+
+        async def spy(sessions, new_tokens):
+            batches.append(len(sessions))
+            return await real_step_batch(sessions, new_tokens)
+
+        master.step_batch = spy
+        try:
+            outs = await asyncio.gather(*(cake_generate(tiny_model, None, p, n, master=master)
+                                          for p, n in zip(prompts, lengths)))
+        finally:
+            await master.close()
+        return outs, batches
+
+    outs, batches = run(go())
+    for p, n, out in zip(prompts, lengths, outs):
+        assert out == reference_greedy(tiny_model, p, n)
+    assert max(batches) == 3  # decode steps really were batched
 
 
 def test_seeded_sampling_same_across_splits(tiny_model, prompt_ids, cluster):
