@@ -42,13 +42,15 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default="auto",
               help="Compute dtype; auto keeps the checkpoint's where the device handles it.")
+@click.option("--threads", type=int, default=0,
+              help="CPU threads for this node's maths (0 = torch's choice: all cores).")
 @click.option("--context", type=int, default=None,
               help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
               help="Shared secret: mutual HMAC authentication between master and workers.")
 @click.option("--kv-budget", type=float, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
 @click.option("--max-frame-mb", type=int, default=0,
-              help="Worker: largest request it reads, in MiB [default: 0 = a full context of hidden states].")
+              help="Worker: largest request it reads, in MiB (0 = a full context of hidden states).")
 @click.option("--prompt", "-p", default="Why is the sky blue?", help="Master: the prompt.")
 @click.option("--system-prompt", default=None, help="Master: a system message for the chat template.")
 @click.option("--raw", is_flag=True, help="Master: tokenize the prompt as is, no chat template.")
@@ -66,11 +68,15 @@ def run_edge(fn, *args, **kwargs):
               help="Master: also write the prompt and generated token ids as JSON to this file.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, threads, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, output_ids, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     if mode == "worker":
         if not name or not topology:
             raise click.UsageError("a worker needs --name and --topology")

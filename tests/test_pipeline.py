@@ -184,3 +184,14 @@ def test_cli_raw_prompt_matches_tokenizer(tiny_model, tmp_path):
     want = PreTrainedTokenizerFast.from_pretrained(str(tiny_model))("<|begin_of_text|>Hi there")["input_ids"]
     assert json.loads(ids_file.read_text())["prompt"] == want
     assert proc.stderr == ""
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_one_line(tiny_model):
+    from click.testing import CliRunner
+
+    from cake.cli import main
+
+    result = CliRunner().invoke(main, ["--model", str(tiny_model), "--prompt", "hello", "--context", "32", "-n", "40"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: prompt (") and "does not fit the context of 32" in lines[-1], result.stderr
