@@ -66,11 +66,15 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--request-timeout", type=float, default=300.0, help="Master: seconds before a stuck request fails.")
 @click.option("--output-ids", type=click.Path(dir_okay=False), default=None,
               help="Master: also write the prompt and generated token ids as JSON to this file.")
+@click.option("--api", default=None, metavar="HOST:PORT",
+              help="Master: serve an OpenAI-compatible API here (a bare PORT binds 127.0.0.1) instead of one prompt.")
+@click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
+              help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, threads, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, output_ids, verbose, quiet):
+         retry_timeout, request_timeout, output_ids, api, api_key, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     if threads > 0:
@@ -93,6 +97,11 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, conte
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         retry_timeout=retry_timeout, request_timeout=request_timeout, output_ids=output_ids, quiet=quiet,
     )
+    if api:
+        from cake.api import run_api
+
+        run_edge(run_api, args, api, api_key)
+        return
     run_edge(run_master, args)
 
 

@@ -145,8 +145,8 @@ class Worker:
             if isinstance(msg, wire.Forward):
                 return self._forward(conn, msg, tensor)
             if isinstance(msg, wire.End):
-                for s in msg.sessions:
-                    self.sessions.pop((conn, s), None)
+                ended = sum(self.sessions.pop((conn, s), None) is not None for s in msg.sessions)
+                log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
                 return wire.Ok(), None
