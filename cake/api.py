@@ -25,6 +25,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from cake.auth import is_loopback
 from cake.client import Options
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
@@ -514,11 +515,9 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
 
 def run_api(args: MasterArgs, address: str, api_key: str | None = None) -> None:
     """`cake --mode master --api HOST:PORT`: serve the cluster until SIGINT/SIGTERM."""
-    from cake.worker import auth_is_loopback
-
     host, port = parse_api_address(address)
     server = build_server(args, api_key)
-    if not auth_is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the cluster", host)
     asyncio.run(_serve_until_signalled(server, host, port))
 

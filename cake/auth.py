@@ -25,3 +25,8 @@ def proof(key: str, role: str, client_nonce: bytes, worker_nonce: bytes) -> byte
 
 def verify(key: str, role: str, client_nonce: bytes, worker_nonce: bytes, given: bytes) -> bool:
     return hmac.compare_digest(proof(key, role, client_nonce, worker_nonce), given)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only (no key needed there)."""
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -138,7 +138,7 @@ class WorkerLink:
             except ConnectionError as e:
                 reason = str(e)
             if time.monotonic() + delay > deadline:
-                raise WorkerError(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:.0f}s; "
+                raise WorkerError(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:g}s; "
                                   f"start it, or check its address in the topology file")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -160,6 +160,11 @@ class WorkerLink:
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
                 await self._recover(e)
                 raise SessionsLost(self.worker.name) from None
+            except BaseException:
+                # Cancelled mid-request: the reply may still arrive and would be read as the answer to
+                # the next request. Drop the connection; the next request reconnects and replays.
+                self.close()
+                raise
         if isinstance(reply, wire.Error):
             if reply.code == "cache_behind":
                 raise SessionsLost(self.worker.name, reply.cached)
@@ -169,7 +174,7 @@ class WorkerLink:
     async def _recover(self, cause: BaseException) -> None:
         what = "timed out" if isinstance(cause, asyncio.TimeoutError) else "connection lost"
         self.close()
-        log.warning("%s: %s; reconnecting for up to %.0fs", self.label, what, self.opt.retry_timeout)
+        log.warning("%s: %s; reconnecting for up to %gs", self.label, what, self.opt.retry_timeout)
         t0 = time.monotonic()
         await self.ensure_connected(t0 + self.opt.retry_timeout)
         self.stats.reconnects += 1

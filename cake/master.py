@@ -135,8 +135,8 @@ class Master:
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.capacity:
             raise CakeError(
-                f"prompt ({prompt_tokens} tokens) + --max-tokens ({max_tokens}) does not fit the context of "
-                f"{self.capacity}; raise --context (on the master and every worker) or lower --max-tokens")
+                f"prompt ({prompt_tokens} tokens) + max tokens ({max_tokens}) does not fit the context of "
+                f"{self.capacity}; raise --context (on the master and every worker) or ask for fewer tokens")
 
     async def step(self, session: Session, new_tokens: list[int]) -> torch.Tensor:
         """Append tokens to a session, run them through every stage, return the last position's

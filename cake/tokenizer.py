@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Tokenizer:
         if self.tok.bos_token is None:
             self.tok.bos_token = "<|begin_of_text|>"
 
-    @property
+    @functools.cached_property
     def cleans_up_spaces(self) -> bool:
         """Whether decode() really applies clean_up_tokenization_spaces (transformers 5 skips it for BPE)."""
         probe = "a . b"
@@ -69,32 +70,40 @@ class StreamDecoder:
     """Incremental detokenizer: feed ids one at a time, get the new text that is final.
 
     Byte-level BPE tokens can end mid-character; lossy UTF-8 decoding shows an unfinished character as
-    one trailing U+FFFD that later bytes may still complete, so that last character is held back.
-    With clean_up_tokenization_spaces a trailing space may yet be removed (" ." -> "."), so text from the
-    last space within a few characters of the end is held too. The concatenation of everything returned,
-    plus `flush()`, equals `decode(all ids)`.
+    one trailing U+FFFD that later bytes may still complete, so that last character is held back. Once
+    everything decoded so far is out and ends on a character boundary, later text is decoded from there
+    on (byte-level decoding concatenates), so each token costs a short decode, not a decode of the
+    whole answer. The concatenation of everything returned, plus `flush()`, equals `decode(all ids)`.
+
+    Tokenizers whose decode() really applies clean_up_tokenization_spaces (" ." -> ".") change text
+    across token boundaries; for them the whole answer is decoded each time and text from the last
+    space within a few characters of the end is held back.
     """
 
     HOLD_SPACE = 4  # longest clean-up pattern is " n't"
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+        self.decode = tokenizer.decode
         self.cleanup = tokenizer.cleans_up_spaces
         self.ids: list[int] = []
-        self.emitted = ""
+        self.anchor = 0  # ids[:anchor] are decoded and emitted in full
+        self.emitted = ""  # what has been emitted of decode(ids[anchor:])
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        text = self.decode(self.ids[self.anchor:])
         stable = text[:-1] if text.endswith("\ufffd") else text
         if self.cleanup:
             cut = stable.rfind(" ", max(0, len(stable) - self.HOLD_SPACE))
             if cut >= 0:
                 stable = stable[:cut]
-        return self._emit(stable)
+        new = self._emit(stable)
+        if not self.cleanup and self.emitted == text:
+            self.anchor, self.emitted = len(self.ids), ""
+        return new
 
     def flush(self) -> str:
-        return self._emit(self.tokenizer.decode(self.ids))
+        return self._emit(self.decode(self.ids[self.anchor:]))
 
     def _emit(self, stable: str) -> str:
         if len(stable) <= len(self.emitted) or not stable.startswith(self.emitted):

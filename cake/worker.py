@@ -255,7 +255,7 @@ def run_worker(args: WorkerArgs) -> None:
                         f"e.g. 0.0.0.0:10128")
     host, port = parsed
     stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
-    if not is_loopback(host) and not args.key:
+    if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
@@ -264,7 +264,3 @@ def run_worker(args: WorkerArgs) -> None:
         asyncio.run(worker.serve(host, port))
     except OSError as e:
         raise CakeError(f"cannot listen on {args.address}: {e.strerror}; pick another --address port") from None
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")

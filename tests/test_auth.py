@@ -15,7 +15,6 @@ from cake.client import Options
 from cake.errors import WorkerError
 from cake.master import Master
 from cake.topology import load_topology
-from cake.worker import is_loopback
 from conftest import reference_greedy, run
 from test_pipeline import cake_generate
 
@@ -106,5 +105,5 @@ def test_worker_never_serves_an_unauthenticated_client(tiny_model, cluster):
 
 
 def test_loopback_detection_for_the_open_worker_warning():
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
-    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert auth.is_loopback("127.0.0.1") and auth.is_loopback("localhost") and auth.is_loopback("::1")
+    assert not auth.is_loopback("0.0.0.0") and not auth.is_loopback("192.168.1.5")

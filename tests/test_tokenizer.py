@@ -72,3 +72,30 @@ def test_stream_concatenation_equals_decode(tok, ids):
 def test_stream_roundtrips_text(tok, text):
     ids = tok.encode_raw(text)
     assert stream_all(tok, ids)[0] == tok.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def cleanup_tok(tiny_model):
+    """A tokenizer whose decode() really strips spaces before punctuation (transformers 4.x behaviour)."""
+    t = Tokenizer(tiny_model)
+    t.tok.clean_up_tokenization_spaces = True
+    t.tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert t.cleans_up_spaces
+    return t
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", " .", " ,", " n't", " 's", " ?", " !", " word", "'", " 've", " ."]),
+                min_size=1, max_size=12))
+def test_stream_with_space_cleanup_equals_decode(cleanup_tok, pieces):
+    ids = [i for p in pieces for i in cleanup_tok.tok.encode(p, add_special_tokens=False)]
+    assert stream_all(cleanup_tok, ids)[0] == cleanup_tok.decode(ids)
+
+
+def test_stream_decodes_a_window_not_the_whole_answer(tok):
+    ids = tok.encode_raw("word " * 300)
+    calls = []
+    s = tok.stream()
+    s.decode = lambda part: calls.append(len(part)) or tok.decode(part)
+    assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)
+    assert max(calls) <= 2
