@@ -608,7 +608,7 @@ class Target:
         return self.measured >= self.goal if self.at_least else self.measured <= self.goal
 
     def show(self, value: float) -> str:
-        return f"{value:.2f}x" if self.unit == "x" else f"{value:.0f} {self.unit}"
+        return f"{value:.3f}x" if self.unit == "x" else f"{value:.0f} {self.unit}"
 
 
 @dataclass
