@@ -81,3 +81,40 @@ def test_targets_pass_on_the_right_side_of_the_goal():
     assert not bench.Target("speed", 1.4, 1.5, "x", at_least=True).passed
     assert bench.Target("hop", 120, 150, "us", at_least=False).passed
     assert not bench.Target("hop", 180, 150, "us", at_least=False).passed
+
+
+def _fake_result(name: str) -> object:
+    """A ModelResult with made-up timings, to render the report without measuring anything."""
+    spec = bench.SPECS[name]
+    layer = 10_000_000
+    weights = bench.WeightBytes({i: layer for i in range(spec.layers)}, embed=500_000_000, head=500_000_000, norm=4096)
+
+    def measured(decode_ms: float, stages: list = (), rss: int = 900_000_000, **kw) -> object:
+        runs = [bench.Run(ttft_s=0.1, decode_s=decode_ms * 63 / 1e3, decode_tokens=63)] * 3
+        return bench.Measured(runs=runs, stages=list(stages), peak_rss=rss, threads=2, **kw)
+
+    half = spec.layers // 2
+    stages = [bench.StageSplit(f"worker-a[0-{half - 1}]", 63, 0.2, 0.18),
+              bench.StageSplit(f"worker-b[{half}-{spec.layers - 1}]", 63, 0.2, 0.18)]
+    return bench.ModelResult(
+        spec, weights, prompt_tokens=128, tokens=64, repeats=3,
+        bandwidth=bench.Measured(matvec_s=[0.09, 0.1, 0.11]),
+        transformers=measured(20.0), local=measured(10.0),
+        workers=measured(10.2, stages, concurrency={1: [100.0], 2: [180.0], 4: [300.0]}),
+        worker_rss={"worker-a": 300_000_000, "worker-b": 300_000_000})
+
+
+@pytest.mark.parametrize("name, own_target, other_target", [
+    ("tiny", "cake all-local decode / transformers", "cake all-local decode / bandwidth limit"),
+    ("big", "cake all-local decode / bandwidth limit", "cake all-local decode / transformers"),
+])
+def test_each_model_reports_its_own_targets(name, own_target, other_target):
+    r = _fake_result(name)
+    checks = [t.check for t in r.targets()]
+    assert own_target in checks and other_target not in checks
+    assert ("4 sessions aggregate decode / 1 session" in checks) == (name == "big")
+    assert all(t.passed for t in r.targets())  # the made-up timings meet every goal
+    assert r.hop_overhead_us == pytest.approx(100.0)  # (10.2 - 10.0) ms over 2 hops
+    text = bench.report(r, quick=False)
+    assert all(check in text for check in checks) and "MISS" not in text
+    assert [t["check"] for t in r.to_json()["targets"]] == checks
