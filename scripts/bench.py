@@ -1,0 +1,846 @@
+#!/usr/bin/env python3
+"""Benchmark cake against transformers and the memory-bandwidth limit on seeded random-weight models.
+
+    python scripts/bench.py --quick            # about a minute: tiny model, few tokens, one run
+    python scripts/bench.py --model both       # the real figures: minutes, on a quiet machine
+
+Every measured thing runs in its own fresh process (this script re-invoked with `--child`), so one
+measurement's imports and allocations never show in another's timings or peak RSS: the master is
+measured without transformers loaded, and the workers are real `cake --mode worker` processes.
+Everything runs on the CPU in fp32. docs/benchmarks.md says what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
+# Measure this checkout's cake, not whichever one is installed: children and workers inherit this.
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+from cake import launch  # noqa: E402  (after the path set-up above; imports no torch)
+from cake.errors import CakeError  # noqa: E402
+
+MB = 1e6
+SPECIAL_IDS = 128000  # Llama 3 ids from here up are special tokens; prompts avoid them
+SESSIONS = (1, 2, 4)
+WARMUP_TOKENS = 4
+MATVEC_ITERS = 10
+WORKER_START_TIMEOUT = 300.0  # seconds: a worker reads its share of a 1.8 GB checkpoint first
+# Issue 5's targets, per model size.
+VS_TRANSFORMERS = {"tiny": 1.5}  # cake all-local decode tok/s / transformers generate
+VS_BANDWIDTH = {"big": 0.93}  # cake all-local decode tok/s / the memory-bandwidth limit
+WORKERS_KEEP = {"tiny": 0.85, "big": 0.95}  # decode tok/s with 2 loopback workers / all-local
+MAX_HOP_US = 150  # network overhead per worker round trip
+RSS_SLACK = 400 * MB  # what a node may hold beyond its weights
+CONCURRENCY_GAIN = {"big": 2.5}  # aggregate decode tok/s of 4 sessions / 1 session
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 128256
+    seed: int = 1234
+
+    @property
+    def folder(self) -> str:
+        # The shape is in the name, so a changed spec never reuses a stale cached model.
+        return (f"{self.name}-h{self.hidden}-i{self.intermediate}-l{self.layers}-a{self.heads}-kv{self.kv_heads}"
+                f"-v{self.vocab}-s{self.seed}")
+
+    def describe(self) -> str:
+        return (f"hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
+                f"{self.heads}/{self.kv_heads} heads, vocab {self.vocab}")
+
+
+SPECS = {
+    # Small layers, full Llama 3 vocabulary: per-token overheads (Python, asyncio, sockets) dominate.
+    "tiny": ModelSpec("tiny", hidden=256, intermediate=704, layers=8, heads=8, kv_heads=2),
+    # ~1.8 GB fp32: decode is bound by memory bandwidth.
+    "big": ModelSpec("big", hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4),
+}
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    """A fixed prompt of ordinary token ids, so timing needs no tokenizer."""
+    rng = random.Random(seed)
+    return [rng.randrange(SPECIAL_IDS) for _ in range(n)]
+
+
+def safetensors_sizes(model_dir: Path) -> dict[str, int]:
+    """Bytes of every tensor in a model folder, from the safetensors headers alone."""
+    index = model_dir / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    sizes: dict[str, int] = {}
+    for name in files:
+        with open(model_dir / name, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_SAFETENSORS_HEADER:  # a corrupt length must not become a giant read
+                raise ValueError(f"'{name}' has a header of {n} bytes")
+            header = json.loads(f.read(n))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                      if k != "__metadata__"})
+    return sizes
+
+
+@dataclass
+class WeightBytes:
+    layers: dict[int, int]
+    embed: int
+    head: int  # lm_head; 0 when tied to the embedding
+    norm: int
+
+    @classmethod
+    def read(cls, model_dir: Path) -> WeightBytes:
+        try:
+            sizes = safetensors_sizes(model_dir)
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise CakeError(f"cannot read the weights in '{model_dir}' ({type(e).__name__}: {e}); "
+                            f"delete the folder and the benchmark rebuilds it") from None
+        layers: dict[int, int] = {}
+        for name, n in sizes.items():
+            m = LAYER_RE.match(name)
+            if m:
+                layers[int(m[1])] = layers.get(int(m[1]), 0) + n
+        return cls(layers, sizes["model.embed_tokens.weight"], sizes.get("lm_head.weight", 0),
+                   sizes["model.norm.weight"])
+
+    def layer_range(self, start: int, end: int) -> int:
+        return sum(self.layers[i] for i in range(start, end))
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers.values()) + self.embed + self.head + self.norm
+
+    @property
+    def decode_step(self) -> int:
+        """What one decode step reads: every layer and the output projection (one embedding row is noise)."""
+        return sum(self.layers.values()) + self.norm + (self.head or self.embed)
+
+    @property
+    def master(self) -> int:
+        """What a master with no layers holds."""
+        return self.embed + self.head + self.norm
+
+
+# ---- the child processes: one measured thing each -----------------------------------------------------
+#
+# The parent starts every child at once, then asks each in turn for one run, round after round, so a
+# change in machine load hits every figure alike and the ratios between them hold. A child answers on
+# a private copy of its stdout, one JSON line per command: "run", "concurrent N", "finish".
+
+@dataclass
+class Job:
+    kind: str  # a key of SUBJECTS
+    model: str  # a key of SPECS
+    model_dir: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    topology: str | None = None
+    nbytes: int = 0  # bandwidth: bytes the matvec reads
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    decode_s: float
+    decode_tokens: int
+
+    @property
+    def decode_ms(self) -> float:
+        return 1e3 * self.decode_s / self.decode_tokens
+
+
+@dataclass
+class StageSplit:
+    """One stage's decode steps as the master's StageStats saw them (prefill excluded)."""
+    name: str
+    calls: int
+    total_s: float
+    compute_s: float
+
+    def __add__(self, other: StageSplit) -> StageSplit:
+        return StageSplit(self.name, self.calls + other.calls, self.total_s + other.total_s,
+                          self.compute_s + other.compute_s)
+
+    def __sub__(self, other: StageSplit) -> StageSplit:
+        return StageSplit(self.name, self.calls - other.calls, self.total_s - other.total_s,
+                          self.compute_s - other.compute_s)
+
+
+def peak_rss(pid: int | None = None) -> int | None:
+    """Peak resident set size in bytes (VmHWM) of a process, or of this one; None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if pid is None:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    return None
+
+
+def steady_rate(stamps: list[list[float]]) -> float:
+    """Tokens per second while every session is decoding.
+
+    `stamps[i]` holds the times session i produced its tokens. The window runs from the last session's
+    first token to the first session's last token, so prefills and stragglers are left out.
+    """
+    start = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    count = sum(start < t <= end for s in stamps for t in s)
+    if end <= start or not count:
+        raise CakeError(f"the {len(stamps)} concurrent sessions never decoded at the same time; raise --tokens")
+    return count / (end - start)
+
+
+class Subject:
+    """One measured thing: set up (and warmed up) in __init__, then measured one run at a time."""
+
+    def run(self) -> dict:
+        raise CakeError(f"{type(self).__name__} has no runs")
+
+    def concurrent(self, sessions: int) -> dict:
+        raise CakeError(f"{type(self).__name__} does not run concurrent sessions")
+
+    def finish(self) -> dict:
+        return {}
+
+
+class Build(Subject):
+    def __init__(self, job: Job):
+        from cake.synthetic import make_model
+
+        s = SPECS[job.model]
+        final = Path(job.model_dir)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        make_model(tmp, hidden=s.hidden, intermediate=s.intermediate, layers=s.layers, heads=s.heads,
+                   kv_heads=s.kv_heads, vocab=s.vocab, seed=s.seed)
+        tmp.rename(final)  # a half-written folder is never mistaken for a cached model
+
+
+class Bandwidth(Subject):
+    """One matrix-vector product over as many fp32 bytes as a decode step reads."""
+
+    def __init__(self, job: Job):
+        import torch
+
+        hidden = SPECS[job.model].hidden
+        # Written, not torch.empty: untouched pages all map the one shared zero page, which reads from cache.
+        self.w = torch.full((-(-job.nbytes // (4 * hidden)), hidden), 1e-3)
+        self.x = torch.ones(1, hidden)
+        for _ in range(3):
+            self._matvec()
+
+    def _matvec(self) -> float:
+        import torch.nn.functional as F
+
+        t0 = time.perf_counter()
+        F.linear(self.x, self.w)
+        return time.perf_counter() - t0
+
+    def run(self) -> dict:
+        return {"matvec_s": statistics.median(self._matvec() for _ in range(MATVEC_ITERS))}
+
+
+class Transformers(Subject):
+    """`LlamaForCausalLM.generate`, greedy, fp32, on the same weights."""
+
+    def __init__(self, job: Job):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        self.tokens = job.tokens
+        self.model = LlamaForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
+        self.ids = torch.tensor([prompt_ids(job.prompt_tokens)])
+        self._generate(WARMUP_TOKENS)
+
+    def _generate(self, tokens: int) -> Run:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        from cake.synthetic import END_OF_TEXT
+
+        class TokenClock(BaseStreamer):
+            """Notes when generate hands over each token; its first call carries the prompt."""
+
+            def __init__(self) -> None:
+                self.stamps: list[float] = []
+
+            def put(self, value) -> None:
+                self.stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        clock = TokenClock()
+        t0 = time.perf_counter()
+        # min_new_tokens keeps an EOS from ending a run early: every run decodes exactly `tokens`.
+        self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=tokens,
+                            min_new_tokens=tokens, do_sample=False, streamer=clock, pad_token_id=END_OF_TEXT)
+        out = clock.stamps[1:]
+        return Run(out[0] - t0, out[-1] - out[0], len(out) - 1)
+
+    def run(self) -> dict:
+        return asdict(self._generate(self.tokens))
+
+
+class Cake(Subject):
+    """An in-process Master (all layers local, or none with a topology) driven by `cake.generate`."""
+
+    def __init__(self, job: Job):
+        import asyncio
+
+        from cake.client import Options
+        from cake.master import Master
+        from cake.topology import load_topology
+
+        self.job = job
+        self.loop = asyncio.new_event_loop()
+        # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
+        self.master = Master(job.model_dir, load_topology(job.topology), device="cpu", dtype="f32",
+                             options=Options(retry_timeout=10.0, request_timeout=120.0))
+        self.loop.run_until_complete(self.master.connect())
+        self.prompt = prompt_ids(job.prompt_tokens)
+        self.stages: list[StageSplit] = []
+        self.loop.run_until_complete(self._generate(self.prompt, WARMUP_TOKENS))
+
+    def _totals(self) -> list[StageSplit]:
+        return [StageSplit(str(st.stage), st.stats.calls, st.stats.total_s, st.stats.compute_s)
+                for st in self.master.stages]
+
+    async def _generate(self, prompt: list[int], tokens: int) -> tuple[Run, list[StageSplit]]:
+        """One greedy generation of exactly `tokens` tokens (no EOS stops it); the stage split covers
+        its decode steps only."""
+        from cake.generate import GenerationStats, generate
+        from cake.sampling import SamplingParams
+
+        stats = GenerationStats()
+        before: list[StageSplit] | None = None
+        async for _ in generate(self.master, prompt, SamplingParams(temperature=0.0), tokens, (), stats):
+            if before is None:  # the prefill step is done and no decode step has started
+                before = self._totals()
+        split = [a - b for a, b in zip(self._totals(), before or [])]
+        return Run(stats.ttft_s, stats.decode_s, stats.generated - 1), split
+
+    def run(self) -> dict:
+        run, split = self.loop.run_until_complete(self._generate(self.prompt, self.job.tokens))
+        self.stages = [a + b for a, b in zip(self.stages, split)] if self.stages else split
+        return asdict(run)
+
+    def concurrent(self, sessions: int) -> dict:
+        """Aggregate decode tok/s of `sessions` generations gathered on this one master."""
+        import asyncio
+
+        from cake.generate import generate
+        from cake.sampling import SamplingParams
+
+        stamps: list[list[float]] = [[] for _ in range(sessions)]
+
+        async def one(i: int) -> None:
+            prompt = prompt_ids(self.job.prompt_tokens, seed=i)
+            async for _ in generate(self.master, prompt, SamplingParams(temperature=0.0), self.job.tokens, ()):
+                stamps[i].append(time.perf_counter())
+
+        async def gathered() -> None:
+            await asyncio.gather(*(one(i) for i in range(sessions)))
+
+        self.loop.run_until_complete(gathered())
+        return {"tok_s": steady_rate(stamps)}
+
+    def finish(self) -> dict:
+        self.loop.run_until_complete(self.master.close())
+        return {"stages": [asdict(s) for s in self.stages]}
+
+
+SUBJECTS: dict[str, type[Subject]] = {
+    "build": Build,
+    "bandwidth": Bandwidth,
+    "transformers": Transformers,
+    "cake-local": Cake,
+    "cake-workers": Cake,
+}
+
+
+def child_main(job_json: str) -> None:
+    """Serve one measured thing to the parent: a JSON line per command read from stdin."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever a library prints goes to the log, never into the answers
+    job = Job(**json.loads(job_json))
+
+    def answer(d: dict) -> None:
+        answers.write(json.dumps(d) + "\n")
+
+    try:
+        subject = SUBJECTS[job.kind](job)
+        answer({"ready": True})
+        for line in sys.stdin:
+            command, *arg = line.split()
+            if command == "run":
+                answer(subject.run())
+            elif command == "concurrent":
+                answer(subject.concurrent(int(arg[0])))
+            elif command == "finish":
+                torch = sys.modules.get("torch")
+                answer({**subject.finish(), "peak_rss": peak_rss(),
+                        "threads": torch.get_num_threads() if torch else 0})
+                return
+    except CakeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ---- the parent: processes ----------------------------------------------------------------------------
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    return lines[-1].strip() if lines else "no output"
+
+
+class Child:
+    """A child process serving one Subject; its stderr goes to `<logs>/<kind>.log`."""
+
+    def __init__(self, job: Job, logs: Path):
+        self.kind, self.log = job.kind, logs / f"{job.kind}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "--child", json.dumps(asdict(job))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def ask(self, command: str | None = None) -> dict:
+        """Send a command (None: just wait for the ready line) and return the answer."""
+        try:
+            if command:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            rc = self.proc.wait()
+            raise CakeError(f"{self.kind} measurement failed (exit {rc}): {last_line(self.log)} [log: {self.log}]")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        launch.stop(self.proc)
+
+
+@contextmanager
+def child(job: Job, logs: Path) -> Iterator[Child]:
+    c = Child(job, logs)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def ensure_model(spec: ModelSpec, workdir: Path) -> Path:
+    path = workdir / "models" / spec.folder
+    if not (path / "config.json").exists():
+        progress(f"building the {spec.name} model in {path} (once; reused by later runs)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with child(Job("build", spec.name, str(path)), path.parent) as c:
+            c.ask()
+            c.ask("finish")
+    return path
+
+
+@dataclass
+class Cluster:
+    topology: Path
+    procs: dict[str, subprocess.Popen]
+
+    def peak_rss(self) -> dict[str, int | None]:
+        return {name: peak_rss(p.pid) for name, p in self.procs.items()}
+
+
+def halves(layers: int) -> dict[str, tuple[int, int]]:
+    half = layers // 2
+    return {"worker-a": (0, half), "worker-b": (half, layers)}
+
+
+def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[str, int]) -> None:
+    lines = []
+    for name, (start, end) in ranges.items():
+        lines += [f"{name}:", f"  host: '127.0.0.1:{ports[name]}'", f"  description: 'benchmark worker {name}'",
+                  "  layers:", f"    - 'model.layers.{start}-{end - 1}'"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def running_workers(model_dir: Path, layers: int, logs: Path) -> Iterator[Cluster]:
+    """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped."""
+    ranges = halves(layers)
+    ports = {name: launch.free_port() for name in ranges}
+    topology = logs / "topology.yml"
+    write_topology(topology, ranges, ports)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in ranges:
+            log = logs / f"{name}.log"
+            log.unlink(missing_ok=True)
+            procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", "cpu",
+                                              "--dtype", "f32", log=log)
+        for name, proc in procs.items():
+            try:
+                launch.wait_ready(ports[name], proc, WORKER_START_TIMEOUT)
+            except CakeError as e:
+                log = logs / f"{name}.log"
+                raise CakeError(f"{name} failed to start ({e}): {last_line(log)} [log: {log}]") from None
+        yield Cluster(topology, procs)
+    finally:
+        for proc in procs.values():
+            launch.stop(proc)
+
+
+@dataclass
+class Measured:
+    """What the parent collected from one child."""
+    runs: list[Run] = field(default_factory=list)
+    matvec_s: list[float] = field(default_factory=list)
+    concurrency: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s per round
+    stages: list[StageSplit] = field(default_factory=list)
+    peak_rss: int | None = None
+    threads: int = 0
+
+    def add_run(self, answer: dict) -> None:
+        if "matvec_s" in answer:
+            self.matvec_s.append(answer["matvec_s"])
+        else:
+            self.runs.append(Run(**answer))
+
+    def add_finish(self, answer: dict) -> None:
+        self.stages = [StageSplit(**s) for s in answer.get("stages", [])]
+        self.peak_rss, self.threads = answer["peak_rss"], answer["threads"]
+
+
+def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
+            logs: Path) -> tuple[dict[str, Measured], dict[str, int | None]]:
+    """Every figure of one model, in interleaved rounds; returns what each child measured and the
+    workers' peak RSS."""
+    with ExitStack() as stack:
+        progress(f"{spec.name}: starting 2 workers, then the transformers, cake and matvec processes")
+        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs))
+        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens)
+        jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
+                "transformers": replace(base, kind="transformers"),
+                "cake-local": replace(base, kind="cake-local"),
+                "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology))}
+        kids = {kind: stack.enter_context(child(job, logs)) for kind, job in jobs.items()}
+        for kid in kids.values():
+            kid.ask()  # set up and warmed up
+        out = {kind: Measured() for kind in kids}
+        for i in range(repeats):
+            progress(f"{spec.name}: round {i + 1}/{repeats}")
+            for kind, kid in kids.items():
+                out[kind].add_run(kid.ask("run"))
+        progress(f"{spec.name}: {', '.join(map(str, SESSIONS))} concurrent sessions on the 2 workers")
+        pipeline, concurrency = kids["cake-workers"], out["cake-workers"].concurrency
+        for _ in range(repeats):
+            for n in SESSIONS:  # interleaved too, so load drift hits every level alike
+                concurrency.setdefault(n, []).append(pipeline.ask(f"concurrent {n}")["tok_s"])
+        for kind, kid in kids.items():
+            out[kind].add_finish(kid.ask("finish"))
+        return out, cluster.peak_rss()  # read before the workers stop: /proc forgets a process once it exits
+
+
+# ---- the parent: figures ------------------------------------------------------------------------------
+
+@dataclass
+class Speed:
+    decode_ms: float
+    ttft_ms: float
+    prefill_tps: float
+    peak_rss: int | None
+
+    @property
+    def decode_tps(self) -> float:
+        return 1e3 / self.decode_ms
+
+    @classmethod
+    def of(cls, m: Measured, prompt_tokens: int) -> Speed:
+        ttft = statistics.median(r.ttft_s for r in m.runs)
+        return cls(statistics.median(r.decode_ms for r in m.runs), 1e3 * ttft, prompt_tokens / ttft, m.peak_rss)
+
+
+@dataclass
+class Target:
+    check: str
+    measured: float
+    goal: float
+    unit: str
+    at_least: bool  # True: measured >= goal passes; False: measured <= goal passes
+
+    @property
+    def passed(self) -> bool:
+        return self.measured >= self.goal if self.at_least else self.measured <= self.goal
+
+    def show(self, value: float) -> str:
+        return f"{value:.3f}x" if self.unit == "x" else f"{value:.0f} {self.unit}"
+
+
+@dataclass
+class ModelResult:
+    spec: ModelSpec
+    weights: WeightBytes
+    prompt_tokens: int
+    tokens: int
+    repeats: int
+    bandwidth: Measured
+    transformers: Measured
+    local: Measured
+    workers: Measured
+    worker_rss: dict[str, int | None]
+
+    @property
+    def matvec_s(self) -> float:
+        return statistics.median(self.bandwidth.matvec_s)
+
+    @property
+    def bound_tps(self) -> float:
+        return 1 / self.matvec_s
+
+    @property
+    def hops(self) -> int:
+        return len(self.workers.stages)
+
+    def speed(self, m: Measured) -> Speed:
+        return Speed.of(m, self.prompt_tokens)
+
+    @property
+    def hop_overhead_us(self) -> float:
+        extra_ms = self.speed(self.workers).decode_ms - self.speed(self.local).decode_ms
+        return 1e3 * extra_ms / self.hops
+
+    def aggregate(self, sessions: int) -> float:
+        return statistics.median(self.workers.concurrency[sessions])
+
+    def targets(self) -> list[Target]:
+        name, local, workers = self.spec.name, self.speed(self.local), self.speed(self.workers)
+        ts = []
+        if name in VS_TRANSFORMERS:
+            hf = self.speed(self.transformers)
+            ts.append(Target("cake all-local decode / transformers", local.decode_tps / hf.decode_tps,
+                             VS_TRANSFORMERS[name], "x", True))
+        if name in VS_BANDWIDTH:
+            ts.append(Target("cake all-local decode / bandwidth limit", local.decode_tps / self.bound_tps,
+                             VS_BANDWIDTH[name], "x", True))
+        ts.append(Target("2 workers decode / all-local", workers.decode_tps / local.decode_tps, WORKERS_KEEP[name],
+                         "x", True))
+        ts.append(Target("per-hop overhead", self.hop_overhead_us, MAX_HOP_US, "us", False))
+        for worker, (start, end) in halves(self.spec.layers).items():
+            rss = self.worker_rss.get(worker)
+            if rss is not None:
+                ts.append(Target(f"{worker} peak RSS (layers {start}-{end - 1} + 400 MB)", rss / MB,
+                                 (self.weights.layer_range(start, end) + RSS_SLACK) / MB, "MB", False))
+        if workers.peak_rss is not None:
+            ts.append(Target("master peak RSS (embed + head + 400 MB)", workers.peak_rss / MB,
+                             (self.weights.master + RSS_SLACK) / MB, "MB", False))
+        if name in CONCURRENCY_GAIN:
+            ts.append(Target(f"{max(SESSIONS)} sessions aggregate decode / 1 session",
+                             self.aggregate(max(SESSIONS)) / self.aggregate(1), CONCURRENCY_GAIN[name], "x", True))
+        return ts
+
+    def to_json(self) -> dict:
+        speeds = {k: asdict(self.speed(m)) for k, m in
+                  (("transformers", self.transformers), ("cake_local", self.local), ("cake_workers", self.workers))}
+        return {
+            "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
+            "repeats": self.repeats,
+            "weights": {"total": self.weights.total, "decode_step": self.weights.decode_step,
+                        "master": self.weights.master, "layers": self.weights.layers},
+            "speed": speeds,
+            "bandwidth": {"matvec_s": self.matvec_s, "gb_per_s": self.weights.decode_step / self.matvec_s / 1e9,
+                          "bound_tps": self.bound_tps},
+            "hop_overhead_us": self.hop_overhead_us,
+            "worker_rss": self.worker_rss,
+            "aggregate_tps": {n: self.aggregate(n) for n in self.workers.concurrency},
+            "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()],
+            "raw": {k: asdict(m) for k, m in (("bandwidth", self.bandwidth), ("transformers", self.transformers),
+                                              ("cake_local", self.local), ("cake_workers", self.workers))},
+        }
+
+
+def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int) -> ModelResult:
+    model_dir = ensure_model(spec, workdir)
+    weights = WeightBytes.read(model_dir)
+    logs = workdir / "runs" / spec.name
+    logs.mkdir(parents=True, exist_ok=True)
+    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs)
+    return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
+                       m["cake-local"], m["cake-workers"], worker_rss)
+
+
+# ---- the parent: report -------------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned first column, right-aligned numbers."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MB:.0f}"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from importlib.metadata import version
+        torch_version = version("torch")
+    except Exception:  # an unusual install: the figure is informative only
+        torch_version = "?"
+    return f"{cpu}, {os.cpu_count()} cores; torch {torch_version}"
+
+
+def report(r: ModelResult, quick: bool) -> str:
+    s, w = r.spec, r.weights
+    hf, local, workers = r.speed(r.transformers), r.speed(r.local), r.speed(r.workers)
+    out = [f"== {s.name}: {s.describe()}; {w.total / MB:.0f} MB fp32, a decode step reads "
+           f"{w.decode_step / MB:.0f} MB ==",
+           f"prompt {r.prompt_tokens} tokens, {r.tokens} decode tokens, median of {r.repeats} run(s) after a "
+           f"warm-up; {r.local.threads} torch thread(s) per process; {machine()}"]
+    if quick:
+        out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
+
+    def speed_row(label: str, sp: Speed) -> list[str]:
+        return [label, f"{sp.decode_ms:.2f}", f"{sp.decode_tps:.1f}", f"{sp.prefill_tps:.0f}", f"{sp.ttft_ms:.1f}",
+                mb(sp.peak_rss)]
+
+    out += ["", table(["speed", "decode ms/tok", "decode tok/s", "prefill tok/s", "TTFT ms", "peak RSS MB"], [
+        speed_row("transformers generate", hf),
+        speed_row("cake all-local", local),
+        speed_row("cake 2 workers (master)", workers),
+        ["bandwidth limit (matvec)", f"{1e3 * r.matvec_s:.2f}", f"{r.bound_tps:.1f}", "-", "-", "-"],
+    ])]
+    out.append(f"matvec reads {w.decode_step / r.matvec_s / 1e9:.1f} GB/s; cake all-local reaches "
+               f"{local.decode_tps / r.bound_tps:.2f} of the limit, 2 workers {workers.decode_tps / r.bound_tps:.2f}; "
+               f"cake all-local / transformers {local.decode_tps / hf.decode_tps:.2f}x")
+
+    out += ["", table(["decode time per token", "ms/tok", "compute", "network"],
+                      split_rows("all-local", r.local, local) + split_rows("2 workers", r.workers, workers))]
+    out.append(f"per-hop overhead: ({workers.decode_ms:.2f} - {local.decode_ms:.2f}) ms / {r.hops} hops = "
+               f"{r.hop_overhead_us:.0f} us")
+
+    mem = [[f"{name} (layers {a}-{b - 1})", mb(r.worker_rss.get(name)), mb(w.layer_range(a, b)),
+            mb(w.layer_range(a, b) + RSS_SLACK)] for name, (a, b) in halves(s.layers).items()]
+    mem.append(["master (no layers)", mb(workers.peak_rss), mb(w.master), mb(w.master + RSS_SLACK)])
+    out += ["", table(["peak RSS", "MB", "weights MB", "budget MB"], mem)]
+
+    if r.workers.concurrency:
+        one = r.aggregate(1)
+        out += ["", table(["concurrent sessions (2 workers)", "aggregate decode tok/s", "x one session"],
+                          [[str(n), f"{r.aggregate(n):.1f}", f"{r.aggregate(n) / one:.2f}"]
+                           for n in sorted(r.workers.concurrency)])]
+
+    out += ["", table(["target", "measured", "goal", ""],
+                      [[t.check, t.show(t.measured), f"{'>=' if t.at_least else '<='} {t.show(t.goal)}",
+                        "PASS" if t.passed else "MISS"] for t in r.targets()])]
+    return "\n".join(out)
+
+
+def split_rows(label: str, m: Measured, sp: Speed) -> list[list[str]]:
+    """Each stage's share of a decode token, and what is left for the master's own work."""
+    rows, staged = [], 0.0
+    for st in m.stages:
+        per = 1e3 / st.calls if st.calls else 0.0
+        staged += st.total_s * per
+        rows.append([f"{label}: {st.name}", f"{st.total_s * per:.2f}", f"{st.compute_s * per:.2f}",
+                     f"{max(0.0, st.total_s - st.compute_s) * per:.2f}"])
+    rows.append([f"{label}: master embed, head, sampling, loop", f"{sp.decode_ms - staged:.2f}", "", ""])
+    return rows
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cake-bench"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark cake (all-local and 2 loopback workers) against "
+                                            "transformers and the memory-bandwidth limit.")
+    p.add_argument("--model", choices=["tiny", "big", "both"], default=None, help="model size (default: both)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default: 64)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length for prefill (default: 128)")
+    p.add_argument("--repeats", type=int, default=None, help="measured runs per figure, median reported (default: 3)")
+    p.add_argument("--workdir", type=Path, default=default_workdir(),
+                   help="models (built once, reused) and per-run logs (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="check the benchmark works: tiny model, 16 tokens, 32-token prompt, 1 run")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure and raw timing here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = {"model": "tiny", "tokens": 16, "prompt_tokens": 32, "repeats": 1}
+    full = {"model": "both", "tokens": 64, "prompt_tokens": 128, "repeats": 3}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:  # an explicit option wins over --quick
+            setattr(args, key, value)
+    if args.tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
+        p.error("--tokens must be at least 2, --prompt-tokens and --repeats at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args.child)
+        return
+    # A plain `kill` unwinds like Ctrl-C, so the workers started here are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    names = ["tiny", "big"] if args.model == "both" else [args.model]
+    try:
+        results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats) for n in names]
+    except CakeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    print("\n\n".join(report(r, args.quick) for r in results))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick,
+                                         "models": {r.spec.name: r.to_json() for r in results}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The benchmark script's arithmetic: concurrency window, weight bytes, targets, topology. No timing here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from cake.errors import CakeError
+from cake.topology import load_topology
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def test_steady_rate_counts_only_the_window_where_every_session_decodes():
+    # Session 0 decodes from t=0 to 10, session 1 from t=4 to 12: the window is (4, 10].
+    stamps = [[0, 2, 4, 6, 8, 10], [4, 6, 8, 10, 12]]
+    assert bench.steady_rate(stamps) == pytest.approx(6 / 6)  # 6, 8, 10 from each session
+
+
+def test_steady_rate_of_one_session_is_its_decode_rate():
+    assert bench.steady_rate([[1.0, 1.5, 2.0, 2.5]]) == pytest.approx(3 / 1.5)
+
+
+def test_steady_rate_refuses_sessions_that_never_overlap():
+    with pytest.raises(CakeError, match="raise --tokens"):
+        bench.steady_rate([[0, 1, 2], [3, 4, 5]])
+
+
+def test_prompt_is_fixed_and_free_of_special_ids():
+    ids = bench.prompt_ids(500)
+    assert ids == bench.prompt_ids(500) and ids != bench.prompt_ids(500, seed=1)
+    assert all(0 <= i < 128000 for i in ids)
+
+
+def test_weight_bytes_match_the_checkpoint(tiny_model):
+    with safe_open(tiny_model / "model.safetensors", framework="pt") as f:
+        actual = {name: f.get_tensor(name).nbytes for name in f.keys()}
+    w = bench.WeightBytes.read(tiny_model)
+    assert w.total == sum(actual.values())
+    layers = sum(n for name, n in actual.items() if name.startswith("model.layers."))
+    assert w.decode_step == layers + actual["lm_head.weight"] + actual["model.norm.weight"]
+    assert w.layer_range(0, 3) + w.layer_range(3, 6) == layers
+    assert w.master == actual["model.embed_tokens.weight"] + actual["lm_head.weight"] + actual["model.norm.weight"]
+
+
+def test_a_tied_head_is_read_from_the_embedding(tied_model):
+    w = bench.WeightBytes.read(tied_model)
+    assert w.head == 0 and w.decode_step == sum(w.layers.values()) + w.norm + w.embed
+
+
+def test_corrupt_cached_model_is_one_clear_error(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"ab")
+    with pytest.raises(CakeError, match="delete the folder"):
+        bench.WeightBytes.read(tmp_path)
+
+
+def test_topology_splits_layers_in_halves(tmp_path):
+    path = tmp_path / "topology.yml"
+    bench.write_topology(path, bench.halves(8), {"worker-a": 1234, "worker-b": 1235})
+    stages = load_topology(path).stages(8)
+    assert [(s.start, s.end, s.worker.name, s.worker.port) for s in stages] == [
+        (0, 4, "worker-a", 1234), (4, 8, "worker-b", 1235)]
+
+
+def test_targets_pass_on_the_right_side_of_the_goal():
+    assert bench.Target("speed", 1.6, 1.5, "x", at_least=True).passed
+    assert not bench.Target("speed", 1.4, 1.5, "x", at_least=True).passed
+    assert bench.Target("hop", 120, 150, "us", at_least=False).passed
+    assert not bench.Target("hop", 180, 150, "us", at_least=False).passed
+
+
+def _fake_result(name: str) -> object:
+    """A ModelResult with made-up timings, to render the report without measuring anything."""
+    spec = bench.SPECS[name]
+    layer = 10_000_000
+    weights = bench.WeightBytes({i: layer for i in range(spec.layers)}, embed=500_000_000, head=500_000_000, norm=4096)
+
+    def measured(decode_ms: float, stages: list = (), rss: int = 900_000_000, **kw) -> object:
+        runs = [bench.Run(ttft_s=0.1, decode_s=decode_ms * 63 / 1e3, decode_tokens=63)] * 3
+        return bench.Measured(runs=runs, stages=list(stages), peak_rss=rss, threads=2, **kw)
+
+    half = spec.layers // 2
+    stages = [bench.StageSplit(f"worker-a[0-{half - 1}]", 63, 0.2, 0.18),
+              bench.StageSplit(f"worker-b[{half}-{spec.layers - 1}]", 63, 0.2, 0.18)]
+    return bench.ModelResult(
+        spec, weights, prompt_tokens=128, tokens=64, repeats=3,
+        bandwidth=bench.Measured(matvec_s=[0.09, 0.1, 0.11]),
+        transformers=measured(20.0), local=measured(10.0),
+        workers=measured(10.2, stages, concurrency={1: [100.0], 2: [180.0], 4: [300.0]}),
+        worker_rss={"worker-a": 300_000_000, "worker-b": 300_000_000})
+
+
+@pytest.mark.parametrize("name, own_target, other_target", [
+    ("tiny", "cake all-local decode / transformers", "cake all-local decode / bandwidth limit"),
+    ("big", "cake all-local decode / bandwidth limit", "cake all-local decode / transformers"),
+])
+def test_each_model_reports_its_own_targets(name, own_target, other_target):
+    r = _fake_result(name)
+    checks = [t.check for t in r.targets()]
+    assert own_target in checks and other_target not in checks
+    assert ("4 sessions aggregate decode / 1 session" in checks) == (name == "big")
+    assert all(t.passed for t in r.targets())  # the made-up timings meet every goal
+    assert r.hop_overhead_us == pytest.approx(100.0)  # (10.2 - 10.0) ms over 2 hops
+    text = bench.report(r, quick=False)
+    assert all(check in text for check in checks) and "MISS" not in text
+    assert [t["check"] for t in r.to_json()["targets"]] == checks
