@@ -234,10 +234,17 @@ def encode(msg: Message, tensor: torch.Tensor | None = None) -> list[bytes | mem
     return [_U32.pack(4 + len(head) + len(payload)) + _U32.pack(len(head)) + head, payload]
 
 
+SMALL_PAYLOAD = 256 * 1024
+
+
 async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torch.Tensor | None = None) -> None:
-    for part in encode(msg, tensor):
-        if len(part):
-            writer.write(part)
+    head, payload = encode(msg, tensor)
+    if len(payload) <= SMALL_PAYLOAD:
+        # One segment: with TCP_NODELAY two writes are two packets, and the reader wakes up twice.
+        writer.write(head + payload if len(payload) else head)
+    else:
+        writer.write(head)
+        writer.write(payload)  # large: the copy would cost more than the extra wake-up
     await writer.drain()
 
 

@@ -18,10 +18,10 @@ from cake.model.config import LlamaConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In float32 and cast back, as the reference does, so fp16/bf16 nodes agree with it.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of six
+    # Normalise in float32, cast back, then scale: the reference's rounding, so f16/bf16 nodes agree with it.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -123,10 +123,10 @@ class DecoderLayer:
         B, T, _ = x.shape
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = F.linear(rms_norm(x, self.attn_norm, c.rms_norm_eps), self.wqkv, self.bqkv)
-        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        # Rotate queries and keys in one go: they sit side by side in the fused projection.
+        qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), cos, sin)
+        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
+        v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)
         if B == 1:
             out = self._attend(q, k[0], v[0], rows[0])
         else:
@@ -186,8 +186,8 @@ class LayerStack:
         B, T, _ = hidden.shape
         pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
             T, device=self.device)
-        cos = self.cos[pos].to(self.dtype).unsqueeze(1)
-        sin = self.sin[pos].to(self.dtype).unsqueeze(1)
+        cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
+        sin = self.sin[pos].to(self.dtype).unsqueeze(2)
         x = hidden.to(self.dtype)
         for i in range(start, end):
             x = self.layers[i].forward(x, rows, cos, sin)
