@@ -105,7 +105,6 @@ class Master:
         self.device, self.dtype = self.stack.device, self.stack.dtype
         self.capacity = self.stack.capacity
         self.head = load_head(model_dir, self.config, self.device, self.dtype, files)
-        files.close()
         self.options = options or Options()
         self._pending: list[tuple[Session, list[int], asyncio.Future]] = []
         self._batcher: asyncio.Future | None = None

@@ -19,29 +19,14 @@ import click
 from cake.errors import CakeError, ModelError
 from cake.model.config import load_config
 from cake.model.llama import DecoderLayer
-from cake.model.weights import INDEX, WeightFiles
+from cake.model.weights import DTYPES, INDEX, Entry, WeightFiles
 from cake.topology import load_topology
 
 SHARD_BYTES = 4 << 30
 COPY_CHUNK = 16 << 20
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header and the offset where tensor data starts."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ModelError(f"'{path}' is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise ModelError(f"'{path}' has an implausible header size; is it a safetensors file?")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelError(f"'{path}' has a corrupt safetensors header") from None
-    return header, 8 + n
 
 
 class ShardWriter:
@@ -49,15 +34,15 @@ class ShardWriter:
 
     def __init__(self, out: Path):
         self.out = out
-        self.plan: list[list[tuple[str, dict, Path, int]]] = [[]]
+        self.plan: list[list[tuple[str, Entry]]] = [[]]
         self.sizes = [0]
 
-    def add(self, name: str, meta: dict, src: Path, src_data_start: int) -> None:
-        size = meta["data_offsets"][1] - meta["data_offsets"][0]
+    def add(self, name: str, e: Entry) -> None:
+        size = e.end - e.start
         if self.plan[-1] and self.sizes[-1] + size > SHARD_BYTES:
             self.plan.append([])
             self.sizes.append(0)
-        self.plan[-1].append((name, meta, src, src_data_start))
+        self.plan[-1].append((name, e))
         self.sizes[-1] += size
 
     def write(self, progress) -> dict[str, str]:
@@ -67,18 +52,19 @@ class ShardWriter:
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             header: dict = {"__metadata__": {"format": "pt"}}
             offset = 0
-            for name, meta, _, _ in shard:
-                size = meta["data_offsets"][1] - meta["data_offsets"][0]
-                header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [offset, offset + size]}
+            for name, e in shard:
+                size = e.end - e.start
+                header[name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
+                                "data_offsets": [offset, offset + size]}
                 offset += size
                 weight_map[name] = fname
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
             with open(self.out / fname, "wb") as f:
                 f.write(struct.pack("<Q", len(blob)) + blob)
-                for name, meta, src, start in shard:
-                    _copy_range(src, start + meta["data_offsets"][0], meta["data_offsets"][1] - meta["data_offsets"][0], f)
-                    progress(name, meta["data_offsets"][1] - meta["data_offsets"][0])
+                for name, e in shard:
+                    _copy_range(e.path, e.start, e.end - e.start, f)
+                    progress(name, e.end - e.start)
         return weight_map
 
 
@@ -102,11 +88,9 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
     if not topology.workers:
         raise CakeError(f"topology '{topology_path}' names no workers; nothing to split")
     files = WeightFiles(src)
-    headers: dict[str, tuple[dict, int]] = {}
-    bundles = []
-    total = sum(
-        _size(files, headers, src, n) for w in topology.workers.values() for i in w.layers
-        for n in DecoderLayer.tensor_names(i, config))
+    entries = {w.name: [(n, files.entry(n)) for i in w.layers for n in DecoderLayer.tensor_names(i, config)]
+               for w in topology.workers.values()}  # every tensor checked before anything is written
+    total = sum(e.end - e.start for parts in entries.values() for _, e in parts)
     done, t0, shown = 0, time.monotonic(), 0.0
 
     def progress(name: str, size: int) -> None:
@@ -119,6 +103,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
                              f"{rate:.0f} MiB/s  {name[:60]:<60}")
             sys.stderr.flush()
 
+    bundles = []
     for w in topology.workers.values():
         dest = out / w.name
         dest.mkdir(parents=True, exist_ok=True)
@@ -127,15 +112,11 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
         if not quiet:
             sys.stderr.write(f"{w.name}: {len(w.layers)} layer(s) -> {dest}\n")
         writer = ShardWriter(dest)
-        for i in w.layers:
-            for name in DecoderLayer.tensor_names(i, config):
-                fname = files.where[name]
-                header, start = headers[fname]
-                writer.add(name, header[name], src / fname, start)
+        for name, e in entries[w.name]:
+            writer.add(name, e)
         weight_map = writer.write(progress)
-        total_size = sum(writer.sizes)
-        (dest / INDEX).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
-                                             indent=2))
+        (dest / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(writer.sizes)},
+                                              "weight_map": weight_map}, indent=2))
         for extra in EXTRA_FILES:
             if (src / extra).exists():
                 shutil.copy2(src / extra, dest / extra)
@@ -144,18 +125,6 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
         if not quiet:
             sys.stderr.write("\n")
     return bundles
-
-
-def _size(files: WeightFiles, headers: dict, src: Path, name: str) -> int:
-    if name not in files:
-        files._file(name)  # raises the clear missing-tensor error
-    fname = files.where[name]
-    if fname not in headers:
-        headers[fname] = read_header(src / fname)
-    meta = headers[fname][0].get(name)
-    if meta is None:
-        raise ModelError(f"tensor '{name}' is listed for '{fname}' but not stored there; the model folder is corrupt")
-    return meta["data_offsets"][1] - meta["data_offsets"][0]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from cake.errors import CakeError
@@ -91,9 +90,3 @@ def make_model(out: str | Path, *, hidden: int = 64, intermediate: int = 128, la
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     write_tokenizer(out, meta_bos=meta_bos)
     return out
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)

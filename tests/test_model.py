@@ -105,3 +105,32 @@ def test_missing_tensor_is_named(tiny_model, tmp_path):
 def test_bad_model_folder_errors(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_config(tmp_path)
+
+
+def test_bf16_checkpoint_converts_on_load(tmp_path):
+    from cake.synthetic import make_model
+
+    path = make_model(tmp_path / "bf16", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, seed=3,
+                      dtype="bfloat16")
+    assert load_config(path).torch_dtype == "bfloat16"
+    stack, _ = load_layers(path, [0, 1], "cpu", "auto", 64)
+    assert stack.dtype == torch.bfloat16 and stack.layers[0].wqkv.dtype == torch.bfloat16  # auto keeps bf16 on CPU
+    ids = torch.randint(0, 128000, (1, 12), generator=torch.Generator().manual_seed(6))
+    from transformers import LlamaForCausalLM
+
+    with torch.no_grad():
+        want = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
+    assert torch.allclose(run_model(path, ids), want, atol=1e-4, rtol=0)  # f32 from a bf16 file
+
+
+def test_truncated_or_corrupt_weights_are_named(tiny_model, tmp_path):
+    for f in tiny_model.iterdir():
+        shutil.copy2(f, tmp_path / f.name)
+    st = tmp_path / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="ends early; the file is truncated"):
+        load_layers(tmp_path, [5], "cpu", "f32", 64)
+    st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelError, match="corrupt safetensors header"):
+        load_layers(tmp_path, [0], "cpu", "f32", 64)

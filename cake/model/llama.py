@@ -94,29 +94,34 @@ class DecoderLayer:
     def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor]):
         self.index = index
         self.c = config
-        self.attn_norm = w["input_layernorm.weight"]
-        self.mlp_norm = w["post_attention_layernorm.weight"]
-        self.wqkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
-                               w["self_attn.v_proj.weight"]])
-        self.bqkv = (torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"],
-                                w["self_attn.v_proj.bias"]]) if config.attention_bias else None)
-        self.wo = w["self_attn.o_proj.weight"]
-        self.bo = w.get("self_attn.o_proj.bias")
-        self.w13 = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
-        self.b13 = (torch.cat([w["mlp.gate_proj.bias"], w["mlp.up_proj.bias"]]) if config.mlp_bias else None)
-        self.w2 = w["mlp.down_proj.weight"]
-        self.b2 = w.get("mlp.down_proj.bias")
+        self.attn_norm, self.mlp_norm = w["attn_norm"], w["mlp_norm"]
+        self.wqkv, self.bqkv = w["wqkv"], w.get("bqkv")
+        self.wo, self.bo = w["wo"], w.get("bo")
+        self.w13, self.b13 = w["w13"], w.get("b13")
+        self.w2, self.b2 = w["w2"], w.get("b2")
+
+    @staticmethod
+    def parts(config: LlamaConfig) -> dict[str, list[str]]:
+        """Each weight of a layer -> the checkpoint tensors (under model.layers.N.) stacked to make it.
+        Q/K/V and gate/up are fused: one matrix product each instead of three and two."""
+        parts = {
+            "attn_norm": ["input_layernorm.weight"],
+            "mlp_norm": ["post_attention_layernorm.weight"],
+            "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+            "wo": ["self_attn.o_proj.weight"],
+            "w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+            "w2": ["mlp.down_proj.weight"],
+        }
+        if config.attention_bias:
+            parts.update(bqkv=["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+                         bo=["self_attn.o_proj.bias"])
+        if config.mlp_bias:
+            parts.update(b13=["mlp.gate_proj.bias", "mlp.up_proj.bias"], b2=["mlp.down_proj.bias"])
+        return parts
 
     @staticmethod
     def tensor_names(index: int, config: LlamaConfig) -> list[str]:
-        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                 "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight",
-                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"]
-        if config.attention_bias:
-            names += [f"self_attn.{p}_proj.bias" for p in "qkvo"]
-        if config.mlp_bias:
-            names += [f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
-        return [f"model.layers.{index}.{n}" for n in names]
+        return [f"model.layers.{index}.{n}" for names in DecoderLayer.parts(config).values() for n in names]
 
     def forward(self, x: torch.Tensor, rows: list[Row], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         c = self.c

@@ -36,14 +36,13 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
     bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
     if bad:
         raise ModelError(f"layer {bad[0]} is outside the model's {config.num_hidden_layers} layers")
-    names = [n for i in layers for n in DecoderLayer.tensor_names(i, config)]
-    for n in names:  # fail on a missing tensor before spending minutes reading the others
-        if n not in files:
-            files._file(n)
+    files.check([n for i in layers for n in DecoderLayer.tensor_names(i, config)])
     t0 = time.perf_counter()
     built = {}
     for i in layers:
-        w = files.load(DecoderLayer.tensor_names(i, config), dt, dev, prefix=f"model.layers.{i}.")
+        prefix = f"model.layers.{i}."
+        w = {key: files.get_cat([prefix + n for n in names], dt, dev)
+             for key, names in DecoderLayer.parts(config).items()}
         built[i] = DecoderLayer(i, config, w)
     if layers:
         log.info("loaded %d layer(s) on %s as %s in %.1fs", len(layers), dev, dtype_name(dt), time.perf_counter() - t0)

@@ -1,71 +1,159 @@
 """Read only the tensors asked for, by name, from a folder of safetensors files.
 
 Works on a full Hugging Face folder (single `model.safetensors` or sharded with an index) and on a
-`cake-split-model` bundle alike. Files are memory-mapped; a tensor is materialised only when asked for.
+`cake-split-model` bundle alike. The files are read with plain reads straight into the tensors that keep
+the weights (fused matrices included), not memory-mapped: a mapped file's pages count in the process's
+resident memory next to the copy, which would double a node's footprint while it loads.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from cake.errors import ModelError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MAX_HEADER = 100 << 20
+READ_CHUNK = 256 << 20
+
+DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset where its tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ModelError(f"'{path}' is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER:
+                raise ModelError(f"'{path}' has an implausible header size; is it a safetensors file?")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"'{path}' has a corrupt safetensors header") from None
+    except OSError as e:
+        raise ModelError(f"cannot read '{path}': {e.strerror}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"'{path}' has a corrupt safetensors header")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor's bytes are: file, absolute byte range, dtype and shape."""
+
+    path: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class WeightFiles:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        self.where: dict[str, str] = {}
         index = self.dir / INDEX
         if index.exists():
             try:
-                self.where = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError):
+                self.where: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ModelError(f"'{index}' is not a valid safetensors index (needs 'weight_map')") from None
         elif (self.dir / SINGLE).exists():
-            with safe_open(self.dir / SINGLE, framework="pt") as f:
-                self.where = {name: SINGLE for name in f.keys()}
+            self.where = {name: SINGLE for name in read_header(self.dir / SINGLE)[0]}
         else:
             raise ModelError(
                 f"no {SINGLE} or {INDEX} in '{self.dir}'; --model must point at a Llama 3 folder "
                 f"or a cake-split-model bundle"
             )
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def _file(self, name: str):
+    def entry(self, name: str) -> Entry:
         fname = self.where.get(name)
         if fname is None:
             raise ModelError(
                 f"tensor '{name}' is not in '{self.dir}'; point --model at the full model or at the bundle "
                 f"cake-split-model built for this node"
             )
-        if fname not in self._open:
-            path = self.dir / fname
+        path = self.dir / fname
+        if fname not in self._headers:
             if not path.exists():
                 raise ModelError(f"'{path}' (listed in {INDEX} for '{name}') is missing; copy the whole model folder")
-            self._open[fname] = safe_open(path, framework="pt", device="cpu")
-        return self._open[fname]
+            self._headers[fname] = read_header(path)
+        header, base = self._headers[fname]
+        meta = header.get(name)
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            start, end = (base + int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"tensor '{name}' is missing from or malformed in '{path}'; the file is corrupt "
+                             f"or of an unsupported dtype") from None
+        if end - start != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            raise ModelError(f"tensor '{name}' in '{path}' has {end - start} bytes for shape {list(shape)}; "
+                             f"the file is corrupt")
+        return Entry(path, start, end, dtype, shape)
 
     def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        t = self._file(name).get_tensor(name)
-        if t.dtype != dtype:
-            t = t.to(dtype)
-        return t.to(device) if t.device != device else t
+        return self.get_cat([name], dtype, device)
 
-    def load(self, names: list[str], dtype: torch.dtype, device: torch.device, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Tensors by name; keys have `prefix` stripped. Checks all names exist before reading any."""
+    def get_cat(self, names: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The named tensors stacked along dim 0 (one name: that tensor), read straight into one buffer."""
+        entries = [self.entry(n) for n in names]
+        rows = sum(e.shape[0] for e in entries) if entries[0].shape else 0
+        shape = (rows, *entries[0].shape[1:]) if entries[0].shape else ()
+        if any(e.shape[1:] != entries[0].shape[1:] for e in entries) or (len(entries) > 1 and not shape):
+            raise ModelError(f"tensors {', '.join(names)} cannot be stacked; the checkpoint is not a Llama model")
+        same = all(e.dtype == dtype for e in entries)
+        out = torch.empty(shape, dtype=dtype if same else entries[0].dtype)
+        offset = 0
+        for e in entries:
+            n = e.shape[0] if e.shape else 1
+            part = out[offset:offset + n] if e.shape else out
+            if e.dtype == out.dtype:
+                _read_into(e, part)
+            else:  # mixed dtypes in one checkpoint: read, then convert this part
+                tmp = torch.empty(e.shape, dtype=e.dtype)
+                _read_into(e, tmp)
+                part.copy_(tmp)
+            offset += n
+        if out.dtype != dtype:
+            out = out.to(dtype)
+        return out.to(device) if device.type != "cpu" else out
+
+    def load(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Tensors by name. Checks all names exist before reading any."""
+        self.check(names)
+        return {n: self.get(n, dtype, device) for n in names}
+
+    def check(self, names: list[str]) -> None:
+        """Fail on a missing or malformed tensor before spending minutes reading the others."""
         for n in names:
-            self._file(n)
-        return {n[len(prefix):]: self.get(n, dtype, device) for n in names}
+            self.entry(n)
 
-    def close(self) -> None:
-        self._open.clear()
+
+def _read_into(e: Entry, out: torch.Tensor) -> None:
+    view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+    with open(e.path, "rb", buffering=0) as f:
+        f.seek(e.start)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:got + READ_CHUNK])
+            if not n:
+                raise ModelError(f"'{e.path}' ends early; the file is truncated")
+            got += n
