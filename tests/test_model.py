@@ -38,19 +38,22 @@ def test_prefill_and_chunked_logits_match(which, request):
     assert torch.allclose(run_model(path, ids, chunks=(7, 30, 31, 32)), want, atol=1e-4, rtol=0)
 
 
-def test_batched_rows_at_different_positions(tiny_model):
+@pytest.mark.parametrize("rows", [2, 5])  # 5: the batched-decode kernel path (4+ rows)
+def test_batched_rows_at_different_positions(tiny_model, rows):
     stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 256)
     head = load_head(tiny_model, config, stack.device, stack.dtype)
-    ids = torch.randint(0, 128000, (2, 30), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 128000, (rows, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = reference_model(tiny_model)(ids).logits
-    caches = [stack.new_cache(), stack.new_cache()]
-    stack.forward(head.embed(ids[0:1, :20]), [Row(caches[0], 0)], 0, 6)
-    stack.forward(head.embed(ids[1:2, :11]), [Row(caches[1], 0)], 0, 6)
-    step = torch.stack([ids[0, 20:21], ids[1, 11:12]])
-    got = head.logits(stack.forward(head.embed(step), [Row(caches[0], 20), Row(caches[1], 11)], 0, 6))
-    assert torch.allclose(got[0, 0], want[0, 20], atol=1e-4, rtol=0)
-    assert torch.allclose(got[1, 0], want[1, 11], atol=1e-4, rtol=0)
+    caches = [stack.new_cache() for _ in range(rows)]
+    lengths = [20 - 3 * r for r in range(rows)]
+    for r in range(rows):
+        stack.forward(head.embed(ids[r:r + 1, :lengths[r]]), [Row(caches[r], 0)], 0, 6)
+    step = torch.stack([ids[r, lengths[r]:lengths[r] + 1] for r in range(rows)])
+    h = stack.forward(head.embed(step), [Row(caches[r], lengths[r]) for r in range(rows)], 0, 6)
+    got = head.logits(h[:, -1])
+    for r in range(rows):
+        assert torch.allclose(got[r], want[r, lengths[r]], atol=1e-4, rtol=0)
 
 
 def test_bf16_tracks_f32(tiny_model):
