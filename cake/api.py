@@ -508,7 +508,7 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
-    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options)
+    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread=True)
     eos = load_eos_ids(args.model_dir, master.config)
     return ApiServer(master, tokenizer, eos, Path(args.model_dir).resolve().name, defaults, args.max_tokens, api_key)
 

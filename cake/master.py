@@ -46,12 +46,19 @@ class StageStats:
     compute_s: float = 0.0
 
 
+async def compute(fn, *args, in_thread: bool = False):
+    """Run local maths inline, or on a thread so the event loop keeps serving (HTTP clients, other
+    sessions' network I/O) while a long prompt is processed. torch releases the GIL in its kernels."""
+    return await asyncio.to_thread(fn, *args) if in_thread else fn(*args)
+
+
 class LocalStage:
-    def __init__(self, stage: Stage, stack: LayerStack):
+    def __init__(self, stage: Stage, stack: LayerStack, in_thread: bool = False):
         self.stage = stage
         self.stack = stack
         self.caches: dict[str, KVCache] = {}
         self.stats = StageStats()
+        self.in_thread = in_thread
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -63,7 +70,8 @@ class LocalStage:
                     raise SessionsLost("master", 0)
                 cache = self.caches[s] = self.stack.new_cache()
             rows.append(Row(cache, p))
-        out = self.stack.forward(hidden, rows, self.stage.start, self.stage.end)
+        out = await compute(self.stack.forward, hidden, rows, self.stage.start, self.stage.end,
+                            in_thread=self.in_thread)
         dt = time.perf_counter() - t0
         self.stats.calls += 1
         self.stats.total_s += dt
@@ -96,8 +104,10 @@ class RemoteStage:
 
 class Master:
     def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
-                 context: int | None = None, options: Options | None = None):
+                 context: int | None = None, options: Options | None = None, compute_in_thread: bool = False):
+        """`compute_in_thread`: run local layers and the head off the event loop (for servers)."""
         self.config: LlamaConfig = load_config(model_dir)
+        self.compute_in_thread = compute_in_thread
         self.stages_plan = topology.stages(self.config.num_hidden_layers)
         local_layers = [i for s in self.stages_plan if s.worker is None for i in range(s.start, s.end)]
         files = WeightFiles(model_dir)
@@ -112,7 +122,7 @@ class Master:
         self.stages: list[LocalStage | RemoteStage] = []
         for s in self.stages_plan:
             if s.worker is None:
-                self.stages.append(LocalStage(s, self.stack))
+                self.stages.append(LocalStage(s, self.stack, compute_in_thread))
             else:
                 link = self.links.setdefault(s.worker.name, WorkerLink(s.worker, self.options))
                 self.stages.append(RemoteStage(s, link))
@@ -208,7 +218,7 @@ class Master:
         names = [s.id for s in sessions]
         for stage in self.stages:
             h = await stage.forward(names, starts, h)
-        logits = self.head.logits(h[:, -1].to(self.device))
+        logits = await compute(self.head.logits, h[:, -1].to(self.device), in_thread=self.compute_in_thread)
         for s in sessions:
             s.cached = len(s.tokens)
         return logits

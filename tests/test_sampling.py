@@ -5,9 +5,14 @@ import torch
 from cake.sampling import Sampler, SamplingParams, apply_repeat_penalty, top_k_filter, top_p_filter
 
 
-def test_greedy_is_argmax():
+def test_greedy_is_argmax_first_of_ties():
     logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
     assert Sampler(SamplingParams())(logits, []) == 1
+    tied = torch.zeros(128256)
+    tied[[70000, 5, 128000]] = 1.0
+    assert Sampler(SamplingParams())(tied, []) == int(torch.argmax(tied)) == 5
+    big = torch.randn(128256)
+    assert Sampler(SamplingParams())(big, []) == int(torch.argmax(big))
 
 
 def test_repeat_penalty_matches_transformers():
