@@ -183,8 +183,9 @@ class WorkerLink:
     async def forward(self, start: int, end: int, sessions: list[str], positions: list[int],
                       hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        reply, out = await self.request(wire.Forward(next(self.ids), start, end, sessions, positions), hidden)
-        if not isinstance(reply, wire.Result) or out is None or out.shape != hidden.shape:
+        msg = wire.Forward(next(self.ids), start, end, sessions, positions)
+        reply, out = await self.request(msg, hidden)
+        if not isinstance(reply, wire.Result) or reply.id != msg.id or out is None or out.shape != hidden.shape:
             self.close()
             raise WorkerError(f"{self.label} answered a forward with a malformed result; restart it")
         self.stats.requests += 1

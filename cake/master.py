@@ -172,12 +172,14 @@ class Master:
                 continue
             try:
                 logits = await self.step_batch([s for s, _, _ in live], [t for _, t, _ in live])
+            except asyncio.CancelledError:  # the loop is shutting down: so are the waiting sessions
+                for _, _, f in live:
+                    f.cancel()
+                raise
             except BaseException as e:  # each waiting session gets the failure, the batcher goes on
                 for _, _, f in live:
                     if not f.done():
                         f.set_exception(e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
                 continue
             for i, (_, _, f) in enumerate(live):
                 if not f.done():
