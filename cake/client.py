@@ -33,14 +33,6 @@ class SessionsLost(Exception):
 
 
 @dataclass
-class LinkStats:
-    requests: int = 0
-    round_trip_s: float = 0.0
-    compute_s: float = 0.0
-    reconnects: int = 0
-
-
-@dataclass
 class Options:
     key: str | None = None
     connect_timeout: float = 10.0
@@ -58,7 +50,7 @@ class WorkerLink:
         self.info: wire.Info | None = None
         self.lock = asyncio.Lock()
         self.ids = itertools.count(1)
-        self.stats = LinkStats()
+        self.reconnects = 0
         self.epoch = 0  # bumped on every new connection: caches from older epochs are gone
 
     @property
@@ -177,21 +169,18 @@ class WorkerLink:
         log.warning("%s: %s; reconnecting for up to %gs", self.label, what, self.opt.retry_timeout)
         t0 = time.monotonic()
         await self.ensure_connected(t0 + self.opt.retry_timeout)
-        self.stats.reconnects += 1
+        self.reconnects += 1
         log.warning("%s is back after %.1fs; replaying lost sessions", self.label, time.monotonic() - t0)
 
     async def forward(self, start: int, end: int, sessions: list[str], positions: list[int],
-                      hidden: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
+                      hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run layers [start, end) on the worker: the hidden states out, and the worker's compute seconds."""
         msg = wire.Forward(next(self.ids), start, end, sessions, positions)
         reply, out = await self.request(msg, hidden)
         if not isinstance(reply, wire.Result) or reply.id != msg.id or out is None or out.shape != hidden.shape:
             self.close()
             raise WorkerError(f"{self.label} answered a forward with a malformed result; restart it")
-        self.stats.requests += 1
-        self.stats.round_trip_s += time.perf_counter() - t0
-        self.stats.compute_s += reply.compute_us / 1e6
-        return out
+        return out, reply.compute_us / 1e6
 
     async def end(self, sessions: list[str]) -> None:
         """Free sessions on the worker; best effort (a dead worker has freed them already)."""

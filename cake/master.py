@@ -41,9 +41,13 @@ class Session:
 @dataclass
 class StageStats:
     calls: int = 0
-    tokens: int = 0
-    total_s: float = 0.0
-    compute_s: float = 0.0
+    total_s: float = 0.0  # as the master saw it
+    compute_s: float = 0.0  # of which the node computed; the rest is the network
+
+    def add(self, total_s: float, compute_s: float) -> None:
+        self.calls += 1
+        self.total_s += total_s
+        self.compute_s += compute_s
 
 
 async def compute(fn, *args, in_thread: bool = False):
@@ -73,9 +77,7 @@ class LocalStage:
         out = await compute(self.stack.forward, hidden, rows, self.stage.start, self.stage.end,
                             in_thread=self.in_thread)
         dt = time.perf_counter() - t0
-        self.stats.calls += 1
-        self.stats.total_s += dt
-        self.stats.compute_s += dt
+        self.stats.add(dt, dt)
         return out
 
     async def end(self, sessions: list[str]) -> None:
@@ -91,11 +93,8 @@ class RemoteStage:
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        compute0 = self.link.stats.compute_s
-        out = await self.link.forward(self.stage.start, self.stage.end, sessions, positions, hidden)
-        self.stats.calls += 1
-        self.stats.total_s += time.perf_counter() - t0
-        self.stats.compute_s += self.link.stats.compute_s - compute0
+        out, compute_s = await self.link.forward(self.stage.start, self.stage.end, sessions, positions, hidden)
+        self.stats.add(time.perf_counter() - t0, compute_s)
         return out
 
     async def end(self, sessions: list[str]) -> None:
