@@ -96,6 +96,25 @@ def test_logits_match_transformers(tiny_model, prompt_ids, cluster):
         assert torch.allclose(g, want[p], atol=1e-4, rtol=0), (p, (g - want[p]).abs().max())
 
 
+def test_bf16_worker_behind_an_f32_master(tiny_model, prompt_ids, cluster):
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--dtype", "bf16"))
+    ref = reference_model(tiny_model)
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), dtype="f32")
+        await master.connect()
+        info = master.links["w"].info
+        logits = await master.step(master.new_session(), list(prompt_ids))
+        await master.close()
+        return info, logits
+
+    info, logits = run(go())
+    assert info.dtype == "bf16"
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt_ids])).logits[0, -1]
+    assert (logits - want).abs().max() < 0.05 * want.abs().max()  # bf16 on the wire and in the layers
+
+
 def test_second_generation_same_workers(tiny_model, prompt_ids, expected, cluster):
     c = cluster(tiny_model, SPLITS["two-workers"])
 

@@ -222,7 +222,7 @@ class LayerStack:
             T, device=self.device)
         cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
         sin = self.sin[pos].to(self.dtype).unsqueeze(2)
-        x = hidden.to(self.dtype)
+        x = hidden.to(device=self.device, dtype=self.dtype)  # from the wire (CPU) or a node of another dtype
         for i in range(start, end):
             x = self.layers[i].forward(x, rows, cos, sin)
         return x
