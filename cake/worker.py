@@ -59,17 +59,14 @@ class Worker:
             max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.MAX_HEADER + 64)
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
-        self.connections = 0
 
     # ---- server ------------------------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    async def serve(self, host: str, port: int) -> None:
         server = await asyncio.start_server(self.handle, host, port, limit=1 << 20)
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
         log.info("worker '%s' serving layers %s on %s (%s, %s)", self.name, format_layers(self.stack.indices),
                  addrs, self.stack.device, dtype_name(self.stack.dtype))
-        if ready:
-            ready.set()
         async with server:
             await server.serve_forever()
 
@@ -80,7 +77,6 @@ class Worker:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connections += 1
         try:
             await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
             log.info("master connected from %s", peer)
@@ -88,7 +84,7 @@ class Worker:
                 try:
                     msg, tensor = await wire.read_message(reader, self.max_frame)
                 except wire.FrameError:
-                    raise
+                    raise  # the byte stream is broken: close (below), not an error reply
                 except ProtocolError as e:
                     log.warning("bad request from %s: %s", peer, e)
                     await wire.write_message(writer, wire.Error("bad_request", str(e)))
@@ -104,7 +100,6 @@ class Worker:
         except Exception:  # never let one connection take the worker down
             log.exception("internal error on connection from %s", peer)
         finally:
-            self.connections -= 1
             freed = self._free_connection(conn)
             if freed:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
