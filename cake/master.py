@@ -201,7 +201,8 @@ class Master:
                     s.cached = min(s.cached, e.cached)
                 log.info("replaying %d session(s) from position %d after '%s' lost them",
                          len(sessions), min(s.cached for s in sessions), lost)
-        raise WorkerError(f"worker '{lost}' keeps losing sessions; check it and its network")
+        raise WorkerError(f"worker '{lost}' keeps losing sessions: it restarts, its network drops, or its "
+                          f"--kv-budget cannot hold this many concurrent sessions; check its log")
 
     def _check_room(self, session: Session, n: int) -> None:
         if len(session.tokens) + n > self.capacity:
