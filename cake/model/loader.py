@@ -37,13 +37,16 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
     if bad:
         raise ModelError(f"layer {bad[0]} is outside the model's {config.num_hidden_layers} layers")
     files.check([n for i in layers for n in DecoderLayer.tensor_names(i, config)])
-    t0 = time.perf_counter()
+    t0 = shown = time.perf_counter()
     built = {}
-    for i in layers:
+    for k, i in enumerate(layers):
         prefix = f"model.layers.{i}."
         w = {key: files.get_cat([prefix + n for n in names], dt, dev)
              for key, names in DecoderLayer.parts(config).items()}
         built[i] = DecoderLayer(i, config, w)
+        if time.perf_counter() - shown > 5:  # a 70B share takes minutes: show it is moving
+            shown = time.perf_counter()
+            log.info("loading layers: %d of %d done", k + 1, len(layers))
     if layers:
         log.info("loaded %d layer(s) on %s as %s in %.1fs", len(layers), dev, dtype_name(dt), time.perf_counter() - t0)
     return LayerStack(config, built, resolve_context(config, context), dt, dev), config
