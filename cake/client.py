@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -66,9 +65,7 @@ class WorkerLink:
                 asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionError(f"cannot connect: {getattr(e, 'strerror', None) or type(e).__name__}") from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.tune_socket(writer)
         try:
             info = await asyncio.wait_for(self._handshake(reader, writer), timeout)
         except asyncio.TimeoutError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import struct
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
@@ -220,6 +221,19 @@ def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     buf = payload if isinstance(payload, bytearray) else bytearray(payload)
     return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def tune_socket(writer: asyncio.StreamWriter) -> None:
+    """No Nagle delay (it adds tens of ms to small messages), and keepalive probes so a peer that
+    vanished without closing (a pulled cable, a sleeping laptop) is noticed and its sessions freed."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; macOS has only some of these
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 # ---- frames -------------------------------------------------------------------------------------------

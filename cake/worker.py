@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -74,9 +73,7 @@ class Worker:
         conn = next(self._conn_ids)
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.tune_socket(writer)
         try:
             await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
             log.info("master connected from %s", peer)

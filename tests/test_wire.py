@@ -97,3 +97,21 @@ def test_frame_limit_is_checked_before_reading():
     big = frame({"type": "ping"}, b"")
     with pytest.raises(wire.FrameError):
         roundtrip(big, max_frame=8)
+
+
+def test_sockets_get_nodelay_and_keepalive():
+    import socket
+
+    async def go():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        wire.tune_socket(writer)
+        sock = writer.get_extra_info("socket")
+        got = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+               sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        writer.close()
+        server.close()
+        return got
+
+    nodelay, keepalive = asyncio.run(go())
+    assert nodelay and keepalive
