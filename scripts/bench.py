@@ -7,7 +7,8 @@
 Every measured thing runs in its own fresh process (this script re-invoked with `--child`), so one
 measurement's imports and allocations never show in another's timings or peak RSS: the master is
 measured without transformers loaded, and the workers are real `cake --mode worker` processes.
-Everything runs on the CPU in fp32. docs/benchmarks.md says what each figure means.
+Everything runs on the CPU in fp32 unless --device/--dtype say otherwise (every node and transformers
+alike). docs/benchmarks.md says what each figure means.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cake import launch  # noqa: E402  (after the path set-up above; imports no 
 from cake.errors import CakeError  # noqa: E402
 
 MB = 1e6
+ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 SPECIAL_IDS = 128000  # Llama 3 ids from here up are special tokens; prompts avoid them
 SESSIONS = (1, 2, 4)
 WARMUP_TOKENS = 4
@@ -131,6 +133,12 @@ class WeightBytes:
         return cls(layers, sizes["model.embed_tokens.weight"], sizes.get("lm_head.weight", 0),
                    sizes["model.norm.weight"])
 
+    def in_dtype(self, dtype: str) -> WeightBytes:
+        """The same weights held in another dtype (the benchmark models are stored in f32)."""
+        k = ITEMSIZE[dtype] / 4
+        return WeightBytes({i: int(n * k) for i, n in self.layers.items()}, int(self.embed * k), int(self.head * k),
+                           int(self.norm * k))
+
     def layer_range(self, start: int, end: int) -> int:
         return sum(self.layers[i] for i in range(start, end))
 
@@ -164,6 +172,8 @@ class Job:
     tokens: int = 0
     topology: str | None = None
     nbytes: int = 0  # bandwidth: bytes the matvec reads
+    device: str = "cpu"
+    dtype: str = "f32"
 
 
 @dataclass
@@ -249,23 +259,35 @@ class Build(Subject):
 
 
 class Bandwidth(Subject):
-    """One matrix-vector product over as many fp32 bytes as a decode step reads."""
+    """One matrix-vector product over as many bytes as a decode step reads, on the nodes' device and dtype."""
 
     def __init__(self, job: Job):
         import torch
 
+        from cake.devices import DTYPES
+
         hidden = SPECS[job.model].hidden
+        dtype, self.device = DTYPES[job.dtype], torch.device(job.device)
         # Written, not torch.empty: untouched pages all map the one shared zero page, which reads from cache.
-        self.w = torch.full((-(-job.nbytes // (4 * hidden)), hidden), 1e-3)
-        self.x = torch.ones(1, hidden)
+        self.w = torch.full((-(-job.nbytes // (ITEMSIZE[job.dtype] * hidden)), hidden), 1e-3, dtype=dtype,
+                            device=self.device)
+        self.x = torch.ones(1, hidden, dtype=dtype, device=self.device)
         for _ in range(3):
             self._matvec()
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _matvec(self) -> float:
         import torch.nn.functional as F
 
+        self._sync()
         t0 = time.perf_counter()
         F.linear(self.x, self.w)
+        self._sync()
         return time.perf_counter() - t0
 
     def run(self) -> dict:
@@ -273,15 +295,17 @@ class Bandwidth(Subject):
 
 
 class Transformers(Subject):
-    """`LlamaForCausalLM.generate`, greedy, fp32, on the same weights."""
+    """`LlamaForCausalLM.generate`, greedy, on the same weights, device and dtype."""
 
     def __init__(self, job: Job):
         import torch
         from transformers import LlamaForCausalLM
 
         self.tokens = job.tokens
-        self.model = LlamaForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
-        self.ids = torch.tensor([prompt_ids(job.prompt_tokens)])
+        from cake.devices import DTYPES
+
+        self.model = LlamaForCausalLM.from_pretrained(job.model_dir, dtype=DTYPES[job.dtype]).to(job.device).eval()
+        self.ids = torch.tensor([prompt_ids(job.prompt_tokens)], device=job.device)
         self._generate(WARMUP_TOKENS)
 
     def _generate(self, tokens: int) -> Run:
@@ -327,7 +351,7 @@ class Cake(Subject):
         self.job = job
         self.loop = asyncio.new_event_loop()
         # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
-        self.master = Master(job.model_dir, load_topology(job.topology), device="cpu", dtype="f32",
+        self.master = Master(job.model_dir, load_topology(job.topology), device=job.device, dtype=job.dtype,
                              options=Options(retry_timeout=10.0, request_timeout=120.0))
         self.loop.run_until_complete(self.master.connect())
         self.prompt = prompt_ids(job.prompt_tokens)
@@ -500,7 +524,7 @@ def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[s
 
 
 @contextmanager
-def running_workers(model_dir: Path, layers: int, logs: Path) -> Iterator[Cluster]:
+def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str) -> Iterator[Cluster]:
     """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped."""
     ranges = halves(layers)
     ports = {name: launch.free_port() for name in ranges}
@@ -511,8 +535,8 @@ def running_workers(model_dir: Path, layers: int, logs: Path) -> Iterator[Cluste
         for name in ranges:
             log = logs / f"{name}.log"
             log.unlink(missing_ok=True)
-            procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", "cpu",
-                                              "--dtype", "f32", log=log)
+            procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", device,
+                                              "--dtype", dtype, log=log)
         for name, proc in procs.items():
             try:
                 launch.wait_ready(ports[name], proc, WORKER_START_TIMEOUT)
@@ -547,13 +571,13 @@ class Measured:
 
 
 def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
-            logs: Path) -> tuple[dict[str, Measured], dict[str, int | None]]:
+            logs: Path, device: str, dtype: str) -> tuple[dict[str, Measured], dict[str, int | None]]:
     """Every figure of one model, in interleaved rounds; returns what each child measured and the
     workers' peak RSS."""
     with ExitStack() as stack:
         progress(f"{spec.name}: starting 2 workers, then the transformers, cake and matvec processes")
-        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs))
-        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens)
+        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype))
+        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype)
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
                 "cake-local": replace(base, kind="cake-local"),
@@ -623,6 +647,8 @@ class ModelResult:
     local: Measured
     workers: Measured
     worker_rss: dict[str, int | None]
+    device: str = "cpu"
+    dtype: str = "f32"
 
     @property
     def matvec_s(self) -> float:
@@ -693,14 +719,15 @@ class ModelResult:
         }
 
 
-def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int) -> ModelResult:
+def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int,
+                device: str = "cpu", dtype: str = "f32") -> ModelResult:
     model_dir = ensure_model(spec, workdir)
-    weights = WeightBytes.read(model_dir)
+    weights = WeightBytes.read(model_dir).in_dtype(dtype)
     logs = workdir / "runs" / spec.name
     logs.mkdir(parents=True, exist_ok=True)
-    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs)
+    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
-                       m["cake-local"], m["cake-workers"], worker_rss)
+                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype)
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -735,7 +762,7 @@ def machine() -> str:
 def report(r: ModelResult, quick: bool) -> str:
     s, w = r.spec, r.weights
     hf, local, workers = r.speed(r.transformers), r.speed(r.local), r.speed(r.workers)
-    out = [f"== {s.name}: {s.describe()}; {w.total / MB:.0f} MB fp32, a decode step reads "
+    out = [f"== {s.name}: {s.describe()}; {w.total / MB:.0f} MB {r.dtype} on {r.device}, a decode step reads "
            f"{w.decode_step / MB:.0f} MB ==",
            f"prompt {r.prompt_tokens} tokens, {r.tokens} decode tokens, median of {r.repeats} run(s) after a "
            f"warm-up; {r.local.threads} torch thread(s) per process; {machine()}"]
@@ -808,6 +835,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="check the benchmark works: tiny model, 16 tokens, 32-token prompt, 1 run")
     p.add_argument("--json", type=Path, default=None, help="also write every figure and raw timing here")
+    p.add_argument("--device", default="cpu", help="every node's and transformers' device: cpu, cuda, cuda:N, mps "
+                                                   "(default: cpu); on a GPU, peak RSS counts host memory only")
+    p.add_argument("--dtype", choices=list(ITEMSIZE), default="f32", help="every node's and transformers' dtype "
+                                                                        "(default: f32)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = {"model": "tiny", "tokens": 16, "prompt_tokens": 32, "repeats": 1}
@@ -829,7 +860,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ["tiny", "big"] if args.model == "both" else [args.model]
     try:
-        results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats) for n in names]
+        results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats, args.device,
+                               args.dtype) for n in names]
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
