@@ -70,11 +70,13 @@ def run_edge(fn, *args, **kwargs):
               help="Master: serve an OpenAI-compatible API here (a bare PORT binds 127.0.0.1) instead of one prompt.")
 @click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
               help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
+@click.option("--check", is_flag=True,
+              help="Master: reach every worker, show what each serves and the round trip, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, threads, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, output_ids, api, api_key, verbose, quiet):
+         retry_timeout, request_timeout, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     if threads > 0:
@@ -88,6 +90,12 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, conte
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
                                         kv_budget, max_frame_mb))
+        return
+    if check:
+        from cake.check import run_check
+        from cake.client import Options
+
+        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout))
         return
     from cake.run_master import MasterArgs, run_master
 

@@ -214,3 +214,22 @@ def test_prompt_plus_max_tokens_beyond_context_is_one_line(tiny_model):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: prompt (") and "does not fit the context of 32" in lines[-1], result.stderr
+
+
+def test_cli_check_reports_every_worker(tiny_model, cluster):
+    from click.testing import CliRunner
+
+    from cake.cli import main
+
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    ok = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check"])
+    assert ok.exit_code == 0, ok.output
+    assert "6 layers in 4 stage(s): a[0-1] -> master[2-3] -> a[4-4] -> b[5-5]" in ok.stdout
+    assert "master: embedding, head, layers 2-3" in ok.stdout
+    assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-1,4 on cpu (f32), context 4096" in ok.stdout
+    c.kill("b")
+    bad = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check",
+                                    "--retry-timeout", "0.5"])
+    assert bad.exit_code == 1
+    assert f"b (127.0.0.1:{c.ports['b']}): ERROR worker 'b' at 127.0.0.1:{c.ports['b']} is unreachable" in bad.stdout
+    assert bad.stderr.strip() == "error: 1 of 2 worker(s) not ready: b; see above"
