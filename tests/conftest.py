@@ -13,6 +13,24 @@ from cake import launch
 from cake.synthetic import EOT, END_OF_TEXT, make_model
 
 EOS = (END_OF_TEXT, EOT)
+_DEVICE = ["cpu"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device for the end-to-end tests' masters and workers (cpu, cuda, cuda:N, mps)")
+
+
+def pytest_configure(config):
+    _DEVICE[0] = config.getoption("--device")
+
+
+def test_device() -> str:
+    """The --device the suite runs its masters and workers on (the reference stays on the CPU)."""
+    return _DEVICE[0]
+
+
+test_device.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +100,8 @@ class Cluster:
 
     def start(self, name: str) -> None:
         self.procs[name] = launch.start_worker(self.models.get(name, self.model), name, self.topology,
-                                               self.ports[name], *self.extra, log=self.log(name), env=self.env)
+                                               self.ports[name], "--device", test_device(), *self.extra,
+                                               log=self.log(name), env=self.env)
 
     def wait(self, name: str) -> None:
         launch.wait_ready(self.ports[name], self.procs[name])

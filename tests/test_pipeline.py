@@ -16,7 +16,7 @@ from cake.sampling import SamplingParams
 from cake.split import split_model
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
-from conftest import EOS, reference_greedy, reference_model, run
+from conftest import EOS, reference_greedy, reference_model, run, test_device
 
 N = 24
 SPLITS = {
@@ -28,7 +28,7 @@ SPLITS = {
 
 async def cake_generate(model, topology, prompt_ids, n=N, params=None, master=None) -> list[int]:
     own = master is None
-    master = master or Master(model, load_topology(topology))
+    master = master or Master(model, load_topology(topology), device=test_device())
     try:
         await master.connect()
         return [t async for t in generate(master, prompt_ids, params or SamplingParams(), n, EOS)]
@@ -78,7 +78,7 @@ def test_logits_match_transformers(tiny_model, prompt_ids, cluster):
     tokens = list(prompt_ids)
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology))
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
         await master.connect()
         session = master.new_session()
         got = [await master.step(session, list(prompt_ids))]
@@ -93,7 +93,7 @@ def test_logits_match_transformers(tiny_model, prompt_ids, cluster):
         want = ref(torch.tensor([tokens])).logits[0]
     positions = [len(prompt_ids) - 1 + i for i in range(4)]
     for g, p in zip(got, positions):
-        assert torch.allclose(g, want[p], atol=1e-4, rtol=0), (p, (g - want[p]).abs().max())
+        assert torch.allclose(g.cpu(), want[p], atol=1e-4, rtol=0), (p, (g.cpu() - want[p]).abs().max())
 
 
 def test_bf16_worker_behind_an_f32_master(tiny_model, prompt_ids, cluster):
@@ -101,7 +101,7 @@ def test_bf16_worker_behind_an_f32_master(tiny_model, prompt_ids, cluster):
     ref = reference_model(tiny_model)
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology), dtype="f32")
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), dtype="f32")
         await master.connect()
         info = master.links["w"].info
         logits = await master.step(master.new_session(), list(prompt_ids))
@@ -112,14 +112,14 @@ def test_bf16_worker_behind_an_f32_master(tiny_model, prompt_ids, cluster):
     assert info.dtype == "bf16"
     with torch.no_grad():
         want = ref(torch.tensor([prompt_ids])).logits[0, -1]
-    assert (logits - want).abs().max() < 0.05 * want.abs().max()  # bf16 on the wire and in the layers
+    assert (logits.cpu() - want).abs().max() < 0.05 * want.abs().max()  # bf16 on the wire and in the layers
 
 
 def test_second_generation_same_workers(tiny_model, prompt_ids, expected, cluster):
     c = cluster(tiny_model, SPLITS["two-workers"])
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology))
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
         try:
             first = await cake_generate(tiny_model, None, prompt_ids, master=master)
             other = await cake_generate(tiny_model, None, prompt_ids[:-3], n=5, master=master)
@@ -142,7 +142,7 @@ def test_concurrent_sessions_are_batched_and_isolated(tiny_model, cluster):
     lengths = [N, 9, 17]  # sessions finish at different times: batches shrink as they go
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology))
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
         await master.connect()
         batches = []
         real_step_batch = master.step_batch
@@ -226,7 +226,7 @@ def test_cli_check_reports_every_worker(tiny_model, cluster):
     assert ok.exit_code == 0, ok.output
     assert "6 layers in 4 stage(s): a[0-1] -> master[2-3] -> a[4-4] -> b[5-5]" in ok.stdout
     assert "master: embedding, head, layers 2-3" in ok.stdout
-    assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-1,4 on cpu (f32), context 4096" in ok.stdout
+    assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-1,4 on {test_device()} (f32), context 4096" in ok.stdout
     c.kill("b")
     bad = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check",
                                     "--retry-timeout", "0.5"])
