@@ -10,6 +10,7 @@ every worker.
 from __future__ import annotations
 
 import asyncio
+import os
 import hmac
 import json
 import logging
@@ -339,7 +340,8 @@ class ApiServer:
             try:
                 await web.TCPSite(runner, host, port).start()
             except OSError as e:
-                raise CakeError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --api address") from None
+                reason = os.strerror(e.errno) if e.errno else str(e)
+                raise CakeError(f"cannot listen on {host}:{port}: {reason}; pick another --api address") from None
             self.port = runner.addresses[0][1]
             log.info("OpenAI-compatible API for '%s' on http://%s:%d/v1 (chat page at /)", self.model_id,
                      host if ":" not in host else f"[{host}]", self.port)

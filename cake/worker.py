@@ -9,6 +9,7 @@ the memory budget.
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import logging
 import time
@@ -216,7 +217,6 @@ def _free_memory(device: torch.device) -> int:
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
-        import os
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, RuntimeError, AttributeError):
         return 0
@@ -255,4 +255,5 @@ def run_worker(args: WorkerArgs) -> None:
     try:
         asyncio.run(worker.serve(host, port))
     except OSError as e:
-        raise CakeError(f"cannot listen on {args.address}: {e.strerror}; pick another --address port") from None
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise CakeError(f"cannot listen on {args.address}: {reason}; pick another --address port") from None

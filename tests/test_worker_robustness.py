@@ -191,3 +191,21 @@ def test_generation_is_exact_after_the_abuse(target, tiny_model):
     log = target.log("w").read_text()
     assert "Traceback" not in log and "internal error" not in log
     assert "bad request" in log or "refused" in log  # it did log the abuse, one line each
+
+
+def test_port_in_use_is_one_line(tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from cake.cli import main
+    from conftest import write_topology
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        topo = write_topology(tmp_path / "t.yml", {"w": (port, ["model.layers.0"])})
+        result = CliRunner().invoke(main, ["--mode", "worker", "--model", str(tiny_model), "--name", "w",
+                                           "--topology", str(topo), "--address", f"127.0.0.1:{port}", "-q"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick " \
+                                    f"another --address port"
