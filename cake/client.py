@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,8 +49,6 @@ class WorkerLink:
         self.info: wire.Info | None = None
         self.lock = asyncio.Lock()
         self.ids = itertools.count(1)
-        self.reconnects = 0
-        self.epoch = 0  # bumped on every new connection: caches from older epochs are gone
 
     @property
     def label(self) -> str:
@@ -81,7 +79,6 @@ class WorkerLink:
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")
         self.reader, self.writer, self.info = reader, writer, info
-        self.epoch += 1
 
     async def _handshake(self, reader, writer) -> wire.Info:
         mine = auth.nonce()
@@ -166,7 +163,6 @@ class WorkerLink:
         log.warning("%s: %s; reconnecting for up to %gs", self.label, what, self.opt.retry_timeout)
         t0 = time.monotonic()
         await self.ensure_connected(t0 + self.opt.retry_timeout)
-        self.reconnects += 1
         log.warning("%s is back after %.1fs; replaying lost sessions", self.label, time.monotonic() - t0)
 
     async def forward(self, start: int, end: int, sessions: list[str], positions: list[int],

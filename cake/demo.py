@@ -7,9 +7,6 @@ stops the workers. Random weights produce word salad: the point is the pipeline.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
 import tempfile
 from pathlib import Path
 

@@ -107,8 +107,8 @@ class Master:
         """`compute_in_thread`: run local layers and the head off the event loop (for servers)."""
         self.config: LlamaConfig = load_config(model_dir)
         self.compute_in_thread = compute_in_thread
-        self.stages_plan = topology.stages(self.config.num_hidden_layers)
-        local_layers = [i for s in self.stages_plan if s.worker is None for i in range(s.start, s.end)]
+        plan = topology.stages(self.config.num_hidden_layers)
+        local_layers = [i for s in plan if s.worker is None for i in range(s.start, s.end)]
         files = WeightFiles(model_dir)
         self.stack, _ = load_layers(model_dir, local_layers, device, dtype, context, self.config, files)
         self.device, self.dtype = self.stack.device, self.stack.dtype
@@ -119,7 +119,7 @@ class Master:
         self._batcher: asyncio.Future | None = None
         self.links: dict[str, WorkerLink] = {}
         self.stages: list[LocalStage | RemoteStage] = []
-        for s in self.stages_plan:
+        for s in plan:
             if s.worker is None:
                 self.stages.append(LocalStage(s, self.stack, compute_in_thread))
             else:

@@ -9,13 +9,12 @@ the memory budget.
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

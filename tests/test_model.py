@@ -19,7 +19,7 @@ def run_model(path, ids: torch.Tensor, dtype="f32", chunks=(None,)):
     stack, config = load_layers(path, list(range(load_config(path).num_hidden_layers)), "cpu", dtype, 512)
     head = load_head(path, config, stack.device, stack.dtype)
     cache = stack.new_cache()
-    out, pos = [], 0
+    out = []
     bounds = [0, *[c for c in chunks if c], ids.shape[1]]
     for a, b in zip(bounds, bounds[1:]):
         h = stack.forward(head.embed(ids[:, a:b]), [Row(cache, a)], 0, len(stack.layers))

@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
 
 import msgpack
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cake import auth, wire
-from cake.synthetic import make_model
 from conftest import Cluster, reference_greedy, run
 from test_pipeline import cake_generate
 
