@@ -27,12 +27,10 @@ def demo(workdir: Path, prompt: str, max_tokens: int, layers: int, hidden: int) 
                    kv_heads=max(1, hidden // 256), seed=1234)
     ports = [launch.free_port(), launch.free_port()]
     half = layers // 2
-    topology = workdir / "topology.yml"
-    topology.write_text(
-        f"worker-a:\n  host: '127.0.0.1:{ports[0]}'\n  description: 'demo worker A (loopback)'\n"
-        f"  layers:\n    - 'model.layers.0-{half - 1}'\n"
-        f"worker-b:\n  host: '127.0.0.1:{ports[1]}'\n  description: 'demo worker B (loopback)'\n"
-        f"  layers:\n    - 'model.layers.{half}-{layers - 1}'\n")
+    topology = launch.write_topology(workdir / "topology.yml", {
+        "worker-a": (ports[0], [f"model.layers.0-{half - 1}"]),
+        "worker-b": (ports[1], [f"model.layers.{half}-{layers - 1}"]),
+    }, "demo worker (loopback)")
     click.echo(f"topology: worker-a serves layers 0-{half - 1}, worker-b serves {half}-{layers - 1}", err=True)
     procs = []
     try:

@@ -18,6 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_topology(path: Path, workers: dict[str, tuple[int, list[str]]], description: str = "local worker") -> Path:
+    """A topology file of workers on 127.0.0.1: name -> (port, ['model.layers.N-M', ...])."""
+    lines = []
+    for name, (port, layers) in workers.items():
+        lines += [f"{name}:", f"  host: '127.0.0.1:{port}'", f"  description: '{description} {name}'", "  layers:"]
+        lines += [f"    - '{spec}'" for spec in layers]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def worker_command(model: str | Path, name: str, topology: str | Path, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cake", "--mode", "worker", "--model", str(model), "--name", name,
             "--topology", str(topology), "--address", f"127.0.0.1:{port}", *extra]

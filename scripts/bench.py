@@ -516,11 +516,8 @@ def halves(layers: int) -> dict[str, tuple[int, int]]:
 
 
 def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[str, int]) -> None:
-    lines = []
-    for name, (start, end) in ranges.items():
-        lines += [f"{name}:", f"  host: '127.0.0.1:{ports[name]}'", f"  description: 'benchmark worker {name}'",
-                  "  layers:", f"    - 'model.layers.{start}-{end - 1}'"]
-    path.write_text("\n".join(lines) + "\n")
+    launch.write_topology(path, {name: (ports[name], [f"model.layers.{start}-{end - 1}"])
+                                 for name, (start, end) in ranges.items()}, "benchmark worker")
 
 
 @contextmanager

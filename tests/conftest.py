@@ -67,12 +67,7 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> li
 
 
 def write_topology(path: Path, workers: dict[str, tuple[int, list[str]]]) -> Path:
-    lines = []
-    for name, (port, layers) in workers.items():
-        lines += [f"{name}:", f"  host: '127.0.0.1:{port}'", f"  description: 'test worker {name}'", "  layers:"]
-        lines += [f"    - '{spec}'" for spec in layers]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return launch.write_topology(path, workers, "test worker")
 
 
 class Cluster:
