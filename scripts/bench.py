@@ -20,7 +20,6 @@ import random
 import re
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -53,7 +52,6 @@ MAX_HOP_US = 150  # network overhead per worker round trip
 RSS_SLACK = 400 * MB  # what a node may hold beyond its weights
 CONCURRENCY_GAIN = {"big": 2.5}  # aggregate decode tok/s of 4 sessions / 1 session
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -95,20 +93,11 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
 
 
 def safetensors_sizes(model_dir: Path) -> dict[str, int]:
-    """Bytes of every tensor in a model folder, from the safetensors headers alone."""
-    index = model_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    sizes: dict[str, int] = {}
-    for name in files:
-        with open(model_dir / name, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_SAFETENSORS_HEADER:  # a corrupt length must not become a giant read
-                raise ValueError(f"'{name}' has a header of {n} bytes")
-            header = json.loads(f.read(n))
-        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                      if k != "__metadata__"})
-    return sizes
+    """Bytes of every tensor in a model folder, from the safetensors headers alone (cake's own reader)."""
+    from cake.model.weights import WeightFiles
+
+    files = WeightFiles(model_dir)
+    return {name: (e := files.entry(name)).end - e.start for name in files.where}
 
 
 @dataclass
@@ -122,8 +111,8 @@ class WeightBytes:
     def read(cls, model_dir: Path) -> WeightBytes:
         try:
             sizes = safetensors_sizes(model_dir)
-        except (OSError, ValueError, KeyError, struct.error) as e:
-            raise CakeError(f"cannot read the weights in '{model_dir}' ({type(e).__name__}: {e}); "
+        except CakeError as e:
+            raise CakeError(f"cannot read the weights in '{model_dir}' ({e}); "
                             f"delete the folder and the benchmark rebuilds it") from None
         layers: dict[int, int] = {}
         for name, n in sizes.items():
