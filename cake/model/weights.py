@@ -119,21 +119,18 @@ class WeightFiles:
         shape = (rows, *entries[0].shape[1:]) if entries[0].shape else ()
         if any(e.shape[1:] != entries[0].shape[1:] for e in entries) or (len(entries) > 1 and not shape):
             raise ModelError(f"tensors {', '.join(names)} cannot be stacked; the checkpoint is not a Llama model")
-        same = all(e.dtype == dtype for e in entries)
-        out = torch.empty(shape, dtype=dtype if same else entries[0].dtype)
+        out = torch.empty(shape, dtype=dtype)
         offset = 0
         for e in entries:
             n = e.shape[0] if e.shape else 1
             part = out[offset:offset + n] if e.shape else out
-            if e.dtype == out.dtype:
+            if e.dtype == dtype:
                 _read_into(e, part)
-            else:  # mixed dtypes in one checkpoint: read, then convert this part
-                tmp = torch.empty(e.shape, dtype=e.dtype)
-                _read_into(e, tmp)
-                part.copy_(tmp)
+            else:  # stored in another dtype: read this part as stored, convert it into place
+                stored = torch.empty(e.shape, dtype=e.dtype)
+                _read_into(e, stored)
+                part.copy_(stored)
             offset += n
-        if out.dtype != dtype:
-            out = out.to(dtype)
         return out.to(device) if device.type != "cpu" else out
 
     def load(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
