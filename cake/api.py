@@ -27,15 +27,13 @@ from typing import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from cake.auth import is_loopback
-from cake.client import Options
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
 from cake.master import Master
-from cake.model.config import load_eos_ids
-from cake.run_master import MasterArgs, sampling_params
+from cake.run_master import MasterArgs, build_master, sampling_params
 from cake.sampling import SamplingParams
 from cake.tokenizer import Tokenizer
-from cake.topology import load_topology, split_address
+from cake.topology import split_address
 
 log = logging.getLogger("cake.api")
 
@@ -507,11 +505,7 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
     if args.max_tokens < 1:
         raise CakeError("--max-tokens (the API's default max_tokens) must be at least 1")
     defaults = sampling_params(args)
-    topology = load_topology(args.topology)
-    tokenizer = Tokenizer(args.model_dir)
-    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
-    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread=True)
-    eos = load_eos_ids(args.model_dir, master.config)
+    master, tokenizer, eos = build_master(args, compute_in_thread=True)  # local maths off the event loop
     return ApiServer(master, tokenizer, eos, Path(args.model_dir).resolve().name, defaults, args.max_tokens, api_key)
 
 

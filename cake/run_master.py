@@ -67,16 +67,21 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
     return SamplingParams(temperature, top_k, top_p, args.repeat_penalty, args.repeat_last_n, args.seed)
 
 
+def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Master, Tokenizer, tuple[int, ...]]:
+    """The master (weights loaded, workers not yet reached), its tokenizer and the model's EOS ids."""
+    topology = load_topology(args.topology)
+    tokenizer = Tokenizer(args.model_dir)
+    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
+    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread)
+    return master, tokenizer, load_eos_ids(args.model_dir, master.config)
+
+
 def run_master(args: MasterArgs) -> None:
     if args.max_tokens < 0:
         raise CakeError("--max-tokens must be 0 or more")
     params = sampling_params(args)
-    topology = load_topology(args.topology)
-    tokenizer = Tokenizer(args.model_dir)
+    master, tokenizer, eos = build_master(args)
     prompt_ids = tokenizer.encode_prompt(args.prompt, args.system_prompt, args.raw)
-    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
-    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options)
-    eos = load_eos_ids(args.model_dir, master.config)
     asyncio.run(_generate(master, tokenizer, prompt_ids, params, args, eos))
 
 
