@@ -88,8 +88,7 @@ def run_master(args: MasterArgs) -> None:
 async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                     args: MasterArgs, eos: tuple[int, ...]) -> None:
     try:
-        await master.connect()
-        master.check_fits(len(prompt_ids), args.max_tokens)
+        await master.connect()  # first: the workers' contexts bound the master's
         stats = GenerationStats()
         stream = tokenizer.stream()
         out = sys.stdout
