@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The checks for a machine with a GPU, in one go: what the device is, the end-to-end tests with every
+# master and worker on it (the reference stays on the CPU), then the benchmark in bf16 (all-local and
+# two workers on loopback). Logs and the benchmark's JSON go to $OUT (default ./gpu-results).
+#
+#   bash scripts/gpu_check.sh                       # cuda, bf16
+#   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
+#
+# Each step has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT, seconds) so a hang in one still leaves
+# the others' logs; the script's status is the first failing step's.
+set -u
+OUT=${OUT:-gpu-results}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # runs from a checkout, installed or not
+status=0
+
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, keep the first failure's status
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$status" -eq 0 ] && status=$rc
+    return 0
+}
+
+if [ "${DEVICE%%:*}" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+fi
+step versions 60 "$PY" -c "
+import torch, transformers, sys
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('cuda', torch.version.cuda, p.name, p.total_memory // 2**20, 'MiB')"
+step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_pipeline.py
+step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
+    --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
+exit "$status"
