@@ -41,7 +41,6 @@ MB = 1e6
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 SPECIAL_IDS = 128000  # Llama 3 ids from here up are special tokens; prompts avoid them
 SESSIONS = (1, 2, 4)
-WARMUP_TOKENS = 4
 MATVEC_ITERS = 10
 WORKER_START_TIMEOUT = 300.0  # seconds: a worker reads its share of a 1.8 GB checkpoint first
 # Issue 5's targets, per model size.
@@ -295,7 +294,7 @@ class Transformers(Subject):
 
         self.model = LlamaForCausalLM.from_pretrained(job.model_dir, dtype=DTYPES[job.dtype]).to(job.device).eval()
         self.ids = torch.tensor([prompt_ids(job.prompt_tokens)], device=job.device)
-        self._generate(WARMUP_TOKENS)
+        self._generate(self.tokens)  # a full run: on a GPU a shorter one leaves kernels for later lengths cold
 
     def _generate(self, tokens: int) -> Run:
         import torch
@@ -344,8 +343,7 @@ class Cake(Subject):
                              options=Options(retry_timeout=10.0, request_timeout=120.0))
         self.loop.run_until_complete(self.master.connect())
         self.prompt = prompt_ids(job.prompt_tokens)
-        self.stages: list[StageSplit] = []
-        self.loop.run_until_complete(self._generate(self.prompt, WARMUP_TOKENS))
+        self.loop.run_until_complete(self._generate(self.prompt, job.tokens))  # warm-up, as measured
 
     def _totals(self) -> list[StageSplit]:
         return [StageSplit(str(st.stage), st.stats.calls, st.stats.total_s, st.stats.compute_s)
@@ -367,8 +365,7 @@ class Cake(Subject):
 
     def run(self) -> dict:
         run, split = self.loop.run_until_complete(self._generate(self.prompt, self.job.tokens))
-        self.stages = [a + b for a, b in zip(self.stages, split)] if self.stages else split
-        return asdict(run)
+        return {**asdict(run), "stages": [asdict(s) for s in split]}
 
     def concurrent(self, sessions: int) -> dict:
         """Aggregate decode tok/s of `sessions` generations gathered on this one master."""
@@ -392,7 +389,7 @@ class Cake(Subject):
 
     def finish(self) -> dict:
         self.loop.run_until_complete(self.master.close())
-        return {"stages": [asdict(s) for s in self.stages]}
+        return {}
 
 
 SUBJECTS: dict[str, type[Subject]] = {
@@ -541,7 +538,7 @@ class Measured:
     runs: list[Run] = field(default_factory=list)
     matvec_s: list[float] = field(default_factory=list)
     concurrency: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s per round
-    stages: list[StageSplit] = field(default_factory=list)
+    stage_runs: list[list[StageSplit]] = field(default_factory=list)  # each run's split, for cake
     peak_rss: int | None = None
     threads: int = 0
 
@@ -549,10 +546,19 @@ class Measured:
         if "matvec_s" in answer:
             self.matvec_s.append(answer["matvec_s"])
         else:
+            self.stage_runs.append([StageSplit(**s) for s in answer.pop("stages", [])])
             self.runs.append(Run(**answer))
 
+    @property
+    def stages(self) -> list[StageSplit]:
+        """The stage split of the median run (by decode time), so that it adds up to the reported figure;
+        a sum over runs would let one slow run skew every row."""
+        if not self.runs:
+            return []
+        order = sorted(range(len(self.runs)), key=lambda i: self.runs[i].decode_ms)
+        return self.stage_runs[order[(len(order) - 1) // 2]]
+
     def add_finish(self, answer: dict) -> None:
-        self.stages = [StageSplit(**s) for s in answer.get("stages", [])]
         self.peak_rss, self.threads = answer["peak_rss"], answer["threads"]
 
 
