@@ -91,7 +91,7 @@ def _fake_result(name: str) -> object:
 
     def measured(decode_ms: float, stages: list = (), rss: int = 900_000_000, **kw) -> object:
         runs = [bench.Run(ttft_s=0.1, decode_s=decode_ms * 63 / 1e3, decode_tokens=63)] * 3
-        return bench.Measured(runs=runs, stages=list(stages), peak_rss=rss, threads=2, **kw)
+        return bench.Measured(runs=runs, stage_runs=[list(stages)] * 3, peak_rss=rss, threads=2, **kw)
 
     half = spec.layers // 2
     stages = [bench.StageSplit(f"worker-a[0-{half - 1}]", 63, 0.2, 0.18),
@@ -118,3 +118,11 @@ def test_each_model_reports_its_own_targets(name, own_target, other_target):
     text = bench.report(r, quick=False)
     assert all(check in text for check in checks) and "MISS" not in text
     assert [t["check"] for t in r.to_json()["targets"]] == checks
+
+
+def test_stage_split_is_the_median_runs():
+    """One slow run (a cold GPU's first, say) must not skew the per-stage rows."""
+    runs = [bench.Run(0.1, d * 63 / 1e3, 63) for d in (50.0, 10.0, 12.0)]
+    splits = [[bench.StageSplit("worker-a[0-3]", 63, d * 63 / 1e3, 0.0)] for d in (50.0, 10.0, 12.0)]
+    m = bench.Measured(runs=runs, stage_runs=splits)
+    assert m.stages == splits[2]  # decode 12 ms: the median of 10, 12, 50
