@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -44,6 +45,8 @@ def run_edge(fn, *args, **kwargs):
               help="Compute dtype; auto keeps the checkpoint's where the device handles it.")
 @click.option("--threads", type=int, default=0,
               help="CPU threads for this node's maths (0 = torch's choice: all cores).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On a CUDA device, replay one-token decode steps as CUDA graphs (env CAKE_CUDA_GRAPHS=0 also turns them off).")
 @click.option("--context", type=int, default=None,
               help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
@@ -74,7 +77,7 @@ def run_edge(fn, *args, **kwargs):
               help="Master: reach every worker, show what each serves and the round trip, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, threads, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
@@ -83,6 +86,10 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, conte
         import torch
 
         torch.set_num_threads(threads)
+    if not cuda_graphs:
+        from cake.model.cuda_graphs import ENV
+
+        os.environ[ENV] = "0"
     if mode == "worker":
         if not name or not topology:
             raise click.UsageError("a worker needs --name and --topology")

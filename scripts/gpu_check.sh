@@ -7,7 +7,8 @@
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
 # Each step has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT, seconds) so a hang in one still leaves
-# the others' logs; the script's status is the first failing step's.
+# the others' logs; the script's status is the first failing step's. On CUDA the big model is measured
+# a second time with CAKE_CUDA_GRAPHS=0, for the figures without CUDA graphs.
 set -u
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
@@ -38,7 +39,11 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformer
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print('cuda', torch.version.cuda, p.name, p.total_memory // 2**20, 'MiB')"
-step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_pipeline.py
+step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_pipeline.py tests/test_model.py
 step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
+if [ "${DEVICE%%:*}" = cuda ]; then  # the same big model without CUDA graphs, for the comparison
+    CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" \
+        --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}
+fi
 exit "$status"

@@ -137,3 +137,52 @@ def test_truncated_or_corrupt_weights_are_named(tiny_model, tmp_path):
     st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ModelError, match="corrupt safetensors header"):
         load_layers(tmp_path, [0], "cpu", "f32", 64)
+
+
+def _decode_steps(path, device: str, steps: range, fixed_shape: bool):
+    """Logits of one-token steps at positions `steps` after an eager prefill, through the fixed-shape
+    step (what a CUDA graph records) or through LayerStack.forward (which replays graphs on CUDA)."""
+    from cake.model.cuda_graphs import span_for
+
+    stack, config = load_layers(path, list(range(load_config(path).num_hidden_layers)), device, "f32", 1024)
+    head = load_head(path, config, stack.device, stack.dtype)
+    ids = torch.randint(0, 128000, (1, steps.stop), generator=torch.Generator().manual_seed(8)).to(stack.device)
+    n = len(stack.layers)
+    cache = stack.new_cache() if not fixed_shape else type(stack.new_cache())(
+        stack.indices, config, stack.capacity, stack.dtype, stack.device, zeroed=True)
+    with torch.inference_mode():
+        stack.forward(head.embed(ids[:, :steps.start]), [Row(cache, 0)], 0, n)
+        out = []
+        for p in steps:
+            x = head.embed(ids[:, p:p + 1])
+            if fixed_shape:
+                pos = torch.tensor([p], device=stack.device)
+                h = stack.decode_static(x, cache, pos, 0, n, span_for(p + 1, stack.capacity))
+            else:
+                h = stack.forward(x, [Row(cache, p)], 0, n)
+            out.append(head.logits(h)[0, -1].cpu())
+    return torch.stack(out), ids.cpu(), cache
+
+
+def test_fixed_shape_decode_step_matches_transformers(tiny_model):
+    """The step CUDA graphs replay, run eagerly on the CPU: position in a tensor, keys written with
+    index_copy_, attention over a masked span (crossing from 256 to 512 positions here)."""
+    steps = range(250, 262)
+    got, ids, cache = _decode_steps(tiny_model, "cpu", steps, fixed_shape=True)
+    with torch.no_grad():
+        want = reference_model(tiny_model)(ids).logits[0, steps.start:steps.stop]
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_cuda_graph_decode_matches_transformers(tiny_model):
+    from conftest import test_device
+
+    if not test_device().startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    steps = range(250, 262)
+    got, ids, cache = _decode_steps(tiny_model, test_device(), steps, fixed_shape=False)
+    assert {span for (_, _, span) in cache.graphs} == {256, 512}  # the steps were replayed graphs
+    assert cache.lengths == [steps.stop] * len(cache.lengths)
+    with torch.no_grad():
+        want = reference_model(tiny_model)(ids).logits[0, steps.start:steps.stop]
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)

@@ -92,16 +92,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values of one session over one node's layers.
 
-    `torch.empty` so untouched capacity costs address space, not resident memory.
+    `torch.empty` so untouched capacity costs address space, not resident memory; `zeroed` for the
+    fixed-shape decode step, whose masked attention reads positions nothing has written yet.
     """
 
     def __init__(self, layers: list[int], config: LlamaConfig, capacity: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, zeroed: bool = False):
         self.slot = {layer: i for i, layer in enumerate(layers)}
         shape = (len(layers), config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        alloc = torch.zeros if zeroed else torch.empty
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.capacity = capacity
+        self.graphs: dict = {}  # captured decode steps over this cache (cake.model.cuda_graphs)
         # Per layer: how many positions hold valid keys. A session's layers can be run by separate
         # stages at separate times, so each layer keeps its own count.
         self.lengths = [0] * len(layers)
@@ -153,6 +156,32 @@ class DecoderLayer:
         return [f"model.layers.{index}.{n}" for names in DecoderLayer.parts(config).values() for n in names]
 
     def forward(self, x: torch.Tensor, rows: list[Row], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        if B == 1:
+            out = self._attend(q, k[0], v[0], rows[0])
+        else:
+            out = torch.cat([self._attend(q[b:b + 1], k[b], v[b], row) for b, row in enumerate(rows)])
+        return self._finish(x, out)
+
+    def decode_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One token of one session with every shape fixed and the position in a device tensor, so a CUDA
+        graph can replay it at any position: keys go in with index_copy_, and attention reads the first
+        mask.shape[-1] cached positions, masked to 0..pos (the cache must be zeroed: a masked NaN would
+        still poison the sum)."""
+        q, k, v = self._qkv(x, cos, sin)
+        slot = cache.slot[self.index]
+        cache.k[slot].index_copy_(1, pos, k[0])
+        cache.v[slot].index_copy_(1, pos, v[0])
+        n = mask.shape[-1]
+        keys, values = cache.k[slot, :, :n].unsqueeze(0), cache.v[slot, :, :n].unsqueeze(0)
+        gqa = self.c.num_attention_heads != self.c.num_key_value_heads
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return self._finish(x, out)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B, heads, T, hd], keys and values [B, kv_heads, T, hd], rotated."""
         c = self.c
         B, T, _ = x.shape
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -161,11 +190,13 @@ class DecoderLayer:
         qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), cos, sin)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
         v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)
-        if B == 1:
-            out = self._attend(q, k[0], v[0], rows[0])
-        else:
-            out = torch.cat([self._attend(q[b:b + 1], k[b], v[b], row) for b, row in enumerate(rows)])
-        attn = out.transpose(1, 2).reshape(B, T, nh * hd)
+        return q, k, v
+
+    def _finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, heads, T, hd] -> the layer's output: projection, residual, MLP."""
+        c = self.c
+        B, _, T, _ = out.shape
+        attn = out.transpose(1, 2).reshape(B, T, c.num_attention_heads * c.head_dim)
         h = x + linear(attn, self.wo, self.bo)
         gate, up = linear(rms_norm(h, self.mlp_norm, c.rms_norm_eps), self.w13, self.b13).chunk(2, dim=-1)
         return h + linear(F.silu(gate) * up, self.w2, self.b2)
@@ -201,13 +232,20 @@ class LayerStack:
         self.dtype = dtype
         self.device = device
         self.cos, self.sin = rope_table(config, capacity, device)
+        self.graphs = None  # a cake.model.cuda_graphs.DecodeGraphs when one-token steps are replayed
+        if device.type == "cuda":
+            from cake.model.cuda_graphs import DecodeGraphs, enabled
+
+            if enabled():
+                self.graphs = DecodeGraphs(self)
 
     @property
     def indices(self) -> list[int]:
         return sorted(self.layers)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.indices, self.config, self.capacity, self.dtype, self.device)
+        return KVCache(self.indices, self.config, self.capacity, self.dtype, self.device,
+                       zeroed=self.graphs is not None)
 
     def new_cache_bytes(self) -> int:
         c = self.config
@@ -218,6 +256,10 @@ class LayerStack:
     def forward(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
         """Run layers [start, end) on hidden [B, T, H]; row b's tokens sit at positions rows[b].start + t."""
         B, T, _ = hidden.shape
+        if B == 1 and T == 1 and self.graphs is not None and self.graphs.active:
+            out = self.graphs.step(hidden, rows[0], start, end)
+            if out is not None:
+                return out
         pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
             T, device=self.device)
         cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
@@ -225,6 +267,19 @@ class LayerStack:
         x = hidden.to(device=self.device, dtype=self.dtype)  # from the wire (CPU) or a node of another dtype
         for i in range(start, end):
             x = self.layers[i].forward(x, rows, cos, sin)
+        return x
+
+    def decode_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, start: int, end: int,
+                      span: int) -> torch.Tensor:
+        """One token [1, 1, H] (in this stack's dtype and device) at the position held in `pos` (a
+        one-element long tensor), attending over the first `span` cached positions; no host sync and no
+        shape that depends on the position, so it can be captured as a CUDA graph. The caller keeps
+        cache.lengths."""
+        cos = self.cos.index_select(0, pos).to(self.dtype).view(1, 1, 1, -1)
+        sin = self.sin.index_select(0, pos).to(self.dtype).view(1, 1, 1, -1)
+        mask = (torch.arange(span, device=pos.device) <= pos).view(1, 1, 1, span)
+        for i in range(start, end):
+            x = self.layers[i].decode_static(x, cache, pos, cos, sin, mask)
         return x
 
 
