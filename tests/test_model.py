@@ -186,3 +186,39 @@ def test_cuda_graph_decode_matches_transformers(tiny_model):
     with torch.no_grad():
         want = reference_model(tiny_model)(ids).logits[0, steps.start:steps.stop]
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
+    """Batches of one-token rows and single rows through DecodeGraphs: spans, per-row steps, the timed
+    choice between per-row steps and one eager batch, cache lengths. replay=False runs the fixed-shape
+    step eagerly on the CPU; replay=True captures CUDA graphs (with --device cuda)."""
+    from cake.model.cuda_graphs import DecodeGraphs
+    from conftest import test_device
+
+    if replay and not test_device().startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    stack, config = load_layers(tiny_model, list(range(6)), test_device() if replay else "cpu", "f32", 1024)
+    stack.graphs = DecodeGraphs(stack, replay=replay)
+    head = load_head(tiny_model, config, stack.device, stack.dtype)
+    ids = torch.randint(0, 128000, (3, 270), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = reference_model(tiny_model)(ids).logits
+    caches = [stack.new_cache() for _ in range(3)]
+    assert all(bool((c.k == 0).all()) for c in caches)  # zeroed: masked attention reads unwritten positions
+    lengths = [254, 100, 7]
+    with torch.inference_mode():
+        ids = ids.to(stack.device)
+        for r in range(3):
+            stack.forward(head.embed(ids[r:r + 1, :lengths[r]]), [Row(caches[r], 0)], 0, 6)
+        for step in range(4):  # rows cross the 256 span while batched; then one row alone
+            rows = [Row(caches[r], lengths[r] + step) for r in range(3)]
+            x = head.embed(torch.stack([ids[r, lengths[r] + step:lengths[r] + step + 1] for r in range(3)]))
+            got = head.logits(stack.forward(x, rows, 0, 6)[:, -1]).cpu()
+            for r in range(3):
+                assert torch.allclose(got[r], want[r, lengths[r] + step], atol=1e-4, rtol=0)
+        p = lengths[0] + 4
+        one = head.logits(stack.forward(head.embed(ids[:1, p:p + 1]), [Row(caches[0], p)], 0, 6)[:, -1]).cpu()
+    assert torch.allclose(one[0], want[0, p], atol=1e-4, rtol=0)
+    assert set(stack.graphs.rows_faster) == {(0, 6, 3)}
+    assert caches[0].lengths == [p + 1] * 6 and caches[2].lengths == [lengths[2] + 4] * 6

@@ -255,11 +255,12 @@ class LayerStack:
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
         """Run layers [start, end) on hidden [B, T, H]; row b's tokens sit at positions rows[b].start + t."""
+        if hidden.shape[1] == 1 and self.graphs is not None and self.graphs.active:
+            return self.graphs.decode(hidden, rows, start, end, lambda: self.forward_eager(hidden, rows, start, end))
+        return self.forward_eager(hidden, rows, start, end)
+
+    def forward_eager(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
         B, T, _ = hidden.shape
-        if B == 1 and T == 1 and self.graphs is not None and self.graphs.active:
-            out = self.graphs.step(hidden, rows[0], start, end)
-            if out is not None:
-                return out
         pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
             T, device=self.device)
         cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
