@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,19 +51,25 @@ class StageStats:
         self.compute_s += compute_s
 
 
-async def compute(fn, *args, in_thread: bool = False):
+async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecutor | None = None):
     """Run local maths inline, or on a thread so the event loop keeps serving (HTTP clients, other
-    sessions' network I/O) while a long prompt is processed. torch releases the GIL in its kernels."""
-    return await asyncio.to_thread(fn, *args) if in_thread else fn(*args)
+    sessions' network I/O) while a long prompt is processed. torch releases the GIL in its kernels.
+    `executor`: a one-thread executor that serializes a GPU master's maths (a CUDA graph capture must
+    not meet this process's other GPU work); None: the loop's default pool."""
+    if not in_thread:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 class LocalStage:
-    def __init__(self, stage: Stage, stack: LayerStack, in_thread: bool = False):
+    def __init__(self, stage: Stage, stack: LayerStack, in_thread: bool = False,
+                 executor: ThreadPoolExecutor | None = None):
         self.stage = stage
         self.stack = stack
         self.caches: dict[str, KVCache] = {}
         self.stats = StageStats()
         self.in_thread = in_thread
+        self.executor = executor
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -75,7 +82,7 @@ class LocalStage:
                 cache = self.caches[s] = self.stack.new_cache()
             rows.append(Row(cache, p))
         out = await compute(self.stack.forward, hidden, rows, self.stage.start, self.stage.end,
-                            in_thread=self.in_thread)
+                            in_thread=self.in_thread, executor=self.executor)
         dt = time.perf_counter() - t0
         self.stats.add(dt, dt)
         return out
@@ -114,6 +121,8 @@ class Master:
         self.device, self.dtype = self.stack.device, self.stack.dtype
         self.capacity = self.stack.capacity
         self.head = load_head(model_dir, self.config, self.device, self.dtype, files)
+        self._math = (ThreadPoolExecutor(1, thread_name_prefix="cake-math")
+                      if compute_in_thread and self.device.type == "cuda" else None)
         self.options = options or Options()
         self._pending: list[tuple[Session, list[int], asyncio.Future]] = []
         self._batcher: asyncio.Future | None = None
@@ -121,7 +130,7 @@ class Master:
         self.stages: list[LocalStage | RemoteStage] = []
         for s in plan:
             if s.worker is None:
-                self.stages.append(LocalStage(s, self.stack, compute_in_thread))
+                self.stages.append(LocalStage(s, self.stack, compute_in_thread, self._math))
             else:
                 link = self.links.setdefault(s.worker.name, WorkerLink(s.worker, self.options))
                 self.stages.append(RemoteStage(s, link))
@@ -215,15 +224,25 @@ class Master:
         if len(counts) > 1:
             return torch.cat([await self._run([s]) for s in sessions])
         starts = [s.cached for s in sessions]
-        ids = torch.tensor([s.tokens[s.cached:] for s in sessions], device=self.device)
-        h = self.head.embed(ids)
+        rows = [s.tokens[s.cached:] for s in sessions]
+        # On a GPU master even the embedding goes through the maths thread (see compute()).
+        h = await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
         names = [s.id for s in sessions]
         for stage in self.stages:
             h = await stage.forward(names, starts, h)
-        logits = await compute(self.head.logits, h[:, -1].to(self.device), in_thread=self.compute_in_thread)
+        logits = await self._compute(self._logits, h)
         for s in sessions:
             s.cached = len(s.tokens)
         return logits
+
+    async def _compute(self, fn, *args):
+        return await compute(fn, *args, in_thread=self.compute_in_thread, executor=self._math)
+
+    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        return self.head.embed(torch.tensor(rows, device=self.device))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(h[:, -1].to(self.device))
 
     async def end(self, session: Session) -> None:
         await asyncio.gather(*(stage.end([session.id]) for stage in self.stages))
@@ -231,6 +250,8 @@ class Master:
     async def close(self) -> None:
         for link in self.links.values():
             link.close()
+        if self._math is not None:
+            self._math.shutdown(wait=False)
 
     def stage_report(self, decode_steps: int) -> list[str]:
         lines = []

@@ -156,7 +156,9 @@ class DecodeGraphs:
                 torch.cuda.current_stream(s.device).wait_stream(side)
                 self._warm.add((start, end, span))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a GPU copy on another thread of this process (the master's event loop
+            # encoding a hidden state for a worker) must not fail the capture, nor the capture it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = s.decode_static(x, cache, pos, start, end, span)
         except RuntimeError as e:
             self.active = False
