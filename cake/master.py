@@ -73,7 +73,14 @@ class LocalStage:
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        rows = []
+        out = await compute(self._forward, sessions, positions, hidden, in_thread=self.in_thread,
+                            executor=self.executor)
+        dt = time.perf_counter() - t0
+        self.stats.add(dt, dt)
+        return out
+
+    def _forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        rows = []  # new caches are allocated here too, on the maths thread with the rest of the GPU work
         for s, p in zip(sessions, positions):
             cache = self.caches.get(s)
             if cache is None:
@@ -81,11 +88,7 @@ class LocalStage:
                     raise SessionsLost("master", 0)
                 cache = self.caches[s] = self.stack.new_cache()
             rows.append(Row(cache, p))
-        out = await compute(self.stack.forward, hidden, rows, self.stage.start, self.stage.end,
-                            in_thread=self.in_thread, executor=self.executor)
-        dt = time.perf_counter() - t0
-        self.stats.add(dt, dt)
-        return out
+        return self.stack.forward(hidden, rows, self.stage.start, self.stage.end)
 
     async def end(self, sessions: list[str]) -> None:
         for s in sessions:
@@ -251,7 +254,7 @@ class Master:
         for link in self.links.values():
             link.close()
         if self._math is not None:
-            self._math.shutdown(wait=False)
+            self._math.shutdown(wait=False, cancel_futures=True)
 
     def stage_report(self, decode_steps: int) -> list[str]:
         lines = []

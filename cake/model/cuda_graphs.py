@@ -66,8 +66,14 @@ class DecodeGraphs:
         self.stack = stack
         self.replay = replay
         self.active = True
-        self.rows_faster: dict[tuple[int, int, int], bool] = {}  # (start, end, batch size) -> choice
+        # (start, end, batch size, span) -> whether per-row replays beat one eager pass
+        self.rows_faster: dict[tuple[int, int, int, int], bool] = {}
         self._warm: set[tuple[int, int, int]] = set()
+        # One memory pool and capture stream for all of this stack's graphs: replays are serialized on
+        # one stream and each output is cloned before the next replay, so graphs can share temporaries
+        # (one pool per graph would cost a 2 MiB segment or more per session and span).
+        self._pool = None
+        self._stream = None
 
     def decode(self, hidden: torch.Tensor, rows, start: int, end: int, eager) -> torch.Tensor:
         """Layers [start, end) for one token of each row; `eager` computes the same without graphs."""
@@ -75,21 +81,25 @@ class DecodeGraphs:
             if len(rows) == 1:
                 out = self.step(hidden, rows[0], start, end)
                 return eager() if out is None else out
-            key = (start, end, len(rows))
+            span = span_for(max(r.start for r in rows) + 1, self.stack.capacity)
+            key = (start, end, len(rows), span)
             choice = self.rows_faster.get(key)
             if choice is False:
                 return eager()
-            out = self._rows(hidden, rows, start, end)  # captures what it lacks the first time
-            if out is None:
+            if self._rows(hidden, rows, start, end) is None:  # captures what it lacks the first time
                 return eager()
             if choice is None:
-                # Both ways write the same keys and values, so running each once more to time it is safe.
-                t_rows = self._timed(lambda: self._rows(hidden, rows, start, end))
+                # Each way writes this step's keys and values at the same positions (equal up to
+                # rounding), so running both to time them is safe; the per-row run goes last so the
+                # cache holds exactly what produced the returned output.
                 t_eager = self._timed(eager)
+                out: list[torch.Tensor | None] = [None]
+                t_rows = self._timed(lambda: out.__setitem__(0, self._rows(hidden, rows, start, end)))
                 self.rows_faster[key] = t_rows < t_eager
                 log.debug("batch of %d on layers %d-%d: %.2f ms as replays, %.2f ms eager", len(rows), start,
                           end - 1, 1e3 * t_rows, 1e3 * t_eager)
-            return out
+                return out[0]
+            return self._rows(hidden, rows, start, end)
 
     def _rows(self, hidden: torch.Tensor, rows, start: int, end: int) -> torch.Tensor | None:
         outs = []
@@ -141,28 +151,48 @@ class DecodeGraphs:
 
     def _capture(self, hidden: torch.Tensor, cache, p: int, start: int, end: int, span: int) -> Captured | None:
         s = self.stack
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(s.device)
         x = torch.empty((1, 1, s.config.hidden_size), dtype=s.dtype, device=s.device)
         x.copy_(hidden)
         pos = torch.full((1,), p, dtype=torch.long, device=s.device)
-        try:
-            if (start, end, span) not in self._warm:
-                # Run once outside capture first, as PyTorch asks: lazy initialisation (cuBLAS
-                # workspaces, kernel loading) must not happen inside a graph. It writes this step's
-                # keys and values, which the replay writes again, identically.
-                side = torch.cuda.Stream(s.device)
-                side.wait_stream(torch.cuda.current_stream(s.device))
-                with torch.cuda.stream(side):
+        current = torch.cuda.current_stream(s.device)
+        if (start, end, span) not in self._warm:
+            # Run once outside capture first, as PyTorch asks: lazy initialisation (cuBLAS workspaces,
+            # kernel loading) must not happen inside a graph. It writes this step's keys and values,
+            # which the replay writes again, identically.
+            self._stream.wait_stream(current)
+            try:
+                with torch.cuda.stream(self._stream):
                     s.decode_static(x, cache, pos, start, end, span)
-                torch.cuda.current_stream(s.device).wait_stream(side)
-                self._warm.add((start, end, span))
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a GPU copy on another thread of this process (the master's event loop
-            # encoding a hidden state for a worker) must not fail the capture, nor the capture it.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            finally:
+                current.wait_stream(self._stream)
+            self._warm.add((start, end, span))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # The outer stream context restores the caller's stream even when capture_end raises
+            # (torch.cuda.graph's own exit would leave this thread on the capture stream).
+            # thread_local: the master's event loop thread may copy a hidden state off the GPU meanwhile.
+            with torch.cuda.stream(self._stream), torch.cuda.graph(
+                    graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                 out = s.decode_static(x, cache, pos, start, end, span)
-        except RuntimeError as e:
+        except RuntimeError as e:  # torch.AcceleratorError too: CUDA reports a failed capture with it.
+            # A CUDA context broken for good fails the eager step that follows, with its own error.
+            self._end_pool_capture()
+            if isinstance(e, torch.OutOfMemoryError):
+                log.warning("no GPU memory to capture a decode step; this step runs eagerly")
+                return None
             self.active = False
             log.warning("CUDA graph capture failed (%s); running decode steps eagerly from now on",
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
             return None
         return Captured(graph, x, pos, out)
+
+    def _end_pool_capture(self) -> None:
+        """After a failed capture: stop routing this thread's allocations to the graph pool (capture_end
+        never got that far), or the allocator would keep the capture open and never release memory."""
+        try:
+            torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self._pool)
+        except (AttributeError, RuntimeError):
+            pass  # not begun, already ended, or a torch without this hook
