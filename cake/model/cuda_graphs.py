@@ -86,20 +86,19 @@ class DecodeGraphs:
             choice = self.rows_faster.get(key)
             if choice is False:
                 return eager()
-            if self._rows(hidden, rows, start, end) is None:  # captures what it lacks the first time
+            out = self._rows(hidden, rows, start, end)  # captures what it lacks the first time
+            if out is None:
                 return eager()
             if choice is None:
                 # Each way writes this step's keys and values at the same positions (equal up to
                 # rounding), so running both to time them is safe; the per-row run goes last so the
                 # cache holds exactly what produced the returned output.
-                t_eager = self._timed(eager)
-                out: list[torch.Tensor | None] = [None]
-                t_rows = self._timed(lambda: out.__setitem__(0, self._rows(hidden, rows, start, end)))
+                t_eager, _ = self._timed(eager)
+                t_rows, out = self._timed(lambda: self._rows(hidden, rows, start, end))
                 self.rows_faster[key] = t_rows < t_eager
                 log.debug("batch of %d on layers %d-%d: %.2f ms as replays, %.2f ms eager", len(rows), start,
                           end - 1, 1e3 * t_rows, 1e3 * t_eager)
-                return out[0]
-            return self._rows(hidden, rows, start, end)
+            return out
 
     def _rows(self, hidden: torch.Tensor, rows, start: int, end: int) -> torch.Tensor | None:
         outs = []
@@ -141,13 +140,14 @@ class DecodeGraphs:
             return torch.cuda.device(self.stack.device)  # capture and replay on the stack's GPU
         return contextlib.nullcontext()
 
-    def _timed(self, fn) -> float:
+    def _timed(self, fn):
+        """(seconds, result) of fn(), its GPU work included."""
         sync = torch.cuda.synchronize if self.stack.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, result
 
     def _capture(self, hidden: torch.Tensor, cache, p: int, start: int, end: int, span: int) -> Captured | None:
         s = self.stack
