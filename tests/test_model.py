@@ -10,7 +10,7 @@ import torch
 
 from cake.errors import ModelError
 from cake.model.config import LlamaConfig, load_config, load_eos_ids
-from cake.model.llama import Row, rope_inv_freq
+from cake.model.llama import KVCache, Row, rope_inv_freq
 from cake.model.loader import load_head, load_layers, resolve_context
 from conftest import reference_model
 
@@ -148,8 +148,8 @@ def _decode_steps(path, device: str, steps: range, fixed_shape: bool):
     head = load_head(path, config, stack.device, stack.dtype)
     ids = torch.randint(0, 128000, (1, steps.stop), generator=torch.Generator().manual_seed(8)).to(stack.device)
     n = len(stack.layers)
-    cache = stack.new_cache() if not fixed_shape else type(stack.new_cache())(
-        stack.indices, config, stack.capacity, stack.dtype, stack.device, zeroed=True)
+    cache = (KVCache(stack.indices, config, stack.capacity, stack.dtype, stack.device, zeroed=True)
+             if fixed_shape else stack.new_cache())
     with torch.inference_mode():
         stack.forward(head.embed(ids[:, :steps.start]), [Row(cache, 0)], 0, n)
         out = []
