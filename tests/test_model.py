@@ -10,7 +10,7 @@ import torch
 
 from cake.errors import ModelError
 from cake.model.config import LlamaConfig, load_config, load_eos_ids
-from cake.model.llama import KVCache, Row, rope_inv_freq
+from cake.model.llama import KVCache, Row, apply_rope, rope_inv_freq, rope_rotations, rope_swap, rope_table
 from cake.model.loader import load_head, load_layers, resolve_context
 from conftest import reference_model
 
@@ -81,6 +81,20 @@ def test_rope_matches_transformers(tiny_model):
     hf = HFConfig.from_pretrained(tiny_model)
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     assert torch.allclose(rope_inv_freq(load_config(tiny_model)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_as_rotation_matrix_equals_elementwise_rope(tiny_model, dtype):
+    """Decode steps rotate with one matrix product per layer; it must be the same rotation at every position."""
+    config = load_config(tiny_model)
+    hd = config.head_dim
+    cos, sin = rope_table(config, 300, torch.device("cpu"))
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    x = torch.randn(300, 6, hd, generator=torch.Generator().manual_seed(8)).to(dtype)
+    rot = rope_rotations(cos, sin, torch.eye(hd, dtype=dtype), rope_swap(hd, dtype, torch.device("cpu")))
+    want = apply_rope(x.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: one rounding against apply_rope's three
+    assert torch.allclose(torch.bmm(x, rot).float(), want, atol=tol * want.abs().max(), rtol=0)
 
 
 def test_eos_ids_from_generation_config(tiny_model):
