@@ -67,6 +67,9 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--seed", type=int, default=299792458, help="Sampling seed.")
 @click.option("--retry-timeout", type=float, default=30.0, help="Master: seconds to wait for a lost worker.")
 @click.option("--request-timeout", type=float, default=300.0, help="Master: seconds before a stuck request fails.")
+@click.option("--relay/--no-relay", default=True, show_default=True,
+              help="Master: consecutive workers pass hidden states straight to each other (one message per "
+                   "worker per token, not two); each falls back to the master if it cannot reach the next.")
 @click.option("--output-ids", type=click.Path(dir_okay=False), default=None,
               help="Master: also write the prompt and generated token ids as JSON to this file.")
 @click.option("--api", default=None, metavar="HOST:PORT",
@@ -79,7 +82,7 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, output_ids, api, api_key, check, verbose, quiet):
+         retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     if threads > 0:
@@ -110,7 +113,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         model_dir=model_dir, topology=topology, device=device, dtype=dtype, context=context, key=cluster_key,
         prompt=prompt, system_prompt=system_prompt, raw=raw, max_tokens=max_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-        retry_timeout=retry_timeout, request_timeout=request_timeout, output_ids=output_ids, quiet=quiet,
+        retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, output_ids=output_ids, quiet=quiet,
     )
     if api:
         from cake.api import run_api

@@ -23,6 +23,14 @@ from cake.topology import Worker, format_layers
 log = logging.getLogger("cake.master")
 
 
+class RelayFailed(CakeError):
+    """A worker could not pass its output on to the next worker; the step goes through the master."""
+
+    def __init__(self, message: str, pair: tuple[str, str]):
+        super().__init__(message)
+        self.pair = pair
+
+
 class SessionsLost(Exception):
     """The worker no longer holds (part of) a session's KV cache; replay from `cached`."""
 
@@ -38,9 +46,24 @@ class Options:
     request_timeout: float = 300.0
     retry_timeout: float = 30.0
     max_frame: int = 1 << 31
+    relay: bool = True  # consecutive workers pass hidden states to each other (see cake.worker)
+
+
+def stale(reply: wire.Message, want_id: int) -> bool:
+    """An answer to another forward than the one awaited (one a relay chain gave up on)."""
+    rid = getattr(reply, "id", 0)
+    if rid and rid != want_id:
+        log.debug("dropped a late answer to forward %d", rid)
+        return True
+    return False
 
 
 class WorkerLink:
+    # One id sequence for all links: a relayed forward's answer arrives on another link than the one
+    # it was sent on, and an answer that comes too late (from a chain that was given up) must never
+    # match another request's id.
+    ids = itertools.count(1)
+
     def __init__(self, worker: Worker, options: Options):
         self.worker = worker
         self.opt = options
@@ -48,7 +71,9 @@ class WorkerLink:
         self.writer: asyncio.StreamWriter | None = None
         self.info: wire.Info | None = None
         self.lock = asyncio.Lock()
-        self.ids = itertools.count(1)
+        # The read of the next reply, once started: a relay chain waits on several links at once and
+        # leaves the reads it did not need running, to serve the next request on their links.
+        self._read: asyncio.Task | None = None
 
     @property
     def label(self) -> str:
@@ -130,32 +155,74 @@ class WorkerLink:
             delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
+        if self._read is not None:
+            if self._read.done() and not self._read.cancelled():
+                self._read.exception()  # seen: a dead connection's read needs no "never retrieved" warning
+            self._read.cancel()
+            self._read = None
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
+
+    def read_task(self) -> asyncio.Task:
+        """The read of the next reply on this connection (started if need be)."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(wire.read_message(self.reader, self.opt.max_frame))
+        return self._read
 
     async def request(self, msg: wire.Message, tensor: torch.Tensor | None = None
                       ) -> tuple[wire.Message, torch.Tensor | None]:
         """Send one request, return its reply. A broken connection reconnects and raises SessionsLost."""
         async with self.lock:
             await self.ensure_connected()
-            try:
-                await wire.write_message(self.writer, msg, tensor)
-                reply, out = await asyncio.wait_for(
-                    wire.read_message(self.reader, self.opt.max_frame), self.opt.request_timeout)
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
-                await self._recover(e)
-                raise SessionsLost(self.worker.name) from None
-            except BaseException:
-                # Cancelled mid-request: the reply may still arrive and would be read as the answer to
-                # the next request. Drop the connection; the next request reconnects and replays.
-                self.close()
-                raise
+            await self.send(msg, tensor)
+            return await self.receive(getattr(msg, "id", 0))
+
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
+        """Write one request; the caller holds `lock` and is connected."""
+        try:
+            await wire.write_message(self.writer, msg, tensor)
+        except (ConnectionError, asyncio.TimeoutError, ProtocolError) as e:
+            await self._recover(e)
+            raise SessionsLost(self.worker.name) from None
+        except BaseException:
+            self.close()  # cancelled mid-frame: the stream is unusable
+            raise
+
+    async def receive(self, want_id: int) -> tuple[wire.Message, torch.Tensor | None]:
+        """Read the reply to request `want_id` (0: a request without an id), skipping late answers to
+        forwards given up on; an error reply becomes the matching exception. The caller holds `lock`."""
+        while True:
+            reply, out = await self.receive_raw()
+            if not stale(reply, want_id):
+                break
+        self.raise_for_error(reply)
+        return reply, out
+
+    async def receive_raw(self) -> tuple[wire.Message, torch.Tensor | None]:
+        """Read one reply as it is; a broken connection reconnects and raises SessionsLost."""
+        try:
+            # shield: a timeout or a cancelled caller must not cut a frame in half; close() (below, or
+            # in _recover) cancels the read with the connection.
+            reply, out = await asyncio.wait_for(asyncio.shield(self.read_task()), self.opt.request_timeout)
+            self._read = None
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
+            await self._recover(e)
+            raise SessionsLost(self.worker.name) from None
+        except BaseException:
+            # Cancelled mid-request: the reply may still arrive and would be read as the answer to
+            # the next request. Drop the connection; the next request reconnects and replays.
+            self.close()
+            raise
+        return reply, out
+
+    def raise_for_error(self, reply: wire.Message) -> None:
         if isinstance(reply, wire.Error):
             if reply.code == "cache_behind":
                 raise SessionsLost(self.worker.name, reply.cached)
+            if reply.code == "relay":
+                raise RelayFailed(f"{self.label} {reply.message}", (self.worker.name, reply.peer))
             raise WorkerError(f"{self.label}: {reply.message}")
-        return reply, out
 
     async def _recover(self, cause: BaseException) -> None:
         what = "timed out" if isinstance(cause, asyncio.TimeoutError) else "connection lost"

@@ -10,6 +10,7 @@ stage still holds, and the user sees a pause, never a different answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cake.client import Options, SessionsLost, WorkerLink
+from cake import wire
+from cake.client import Options, RelayFailed, SessionsLost, WorkerLink, stale
 from cake.errors import CakeError, WorkerError
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
@@ -30,6 +32,8 @@ from cake.topology import Stage, Topology, format_layers
 log = logging.getLogger("cake.master")
 
 MAX_REPLAYS = 20
+RELAY_RETRY_S = 30.0  # after a worker could not relay to the next: first wait before trying again
+RELAY_RETRY_MAX_S = 3600.0
 
 
 @dataclass
@@ -111,6 +115,74 @@ class RemoteStage:
         await self.link.end(sessions)
 
 
+class RelayChain:
+    """Consecutive remote stages on distinct workers run as one relayed request: the master sends the
+    hidden states to the first worker, each worker passes its output straight on to the next, and the
+    last answers the master. Per token that is one message per worker plus one, instead of two per
+    worker. A worker that cannot do its part answers its own connection with an error instead (and
+    nothing goes further), so the master waits on every link of the chain at once."""
+
+    def __init__(self, stages: list[RemoteStage]):
+        self.stages = stages
+
+    async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        links = [st.link for st in self.stages]
+        async with contextlib.AsyncExitStack() as held:
+            for link in links:  # always in pipeline order, so two chains cannot deadlock
+                await held.enter_async_context(link.lock)
+            for link in links:
+                await link.ensure_connected()
+            first, rest = self.stages[0], self.stages[1:]
+            msg = wire.Forward(next(first.link.ids), first.stage.start, first.stage.end, sessions, positions,
+                               [st.link.worker.name for st in rest], [st.stage.start for st in rest],
+                               [st.stage.end for st in rest], [st.link.info.conn for st in rest])
+            t0 = time.perf_counter()
+            await first.link.send(msg, hidden)
+            deadline = time.monotonic() + first.link.opt.request_timeout
+            while True:
+                reads = [link.read_task() for link in links]
+                try:
+                    await asyncio.wait(reads, timeout=max(0.0, deadline - time.monotonic()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:  # cancelled: any of them may still answer
+                    for link in links:
+                        link.close()
+                    raise
+                answered = [i for i, r in enumerate(reads) if r.done()]
+                if not answered:  # nobody answered in time; start every connection of the chain afresh
+                    for link in links[:-1]:
+                        link.close()
+                    return await self._lost(links[-1], asyncio.TimeoutError())
+                i = answered[0]
+                # The links that did not answer keep their reads for their next reply.
+                try:
+                    reply, out = await links[i].receive_raw()
+                except BaseException:
+                    for link in links[i + 1:]:  # hop i may have relayed before its connection broke
+                        link.close()
+                    raise
+                if not stale(reply, msg.id):
+                    break
+            links[i].raise_for_error(reply)  # an error reply for this forward: nothing went further
+            if (i < len(links) - 1 or not isinstance(reply, wire.Result) or out is None
+                    or out.shape != hidden.shape or len(reply.upstream_us) != i):
+                for link in links[i:]:
+                    link.close()
+                raise WorkerError(f"{links[i].label} answered a relayed forward with a malformed "
+                                  f"'{reply.TYPE}'; restart it")
+        computes = [us / 1e6 for us in (*reply.upstream_us, reply.compute_us)]
+        # One wall time for the chain: each stage gets its own compute and an equal share of the rest.
+        share = max(0.0, time.perf_counter() - t0 - sum(computes)) / len(computes)
+        for st, c in zip(self.stages, computes):
+            st.stats.add(c + share, c)
+        return out
+
+    @staticmethod
+    async def _lost(link: WorkerLink, cause: BaseException) -> torch.Tensor:
+        await link._recover(cause)
+        raise SessionsLost(link.worker.name)
+
+
 class Master:
     def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
                  context: int | None = None, options: Options | None = None, compute_in_thread: bool = False):
@@ -128,6 +200,9 @@ class Master:
                       if compute_in_thread and self.device.type == "cuda" else None)
         self.options = options or Options()
         self._pending: list[tuple[Session, list[int], asyncio.Future]] = []
+        # (worker, next worker) pairs that failed to relay -> (monotonic time to try again, backoff seconds)
+        self._no_relay: dict[tuple[str, str], tuple[float, float]] = {}
+        self.relayed_steps = 0  # steps that went through at least one relay chain
         self._batcher: asyncio.Future | None = None
         self.links: dict[str, WorkerLink] = {}
         self.stages: list[LocalStage | RemoteStage] = []
@@ -207,6 +282,9 @@ class Master:
         for _ in range(MAX_REPLAYS):
             try:
                 return await self._run(sessions)
+            except RelayFailed as e:
+                self._relay_failed(e)  # nothing is lost: the step runs again without that relay
+                continue
             except SessionsLost as e:
                 lost = e.worker
                 for s in sessions:
@@ -231,12 +309,45 @@ class Master:
         # On a GPU master even the embedding goes through the maths thread (see compute()).
         h = await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
         names = [s.id for s in sessions]
-        for stage in self.stages:
-            h = await stage.forward(names, starts, h)
+        relayed = False
+        for hop in self._hops():
+            h = await hop.forward(names, starts, h)
+            relayed |= isinstance(hop, RelayChain)
+        self.relayed_steps += relayed
         logits = await self._compute(self._logits, h)
         for s in sessions:
             s.cached = len(s.tokens)
         return logits
+
+    def _hops(self) -> list[LocalStage | RemoteStage | RelayChain]:
+        """The stages, with runs of consecutive remote stages on distinct workers joined into relay
+        chains (unless relay is off, or a worker could not reach the next)."""
+        hops: list = []
+        for st in self.stages:
+            prev = hops[-1] if hops else None
+            tail = prev.stages[-1] if isinstance(prev, RelayChain) else prev
+            if (self.options.relay and isinstance(st, RemoteStage) and isinstance(tail, RemoteStage)
+                    and self._may_relay(tail.link.worker.name, st.link.worker.name)
+                    and st.link not in [s.link for s in (prev.stages if isinstance(prev, RelayChain) else [prev])]):
+                if isinstance(prev, RelayChain):
+                    prev.stages.append(st)
+                else:
+                    hops[-1] = RelayChain([prev, st])
+            else:
+                hops.append(st)
+        return hops
+
+    def _may_relay(self, a: str, b: str) -> bool:
+        until, _ = self._no_relay.get((a, b), (0.0, 0.0))
+        return time.monotonic() >= until
+
+    def _relay_failed(self, e: RelayFailed) -> None:
+        """Go through the master between these two workers for a while (doubling each time it fails
+        again): the next worker may be restarting, or unreachable from this one for good."""
+        _, backoff = self._no_relay.get(e.pair, (0.0, RELAY_RETRY_S / 2))
+        backoff = min(backoff * 2, RELAY_RETRY_MAX_S)
+        self._no_relay[e.pair] = (time.monotonic() + backoff, backoff)
+        log.warning("%s; for the next %.0fs its output goes to '%s' through the master", e, backoff, e.pair[1])
 
     async def _compute(self, fn, *args):
         return await compute(fn, *args, in_thread=self.compute_in_thread, executor=self._math)

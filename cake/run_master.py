@@ -41,6 +41,7 @@ class MasterArgs:
     seed: int = 299792458
     retry_timeout: float = 30.0
     request_timeout: float = 300.0
+    relay: bool = True
     output_ids: str | None = None
     quiet: bool = False
 
@@ -71,7 +72,8 @@ def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Mas
     """The master (weights loaded, workers not yet reached), its tokenizer and the model's EOS ids."""
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
-    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
+    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
+                      relay=args.relay)
     master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread)
     return master, tokenizer, load_eos_ids(args.model_dir, master.config)
 

@@ -15,7 +15,7 @@ import asyncio
 import math
 import socket
 import struct
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
@@ -24,7 +24,7 @@ import torch
 from cake.errors import ProtocolError
 
 PROTOCOL = "cake"
-VERSION = 1
+VERSION = 2  # 2: worker-to-worker relay (forward.relay_* / reply_conn / upstream_us, info.conn)
 MAX_HEADER = 64 * 1024
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_RANK = 4
@@ -47,8 +47,13 @@ class Message:
     TYPE: ClassVar[str] = ""
 
     def to_header(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["type"] = self.TYPE
+        d = {"type": self.TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # Optional fields at their default stay off the wire (a plain forward carries no relay lists).
+            if f.default is not MISSING and value == f.default or f.default_factory is not MISSING and not value:
+                continue
+            d[f.name] = value
         return d
 
 
@@ -90,6 +95,7 @@ class Info(Message):
     num_layers: int
     capacity: int
     memory: int
+    conn: str = ""  # this connection's token: a relayed forward naming it is answered on this connection
 
 
 @dataclass
@@ -97,6 +103,12 @@ class Forward(Message):
     """Run layers [start, end) on hidden [B, T, H]; row b is session sessions[b] at positions[b].
 
     A position below the session's cached length truncates its cache first (replay or rollback).
+
+    Relay: with `relay_workers`, the worker passes its output straight on to the first of them (layers
+    relay_starts[0]..relay_ends[0]-1, answering on the connection relay_conns[0] names), with the rest
+    of the lists and its compute time appended to `upstream_us`, and answers its own sender nothing
+    (an `error` if it could not). A forward with `reply_conn` came from another worker: it uses the
+    sessions of, and answers on, the connection with that token.
     """
     TYPE: ClassVar[str] = "forward"
     id: int
@@ -104,13 +116,27 @@ class Forward(Message):
     end: int
     sessions: list[str]
     positions: list[int]
+    relay_workers: list[str] = field(default_factory=list)
+    relay_starts: list[int] = field(default_factory=list)
+    relay_ends: list[int] = field(default_factory=list)
+    relay_conns: list[str] = field(default_factory=list)
+    reply_conn: str = ""
+    upstream_us: list[int] = field(default_factory=list)
+
+    def relay_hops(self) -> list[tuple[str, int, int, str]]:
+        hops = (self.relay_workers, self.relay_starts, self.relay_ends, self.relay_conns)
+        if len({len(h) for h in hops}) != 1:
+            raise ProtocolError("'forward.relay_*' lists must have the same length")
+        return list(zip(*hops))
 
 
 @dataclass
 class Result(Message):
+    """The hidden states after the layers; `upstream_us`: the compute times of the workers that relayed."""
     TYPE: ClassVar[str] = "result"
     id: int
     compute_us: int
+    upstream_us: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -132,11 +158,14 @@ class Ok(Message):
 
 @dataclass
 class Error(Message):
-    """A request failed; the connection stays usable. `cached` is set with code 'cache_behind'."""
+    """A request failed; the connection stays usable. `id`: the forward's, when a forward failed;
+    `cached` is set with code 'cache_behind', `peer` (the worker that could not be reached) with 'relay'."""
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
     cached: int = 0
+    peer: str = ""
+    id: int = 0
 
 
 MESSAGES: dict[str, type[Message]] = {
@@ -161,7 +190,7 @@ def parse_message(header: Any) -> Message:
     for f in fields(cls):
         if f.name in header:
             values[f.name] = _check_field(kind, f.name, str(f.type), header[f.name])
-        elif f.default is MISSING:
+        elif f.default is MISSING and f.default_factory is MISSING:
             raise ProtocolError(f"'{kind}' message is missing field '{f.name}'")
     return cls(**values)
 

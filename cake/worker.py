@@ -4,6 +4,11 @@ Each connection is its own task, so a silent or broken client blocks nobody. A b
 error reply; a broken frame closes that connection only. KV caches belong to (connection, session):
 they are freed on `end`, when the connection closes, or when idle sessions are evicted to stay under
 the memory budget.
+
+Relay: a forward can ask this worker to pass its output straight on to the next worker (found by name
+in this worker's topology file) instead of back to the master, which saves the master a round trip
+per worker per token. The next worker answers on the master's own connection, named by the token the
+master got in `info`, so sessions and KV caches stay the master connection's.
 """
 
 from __future__ import annotations
@@ -12,19 +17,21 @@ import asyncio
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from cake import auth, wire
+from cake.client import Options, WorkerLink
 from cake.devices import dtype_name
 from cake.errors import CakeError, ProtocolError
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
 from cake.model.loader import load_layers
-from cake.topology import format_layers, load_topology, split_address
+from cake.topology import Topology, format_layers, load_topology, split_address
 
 log = logging.getLogger("cake.worker")
 
@@ -33,9 +40,24 @@ MAX_BATCH = 256
 
 
 class RequestError(CakeError):
-    def __init__(self, code: str, message: str, cached: int = 0):
+    def __init__(self, code: str, message: str, cached: int = 0, peer: str = ""):
         super().__init__(message)
-        self.code, self.cached = code, cached
+        self.code, self.cached, self.peer = code, cached, peer
+
+
+@dataclass
+class Conn:
+    """One client connection: its id (the key of its sessions), the token a relayed forward names it
+    by, and a write lock (relayed answers arrive from other connections' tasks)."""
+
+    id: int
+    token: str
+    writer: asyncio.StreamWriter
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
+        async with self.lock:
+            await wire.write_message(self.writer, msg, tensor)
 
 
 @dataclass
@@ -47,8 +69,11 @@ class SessionEntry:
 
 class Worker:
     def __init__(self, name: str, stack: LayerStack, config: LlamaConfig, key: str | None = None,
-                 kv_budget: int = 2 << 30, max_frame: int | None = None):
+                 kv_budget: int = 2 << 30, max_frame: int | None = None, topology: Topology | None = None):
         self.name = name
+        self.topology = topology or Topology()
+        self.conns: dict[str, Conn] = {}  # by token
+        self.peers: dict[str, WorkerLink] = {}  # relay connections to other workers, by name
         self.stack = stack
         self.config = config
         self.key = key or None
@@ -70,13 +95,14 @@ class Worker:
             await server.serve_forever()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = next(self._conn_ids)
+        conn = Conn(next(self._conn_ids), secrets.token_hex(16), writer)
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         wire.tune_socket(writer)
         try:
-            await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
-            log.info("master connected from %s", peer)
+            await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
+            self.conns[conn.token] = conn
+            log.info("client connected from %s", peer)
             while True:
                 try:
                     msg, tensor = await wire.read_message(reader, self.max_frame)
@@ -84,10 +110,9 @@ class Worker:
                     raise  # the byte stream is broken: close (below), not an error reply
                 except ProtocolError as e:
                     log.warning("bad request from %s: %s", peer, e)
-                    await wire.write_message(writer, wire.Error("bad_request", str(e)))
+                    await conn.send(wire.Error("bad_request", str(e)))
                     continue
-                reply, out = self._dispatch(conn, msg, tensor, peer)
-                await wire.write_message(writer, reply, out)
+                await self._serve(conn, msg, tensor, peer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except asyncio.TimeoutError:
@@ -97,12 +122,13 @@ class Worker:
         except Exception:  # never let one connection take the worker down
             log.exception("internal error on connection from %s", peer)
         finally:
-            freed = self._free_connection(conn)
+            self.conns.pop(conn.token, None)
+            freed = self._free_connection(conn.id)
             if freed:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
             writer.close()
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
         msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
         if not isinstance(msg, wire.Hello) or msg.proto != wire.PROTOCOL:
             raise wire.FrameError("first frame is not a cake hello")
@@ -120,22 +146,42 @@ class Worker:
                 await wire.write_message(writer, wire.Error(
                     "auth", f"worker '{self.name}' refused the cluster key; give every node the same --cluster-key"))
                 raise ProtocolError("client failed authentication")
-        await wire.write_message(writer, self.info())
+        await wire.write_message(writer, self.info(token))
 
-    def info(self) -> wire.Info:
+    def info(self, token: str = "") -> wire.Info:
         return wire.Info(
             name=self.name, layers=self.stack.indices, device=str(self.stack.device),
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
-            memory=_free_memory(self.stack.device),
+            memory=_free_memory(self.stack.device), conn=token,
         )
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def _dispatch(self, conn: int, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
+    async def _serve(self, conn: Conn, msg: wire.Message, tensor: torch.Tensor | None, peer: str) -> None:
+        """Answer one request: on its own connection, or, for a relayed forward, on the connection its
+        token names (the master's), whose sessions it uses."""
+        dest = conn
+        if isinstance(msg, wire.Forward) and msg.reply_conn:
+            dest = self.conns.get(msg.reply_conn)
+            if dest is None:  # that master disconnected; it replays on its new connection
+                log.warning("relayed forward from %s names a connection that is gone; dropped", peer)
+                return
+        reply, out = await self._dispatch(dest.id, msg, tensor, peer)
+        if reply is None:  # relayed on: the last worker of the chain answers
+            return
+        if dest is conn:
+            await conn.send(reply, out)
+            return
+        try:
+            await dest.send(reply, out)
+        except ConnectionError as e:  # the master's connection broke; its own task cleans up
+            log.warning("could not answer a relayed forward: %s", e)
+
+    async def _dispatch(self, conn: int, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
         try:
             if isinstance(msg, wire.Forward):
-                return self._forward(conn, msg, tensor)
+                return await self._forward(conn, msg, tensor)
             if isinstance(msg, wire.End):
                 ended = sum(self.sessions.pop((conn, s), None) is not None for s in msg.sessions)
                 log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
@@ -145,9 +191,9 @@ class Worker:
             raise RequestError("bad_request", f"'{msg.TYPE}' is not a request a worker serves")
         except RequestError as e:
             log.warning("request from %s refused: %s", peer, e)
-            return wire.Error(e.code, str(e), e.cached), None
+            return wire.Error(e.code, str(e), e.cached, e.peer, getattr(msg, "id", 0)), None
 
-    def _forward(self, conn: int, msg: wire.Forward, x: torch.Tensor | None):
+    async def _forward(self, conn: int, msg: wire.Forward, x: torch.Tensor | None):
         c = self.config
         if x is None:
             raise RequestError("bad_request", "forward carries no hidden-state tensor")
@@ -163,6 +209,13 @@ class Worker:
         if not (0 <= msg.start < msg.end) or any(i not in self.stack.layers for i in range(msg.start, msg.end)):
             raise RequestError("bad_layers", f"worker '{self.name}' serves layers {format_layers(self.stack.indices)}, "
                                              f"not {msg.start}-{msg.end - 1}; check the topology file")
+        try:
+            hops = msg.relay_hops()
+        except ProtocolError as e:
+            raise RequestError("bad_request", str(e)) from None
+        if hops and hops[0][0] not in self.topology.workers:
+            raise RequestError("relay", f"has no worker '{hops[0][0]}' in its topology file (give every node "
+                                        f"the same topology)", peer=hops[0][0])
         for s, p in zip(msg.sessions, msg.positions):
             if p < 0 or p + T > self.stack.capacity:
                 raise RequestError("capacity", f"positions {p}..{p + T - 1} of session {s} exceed this worker's "
@@ -173,7 +226,32 @@ class Worker:
         if out.device.type != "cpu":
             out = out.cpu()  # also the sync point, so compute_us is real
         us = int((time.perf_counter() - t0) * 1e6)
-        return wire.Result(msg.id, us), out
+        if hops:
+            await self._relay(msg, hops, out, us)
+            return None, None
+        return wire.Result(msg.id, us, msg.upstream_us), out
+
+    async def _relay(self, msg: wire.Forward, hops: list[tuple[str, int, int, str]], out: torch.Tensor,
+                     us: int) -> None:
+        """Send our output on to the next worker of the chain, which answers the master directly."""
+        (name, start, end, token), rest = hops[0], hops[1:]
+        fwd = wire.Forward(msg.id, start, end, msg.sessions, msg.positions, [h[0] for h in rest],
+                           [h[1] for h in rest], [h[2] for h in rest], [h[3] for h in rest], reply_conn=token,
+                           upstream_us=[*msg.upstream_us, us])
+        link = self.peers.get(name)
+        if link is None:
+            link = self.peers[name] = WorkerLink(self.topology.workers[name], Options(key=self.key, connect_timeout=5.0))
+        async with link.lock:  # one frame at a time, whichever master connection relays
+            try:
+                # The peer never writes on this connection, so EOF or a closed transport means it went away
+                # (restarted): reconnect rather than write into a dead socket.
+                if link.writer is None or link.writer.is_closing() or link.reader.at_eof():
+                    link.close()
+                    await link.connect()
+                await wire.write_message(link.writer, fwd, out)
+            except (ConnectionError, OSError, CakeError) as e:
+                link.close()
+                raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
 
     def _cache(self, conn: int, session: str, pos: int, start: int, end: int) -> KVCache:
         key = (conn, session)
@@ -250,7 +328,7 @@ def run_worker(args: WorkerArgs) -> None:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
-                    max_frame=args.max_frame_mb << 20)
+                    max_frame=args.max_frame_mb << 20, topology=topo)
     try:
         asyncio.run(worker.serve(host, port))
     except OSError as e:

@@ -162,6 +162,7 @@ class Job:
     nbytes: int = 0  # bandwidth: bytes the matvec reads
     device: str = "cpu"
     dtype: str = "f32"
+    relay: bool = True  # cake with workers: workers pass hidden states to each other
 
 
 @dataclass
@@ -340,7 +341,7 @@ class Cake(Subject):
         self.loop = asyncio.new_event_loop()
         # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
         self.master = Master(job.model_dir, load_topology(job.topology), device=job.device, dtype=job.dtype,
-                             options=Options(retry_timeout=10.0, request_timeout=120.0))
+                             options=Options(retry_timeout=10.0, request_timeout=120.0, relay=job.relay))
         self.loop.run_until_complete(self.master.connect())
         self.prompt = prompt_ids(job.prompt_tokens)
         self.loop.run_until_complete(self._generate(self.prompt, job.tokens))  # warm-up, as measured
@@ -398,6 +399,7 @@ SUBJECTS: dict[str, type[Subject]] = {
     "transformers": Transformers,
     "cake-local": Cake,
     "cake-workers": Cake,
+    "cake-workers-no-relay": Cake,
 }
 
 
@@ -573,7 +575,9 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
                 "cake-local": replace(base, kind="cake-local"),
-                "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology))}
+                "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology)),
+                "cake-workers-no-relay": replace(base, kind="cake-workers-no-relay", topology=str(cluster.topology),
+                                                 relay=False)}
         kids = {kind: stack.enter_context(child(job, logs)) for kind, job in jobs.items()}
         for kid in kids.values():
             kid.ask()  # set up and warmed up
@@ -641,6 +645,7 @@ class ModelResult:
     worker_rss: dict[str, int | None]
     device: str = "cpu"
     dtype: str = "f32"
+    no_relay: Measured | None = None  # 2 workers, every hidden state through the master
 
     @property
     def matvec_s(self) -> float:
@@ -692,8 +697,10 @@ class ModelResult:
         return ts
 
     def to_json(self) -> dict:
-        speeds = {k: asdict(self.speed(m)) for k, m in
-                  (("transformers", self.transformers), ("cake_local", self.local), ("cake_workers", self.workers))}
+        measured = [("transformers", self.transformers), ("cake_local", self.local), ("cake_workers", self.workers)]
+        if self.no_relay is not None:
+            measured.append(("cake_workers_no_relay", self.no_relay))
+        speeds = {k: asdict(self.speed(m)) for k, m in measured}
         return {
             "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
             "repeats": self.repeats,
@@ -706,8 +713,7 @@ class ModelResult:
             "worker_rss": self.worker_rss,
             "aggregate_tps": {n: self.aggregate(n) for n in self.workers.concurrency},
             "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()],
-            "raw": {k: asdict(m) for k, m in (("bandwidth", self.bandwidth), ("transformers", self.transformers),
-                                              ("cake_local", self.local), ("cake_workers", self.workers))},
+            "raw": {k: asdict(m) for k, m in [("bandwidth", self.bandwidth), *measured]},
         }
 
 
@@ -719,7 +725,7 @@ def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int,
     logs.mkdir(parents=True, exist_ok=True)
     m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
-                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype)
+                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"])
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -769,6 +775,7 @@ def report(r: ModelResult, quick: bool) -> str:
         speed_row("transformers generate", hf),
         speed_row("cake all-local", local),
         speed_row("cake 2 workers (master)", workers),
+        *([speed_row("cake 2 workers, no relay", r.speed(r.no_relay))] if r.no_relay else []),
         ["bandwidth limit (matvec)", f"{1e3 * r.matvec_s:.2f}", f"{r.bound_tps:.1f}", "-", "-", "-"],
     ])]
     out.append(f"matvec reads {w.decode_step / r.matvec_s / 1e9:.1f} GB/s; cake all-local reaches "
@@ -779,6 +786,11 @@ def report(r: ModelResult, quick: bool) -> str:
                       split_rows("all-local", r.local, local) + split_rows("2 workers", r.workers, workers))]
     out.append(f"per-hop overhead: ({workers.decode_ms:.2f} - {local.decode_ms:.2f}) ms / {r.hops} hops = "
                f"{r.hop_overhead_us:.0f} us")
+    if r.no_relay:
+        star = r.speed(r.no_relay)
+        out.append(f"relay (a passes its output to b, b answers the master): {workers.decode_ms:.2f} ms/tok against "
+                   f"{star.decode_ms:.2f} through the master, {1e3 * (star.decode_ms - workers.decode_ms):.0f} us "
+                   f"a token saved")
 
     mem = [[f"{name} (layers {a}-{b - 1})", mb(r.worker_rss.get(name)), mb(w.layer_range(a, b)),
             mb(w.layer_range(a, b) + RSS_SLACK)] for name, (a, b) in halves(s.layers).items()]

@@ -80,6 +80,7 @@ class Cluster:
         self.topology = write_topology(tmp / f"topology-{id(self)}.yml",
                                        {n: (self.ports[n], spec) for n, spec in layout.items()})
         self.models = models or {}
+        self.topologies: dict[str, Path] = {}  # a worker's own topology file, where it differs
         self.procs: dict[str, subprocess.Popen] = {}
         if start:
             self.start_all()
@@ -94,7 +95,8 @@ class Cluster:
         return self.tmp / f"worker-{name}-{self.ports[name]}.log"
 
     def start(self, name: str) -> None:
-        self.procs[name] = launch.start_worker(self.models.get(name, self.model), name, self.topology,
+        self.procs[name] = launch.start_worker(self.models.get(name, self.model), name,
+                                               self.topologies.get(name, self.topology),
                                                self.ports[name], "--device", test_device(), *self.extra,
                                                log=self.log(name), env=self.env)
 

@@ -10,13 +10,15 @@ import sys
 import pytest
 import torch
 
+from cake import launch
+from cake.client import Options
 from cake.generate import generate
 from cake.master import Master
 from cake.sampling import SamplingParams
 from cake.split import split_model
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
-from conftest import EOS, reference_greedy, reference_model, run, test_device
+from conftest import EOS, reference_greedy, reference_model, run, test_device, write_topology
 
 N = 24
 SPLITS = {
@@ -55,6 +57,43 @@ def test_all_local_matches_transformers(tiny_model, prompt_ids, expected):
 def test_split_matches_transformers(split, tiny_model, prompt_ids, expected, cluster):
     c = cluster(tiny_model, SPLITS[split])
     assert run(cake_generate(tiny_model, c.topology, prompt_ids)) == expected
+
+
+THREE = {"a": ["model.layers.0-1"], "b": ["model.layers.2-3"], "c": ["model.layers.4-5"]}
+
+
+async def generate_and_close(master, prompt_ids) -> list[int]:
+    try:
+        return await cake_generate(None, None, prompt_ids, master=master)
+    finally:
+        await master.close()
+
+
+@pytest.mark.parametrize("relay", [True, False])
+def test_workers_relay_to_each_other(relay, tiny_model, prompt_ids, expected, cluster):
+    """With relay, a -> b -> c pass hidden states on themselves and c answers the master; without,
+    each goes back through the master. Same tokens either way, and every stage ran every step."""
+    c = cluster(tiny_model, THREE)
+    master = Master(tiny_model, load_topology(c.topology), device=test_device(), options=Options(relay=relay))
+    assert run(generate_and_close(master, prompt_ids)) == expected
+    assert master.relayed_steps == (len(expected) if relay else 0)
+    assert [st.stats.calls for st in master.stages] == [len(expected)] * 3
+
+
+def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
+        tiny_model, prompt_ids, expected, cluster, tmp_path, caplog):
+    c = cluster(tiny_model, THREE, start=False)
+    # Worker a's own topology file has b at a port nobody listens on: a cannot relay to b.
+    c.topologies["a"] = write_topology(tmp_path / "a-sees.yml", {
+        "a": (c.ports["a"], THREE["a"]), "b": (launch.free_port(), THREE["b"]), "c": (c.ports["c"], THREE["c"])})
+    c.start_all()
+    master = Master(tiny_model, load_topology(c.topology), device=test_device())
+    with caplog.at_level("WARNING", logger="cake.master"):
+        assert run(generate_and_close(master, prompt_ids)) == expected
+    assert ("a", "b") in master._no_relay and ("b", "c") not in master._no_relay
+    assert master.relayed_steps == len(expected)  # b -> c still relays
+    warned = [r.getMessage() for r in caplog.records if "through the master" in r.getMessage()]
+    assert len(warned) == 1 and "worker 'a'" in warned[0] and "worker 'b'" in warned[0] and "\n" not in warned[0]
 
 
 def test_bundles_from_split_tool(tiny_model, prompt_ids, expected, cluster, tmp_path):

@@ -56,13 +56,13 @@ def frame(header: dict, payload: bytes = b"") -> bytes:
     return struct.pack(">II", 4 + len(head) + len(payload), len(head)) + head + payload
 
 
-def forward(positions=(0,), sessions=("s",), start=2, end=5, shape=(1, 3, H), dtype="f32", data=None) -> bytes:
+def forward(positions=(0,), sessions=("s",), start=2, end=5, shape=(1, 3, H), dtype="f32", data=None, **extra) -> bytes:
     n = 1
     for d in shape:
         n *= d
     payload = data if data is not None else bytes(4 * n if dtype == "f32" else 2 * n)
     return frame({"type": "forward", "id": 1, "start": start, "end": end, "sessions": list(sessions),
-                  "positions": list(positions), "tensor": {"dtype": dtype, "shape": list(shape)}}, payload)
+                  "positions": list(positions), "tensor": {"dtype": dtype, "shape": list(shape)}, **extra}, payload)
 
 
 def assert_serving(port: int) -> None:
@@ -125,6 +125,9 @@ ERRORS = {
     "no-tensor": (frame({"type": "forward", "id": 1, "start": 2, "end": 5, "sessions": ["s"], "positions": [0]}),
                   "bad_request"),
     "hello-again": (frame({"type": "hello", "proto": "cake", "version": 1, "nonce": b"x"}), "bad_request"),
+    "relay-lists-of-different-lengths": (forward(relay_workers=["x"], relay_starts=[5]), "bad_request"),
+    "relay-to-a-worker-not-in-the-topology": (forward(relay_workers=["nobody"], relay_starts=[5], relay_ends=[6],
+                                                      relay_conns=["t"]), "relay"),
 }
 
 
@@ -148,10 +151,25 @@ def test_bad_requests_get_error_replies_and_the_connection_goes_on(target, name)
     assert isinstance(ok, wire.Ok)
 
 
+def test_relayed_forward_naming_no_connection_is_dropped_and_the_connection_goes_on(target):
+    """A forward relayed for a master connection that is gone has nobody to answer: nothing comes back,
+    and the sender's connection keeps working."""
+    async def go():
+        reader, writer = await connect(target.ports["w"])
+        writer.write(forward(reply_conn="0" * 32))
+        writer.write(frame({"type": "ping"}))
+        await writer.drain()
+        msg, _ = await asyncio.wait_for(wire.read_message(reader, 1 << 26), 10)
+        writer.close()
+        return msg
+
+    assert isinstance(run(go()), wire.Ok)  # the ping's answer is the first thing on the connection
+
+
 def test_version_mismatch_is_a_clear_error(target):
     msg = run(reply_to(target.ports["w"], frame({"type": "hello", "proto": "cake", "version": 99, "nonce": b"n"}),
                        hello=False))
-    assert isinstance(msg, wire.Error) and msg.code == "version" and "protocol v1" in msg.message
+    assert isinstance(msg, wire.Error) and msg.code == "version" and f"protocol v{wire.VERSION}" in msg.message
 
 
 VALID = forward()
