@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import logging
 import time
 from dataclasses import dataclass
@@ -49,19 +50,17 @@ class Options:
     relay: bool = True  # consecutive workers pass hidden states to each other (see cake.worker)
 
 
-def stale(reply: wire.Message, want_id: int) -> bool:
-    """An answer to another forward than the one awaited (one a relay chain gave up on)."""
-    rid = getattr(reply, "id", 0)
-    if rid and rid != want_id:
-        log.debug("dropped a late answer to forward %d", rid)
-        return True
-    return False
+class LinkBroken(ConnectionError):
+    """The connection under a request broke (or was closed) before its answer came."""
 
 
 class WorkerLink:
-    # One id sequence for all links: a relayed forward's answer arrives on another link than the one
-    # it was sent on, and an answer that comes too late (from a chain that was given up) must never
-    # match another request's id.
+    """One connection to a worker. Requests are written one frame at a time and may overlap; a reader
+    task hands each answer to its request: by id for forwards (a relayed forward's answer arrives on
+    another link than the one it was sent on, and one from a chain given up on is dropped), in order
+    for the rest."""
+
+    # One id sequence for all links, so an answer can never match another link's request.
     ids = itertools.count(1)
 
     def __init__(self, worker: Worker, options: Options):
@@ -70,10 +69,13 @@ class WorkerLink:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.info: wire.Info | None = None
-        self.lock = asyncio.Lock()
-        # The read of the next reply, once started: a relay chain waits on several links at once and
-        # leaves the reads it did not need running, to serve the next request on their links.
-        self._read: asyncio.Task | None = None
+        self.generation = 0  # counts connections: a failure is recovered once per connection
+        self._write = asyncio.Lock()
+        self._connecting = asyncio.Lock()
+        self._waiting: dict[int, asyncio.Future] = {}  # forward id -> its answer
+        self._in_order: deque[asyncio.Future] = deque()  # answers without an id, in request order
+        self._reading: asyncio.Task | None = None
+        self._reported = 0  # the generation whose loss was logged
 
     @property
     def label(self) -> str:
@@ -104,6 +106,45 @@ class WorkerLink:
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")
         self.reader, self.writer, self.info = reader, writer, info
+        self.generation += 1
+        self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation))
+
+    async def _read_loop(self, reader: asyncio.StreamReader, generation: int) -> None:
+        try:
+            while True:
+                reply, out = await wire.read_message(reader, self.opt.max_frame)
+                rid = getattr(reply, "id", 0)
+                if rid:
+                    waiter = self._waiting.pop(rid, None)
+                else:
+                    waiter = self._in_order.popleft() if self._in_order else None
+                if waiter is None:
+                    log.debug("%s: dropped an answer nobody waits for (%s %d)", self.label, reply.TYPE, rid)
+                elif not waiter.done():
+                    waiter.set_result((reply, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # EOF, a reset, a broken frame: the connection is done for
+            if not isinstance(e, (ConnectionError, asyncio.IncompleteReadError, ProtocolError, OSError)):
+                log.exception("%s: reading answers failed", self.label)
+            if generation == self.generation:
+                self._drop(LinkBroken(f"{type(e).__name__}: {e}"))
+
+    def _drop(self, cause: BaseException) -> None:
+        """Close the connection; every request waiting on it gets `cause`."""
+        waiters = [*self._waiting.values(), *self._in_order]
+        self._waiting.clear()
+        self._in_order.clear()
+        for w in waiters:
+            if not w.done():
+                w.set_exception(cause)
+                w.exception()  # a waiter that was given up on must not warn "never retrieved"
+        if self._reading is not None and self._reading is not asyncio.current_task():
+            self._reading.cancel()
+        self._reading = None
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
     async def _handshake(self, reader, writer) -> wire.Info:
         mine = auth.nonce()
@@ -139,6 +180,17 @@ class WorkerLink:
         """Connect, retrying with backoff until `deadline` (monotonic); WorkerError after it."""
         if self.writer is not None:
             return
+        async with self._connecting:  # one connection, however many requests are waiting for it
+            if self.writer is None:
+                await self._connect_until(deadline)
+
+    async def connect_once(self) -> None:
+        """Connect if not connected, in one attempt (ConnectionError or WorkerError when it fails)."""
+        async with self._connecting:
+            if self.writer is None:
+                await self.connect()
+
+    async def _connect_until(self, deadline: float | None) -> None:
         deadline = deadline or time.monotonic() + self.opt.retry_timeout
         delay, reason = 0.1, ""
         while True:
@@ -155,89 +207,80 @@ class WorkerLink:
             delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
-        if self._read is not None:
-            if self._read.done() and not self._read.cancelled():
-                self._read.exception()  # seen: a dead connection's read needs no "never retrieved" warning
-            self._read.cancel()
-            self._read = None
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        self._drop(LinkBroken("closed"))
 
-    def read_task(self) -> asyncio.Task:
-        """The read of the next reply on this connection (started if need be)."""
-        if self._read is None:
-            self._read = asyncio.ensure_future(wire.read_message(self.reader, self.opt.max_frame))
-        return self._read
+    def expect(self, rid: int) -> asyncio.Future:
+        """Register for the answer to request `rid` (0: a request without an id) before sending it."""
+        waiter = asyncio.get_running_loop().create_future()
+        if rid:
+            self._waiting[rid] = waiter
+        else:
+            self._in_order.append(waiter)
+        return waiter
+
+    def forget(self, rid: int, waiter: asyncio.Future) -> None:
+        """Stop waiting: a late answer with this id is dropped. (One without an id keeps its place in
+        the order, so the answers after it still reach their requests.)"""
+        if rid and self._waiting.get(rid) is waiter:
+            del self._waiting[rid]
+        waiter.cancel()
+
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
+        """Write one frame (whole: writes are queued synchronously, so a cancelled caller cannot cut it)."""
+        async with self._write:
+            if self.writer is None:
+                raise LinkBroken("not connected")
+            await wire.write_message(self.writer, msg, tensor)
 
     async def request(self, msg: wire.Message, tensor: torch.Tensor | None = None
                       ) -> tuple[wire.Message, torch.Tensor | None]:
-        """Send one request, return its reply. A broken connection reconnects and raises SessionsLost."""
-        async with self.lock:
-            await self.ensure_connected()
-            await self.send(msg, tensor)
-            return await self.receive(getattr(msg, "id", 0))
-
-    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
-        """Write one request; the caller holds `lock` and is connected."""
+        """Send one request, return its answer. A broken connection reconnects and raises SessionsLost;
+        an error answer raises the matching exception."""
+        await self.ensure_connected()
+        rid, generation = getattr(msg, "id", 0), self.generation
+        waiter = self.expect(rid)
         try:
-            await wire.write_message(self.writer, msg, tensor)
+            await self.send(msg, tensor)
+            reply, out = await asyncio.wait_for(asyncio.shield(waiter), self.opt.request_timeout)
         except (ConnectionError, asyncio.TimeoutError, ProtocolError) as e:
-            await self._recover(e)
+            self.forget(rid, waiter)
+            await self.recover(generation, e)
             raise SessionsLost(self.worker.name) from None
         except BaseException:
-            self.close()  # cancelled mid-frame: the stream is unusable
+            self.forget(rid, waiter)  # cancelled: the answer, when it comes, is dropped
             raise
-
-    async def receive(self, want_id: int) -> tuple[wire.Message, torch.Tensor | None]:
-        """Read the reply to request `want_id` (0: a request without an id), skipping late answers to
-        forwards given up on; an error reply becomes the matching exception. The caller holds `lock`."""
-        while True:
-            reply, out = await self.receive_raw()
-            if not stale(reply, want_id):
-                break
         self.raise_for_error(reply)
         return reply, out
 
-    async def receive_raw(self) -> tuple[wire.Message, torch.Tensor | None]:
-        """Read one reply as it is; a broken connection reconnects and raises SessionsLost."""
-        try:
-            # shield: a timeout or a cancelled caller must not cut a frame in half; close() (below, or
-            # in _recover) cancels the read with the connection.
-            reply, out = await asyncio.wait_for(asyncio.shield(self.read_task()), self.opt.request_timeout)
-            self._read = None
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
-            await self._recover(e)
-            raise SessionsLost(self.worker.name) from None
-        except BaseException:
-            # Cancelled mid-request: the reply may still arrive and would be read as the answer to
-            # the next request. Drop the connection; the next request reconnects and replays.
-            self.close()
-            raise
-        return reply, out
-
-    def raise_for_error(self, reply: wire.Message) -> None:
+    def raise_for_error(self, reply: wire.Message, next_worker: str = "") -> None:
         if isinstance(reply, wire.Error):
             if reply.code == "cache_behind":
                 raise SessionsLost(self.worker.name, reply.cached)
-            if reply.code == "relay":
-                raise RelayFailed(f"{self.label} {reply.message}", (self.worker.name, reply.peer))
+            if reply.code == "relay" and next_worker:
+                raise RelayFailed(f"{self.label} {reply.message}", (self.worker.name, next_worker))
             raise WorkerError(f"{self.label}: {reply.message}")
 
-    async def _recover(self, cause: BaseException) -> None:
-        what = "timed out" if isinstance(cause, asyncio.TimeoutError) else "connection lost"
-        self.close()
-        log.warning("%s: %s; reconnecting for up to %gs", self.label, what, self.opt.retry_timeout)
+    async def recover(self, generation: int, cause: BaseException) -> None:
+        """After a request on connection `generation` failed: drop that connection (unless another
+        request already did) and reconnect, for up to --retry-timeout."""
+        report = generation == self.generation and self._reported != generation
+        if report:
+            self._reported = generation
+            what = "timed out" if isinstance(cause, asyncio.TimeoutError) else "connection lost"
+            log.warning("%s: %s; reconnecting for up to %gs", self.label, what, self.opt.retry_timeout)
+        if generation == self.generation and self.writer is not None:
+            self._drop(LinkBroken(f"{type(cause).__name__}"))
         t0 = time.monotonic()
         await self.ensure_connected(t0 + self.opt.retry_timeout)
-        log.warning("%s is back after %.1fs; replaying lost sessions", self.label, time.monotonic() - t0)
+        if report:
+            log.warning("%s is back after %.1fs; replaying lost sessions", self.label, time.monotonic() - t0)
 
     async def forward(self, start: int, end: int, sessions: list[str], positions: list[int],
                       hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Run layers [start, end) on the worker: the hidden states out, and the worker's compute seconds."""
         msg = wire.Forward(next(self.ids), start, end, sessions, positions)
         reply, out = await self.request(msg, hidden)
-        if not isinstance(reply, wire.Result) or reply.id != msg.id or out is None or out.shape != hidden.shape:
+        if not isinstance(reply, wire.Result) or out is None or out.shape != hidden.shape:
             self.close()
             raise WorkerError(f"{self.label} answered a forward with a malformed result; restart it")
         return out, reply.compute_us / 1e6

@@ -10,7 +10,6 @@ stage still holds, and the user sees a pause, never a different answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cake import wire
-from cake.client import Options, RelayFailed, SessionsLost, WorkerLink, stale
+from cake.client import Options, RelayFailed, SessionsLost, WorkerLink
 from cake.errors import CakeError, WorkerError
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
@@ -119,57 +118,58 @@ class RelayChain:
     """Consecutive remote stages on distinct workers run as one relayed request: the master sends the
     hidden states to the first worker, each worker passes its output straight on to the next, and the
     last answers the master. Per token that is one message per worker plus one, instead of two per
-    worker. A worker that cannot do its part answers its own connection with an error instead (and
-    nothing goes further), so the master waits on every link of the chain at once."""
+    worker. A worker that cannot do its part answers with an error carrying the forward's id instead
+    (and nothing goes further), so the master waits on every link of the chain for that id."""
 
     def __init__(self, stages: list[RemoteStage]):
         self.stages = stages
 
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        names = [st.link.worker.name for st in self.stages]
+        return list(zip(names, names[1:]))
+
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         links = [st.link for st in self.stages]
-        async with contextlib.AsyncExitStack() as held:
-            for link in links:  # always in pipeline order, so two chains cannot deadlock
-                await held.enter_async_context(link.lock)
-            for link in links:
-                await link.ensure_connected()
-            first, rest = self.stages[0], self.stages[1:]
-            msg = wire.Forward(next(first.link.ids), first.stage.start, first.stage.end, sessions, positions,
-                               [st.link.worker.name for st in rest], [st.stage.start for st in rest],
-                               [st.stage.end for st in rest], [st.link.info.conn for st in rest])
-            t0 = time.perf_counter()
+        for link in links:
+            await link.ensure_connected()
+        first, rest = self.stages[0], self.stages[1:]
+        msg = wire.Forward(next(WorkerLink.ids), first.stage.start, first.stage.end, sessions, positions,
+                           [st.link.worker.name for st in rest], [st.stage.start for st in rest],
+                           [st.stage.end for st in rest], [st.link.info.conn for st in rest])
+        generations = [link.generation for link in links]
+        waiters = [link.expect(msg.id) for link in links]
+        t0 = time.perf_counter()
+        try:
             await first.link.send(msg, hidden)
-            deadline = time.monotonic() + first.link.opt.request_timeout
-            while True:
-                reads = [link.read_task() for link in links]
-                try:
-                    await asyncio.wait(reads, timeout=max(0.0, deadline - time.monotonic()),
-                                       return_when=asyncio.FIRST_COMPLETED)
-                except BaseException:  # cancelled: any of them may still answer
-                    for link in links:
-                        link.close()
-                    raise
-                answered = [i for i, r in enumerate(reads) if r.done()]
-                if not answered:  # nobody answered in time; start every connection of the chain afresh
-                    for link in links[:-1]:
-                        link.close()
-                    return await self._lost(links[-1], asyncio.TimeoutError())
-                i = answered[0]
-                # The links that did not answer keep their reads for their next reply.
-                try:
-                    reply, out = await links[i].receive_raw()
-                except BaseException:
-                    for link in links[i + 1:]:  # hop i may have relayed before its connection broke
-                        link.close()
-                    raise
-                if not stale(reply, msg.id):
-                    break
-            links[i].raise_for_error(reply)  # an error reply for this forward: nothing went further
-            if (i < len(links) - 1 or not isinstance(reply, wire.Result) or out is None
-                    or out.shape != hidden.shape or len(reply.upstream_us) != i):
-                for link in links[i:]:
-                    link.close()
-                raise WorkerError(f"{links[i].label} answered a relayed forward with a malformed "
-                                  f"'{reply.TYPE}'; restart it")
+            # Each hop gets the whole timeout: a long prompt takes its time on every worker.
+            await asyncio.wait(waiters, timeout=first.link.opt.request_timeout * len(links),
+                               return_when=asyncio.FIRST_COMPLETED)
+        except ConnectionError as e:  # the send failed: nothing reached anyone
+            self._forget(links, msg.id, waiters)
+            await first.link.recover(generations[0], e)
+            raise SessionsLost(first.link.worker.name) from None
+        except BaseException:  # cancelled: answers that still come are dropped by id
+            self._forget(links, msg.id, waiters)
+            raise
+        answered = [i for i, w in enumerate(waiters) if w.done()]
+        self._forget(links, msg.id, waiters)
+        if not answered:  # nobody answered in time and it is not known who is stuck: start afresh
+            for link, generation in zip(links, generations):
+                await link.recover(generation, asyncio.TimeoutError())
+            raise SessionsLost(links[-1].worker.name)
+        i = answered[0]
+        if waiters[i].exception() is not None:  # that connection broke (a late answer after it is dropped)
+            await links[i].recover(generations[i], waiters[i].exception())
+            raise SessionsLost(links[i].worker.name)
+        reply, out = waiters[i].result()
+        last = i == len(links) - 1
+        links[i].raise_for_error(reply, "" if last else links[i + 1].worker.name)  # nothing went further
+        if not last or not isinstance(reply, wire.Result) or out is None or out.shape != hidden.shape \
+                or len(reply.upstream_us) != i:
+            links[i].close()
+            raise WorkerError(f"{links[i].label} answered a relayed forward with a malformed "
+                              f"'{reply.TYPE}'; restart it")
         computes = [us / 1e6 for us in (*reply.upstream_us, reply.compute_us)]
         # One wall time for the chain: each stage gets its own compute and an equal share of the rest.
         share = max(0.0, time.perf_counter() - t0 - sum(computes)) / len(computes)
@@ -178,9 +178,10 @@ class RelayChain:
         return out
 
     @staticmethod
-    async def _lost(link: WorkerLink, cause: BaseException) -> torch.Tensor:
-        await link._recover(cause)
-        raise SessionsLost(link.worker.name)
+    def _forget(links: list[WorkerLink], rid: int, waiters: list[asyncio.Future]) -> None:
+        for link, waiter in zip(links, waiters):
+            if not waiter.done():
+                link.forget(rid, waiter)
 
 
 class Master:
@@ -284,6 +285,7 @@ class Master:
                 return await self._run(sessions)
             except RelayFailed as e:
                 self._relay_failed(e)  # nothing is lost: the step runs again without that relay
+                lost = e.pair[0]
                 continue
             except SessionsLost as e:
                 lost = e.worker
@@ -312,7 +314,10 @@ class Master:
         relayed = False
         for hop in self._hops():
             h = await hop.forward(names, starts, h)
-            relayed |= isinstance(hop, RelayChain)
+            if isinstance(hop, RelayChain):
+                relayed = True
+                for pair in hop.pairs:  # it works (again): a later failure starts from the first backoff
+                    self._no_relay.pop(pair, None)
         self.relayed_steps += relayed
         logits = await self._compute(self._logits, h)
         for s in sessions:

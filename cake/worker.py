@@ -74,6 +74,7 @@ class Worker:
         self.topology = topology or Topology()
         self.conns: dict[str, Conn] = {}  # by token
         self.peers: dict[str, WorkerLink] = {}  # relay connections to other workers, by name
+        self._answers: set[asyncio.Task] = set()
         self.stack = stack
         self.config = config
         self.key = key or None
@@ -173,9 +174,16 @@ class Worker:
         if dest is conn:
             await conn.send(reply, out)
             return
+        # An answer for a master's connection, from a relaying worker's: sent on its own task, so a slow
+        # master does not hold up the relays to this worker for everyone else (its lock keeps the order).
+        task = asyncio.ensure_future(self._answer(dest, reply, out))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _answer(self, dest: Conn, reply: wire.Message, out: torch.Tensor | None) -> None:
         try:
             await dest.send(reply, out)
-        except ConnectionError as e:  # the master's connection broke; its own task cleans up
+        except (ConnectionError, OSError) as e:  # that master's connection broke; its own task cleans up
             log.warning("could not answer a relayed forward: %s", e)
 
     async def _dispatch(self, conn: int, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
@@ -192,6 +200,11 @@ class Worker:
         except RequestError as e:
             log.warning("request from %s refused: %s", peer, e)
             return wire.Error(e.code, str(e), e.cached, e.peer, getattr(msg, "id", 0)), None
+        except Exception as e:  # a bug or an out-of-memory: answer it (the master must not wait), keep serving
+            log.exception("request from %s failed", peer)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return wire.Error("internal", f"worker '{self.name}' failed ({type(e).__name__}: {first}); see its log",
+                              id=getattr(msg, "id", 0)), None
 
     async def _forward(self, conn: int, msg: wire.Forward, x: torch.Tensor | None):
         c = self.config
@@ -213,6 +226,9 @@ class Worker:
             hops = msg.relay_hops()
         except ProtocolError as e:
             raise RequestError("bad_request", str(e)) from None
+        names = [h[0] for h in hops]
+        if len(set(names)) != len(names) or self.name in names or len(names) > len(self.topology.workers):
+            raise RequestError("bad_request", "a relay must go on to distinct other workers")
         if hops and hops[0][0] not in self.topology.workers:
             raise RequestError("relay", f"has no worker '{hops[0][0]}' in its topology file (give every node "
                                         f"the same topology)", peer=hops[0][0])
@@ -241,17 +257,14 @@ class Worker:
         link = self.peers.get(name)
         if link is None:
             link = self.peers[name] = WorkerLink(self.topology.workers[name], Options(key=self.key, connect_timeout=5.0))
-        async with link.lock:  # one frame at a time, whichever master connection relays
-            try:
-                # The peer never writes on this connection, so EOF or a closed transport means it went away
-                # (restarted): reconnect rather than write into a dead socket.
-                if link.writer is None or link.writer.is_closing() or link.reader.at_eof():
-                    link.close()
-                    await link.connect()
-                await wire.write_message(link.writer, fwd, out)
-            except (ConnectionError, OSError, CakeError) as e:
-                link.close()
-                raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
+        try:
+            # The link's reader notices when the next worker goes away (a restart), so this reconnects
+            # rather than writing into a dead socket.
+            await link.connect_once()
+            await link.send(fwd, out)
+        except (ConnectionError, OSError, CakeError) as e:
+            link.close()
+            raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
 
     def _cache(self, conn: int, session: str, pos: int, start: int, end: int) -> KVCache:
         key = (conn, session)

@@ -96,6 +96,38 @@ def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
     assert len(warned) == 1 and "worker 'a'" in warned[0] and "worker 'b'" in warned[0] and "\n" not in warned[0]
 
 
+def test_interleaved_worker_ranges_relay_while_another_session_starts(tiny_model, prompt_ids, expected, cluster):
+    """a and b each appear twice in the pipeline (chains a->b->c and b->a): a prompt's prefill running
+    while other sessions decode must neither deadlock nor change anyone's tokens."""
+    c = cluster(tiny_model, {"a": ["model.layers.0", "model.layers.5"], "b": ["model.layers.1", "model.layers.4"],
+                             "c": ["model.layers.2-3"]})
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
+        await master.connect()
+        started = asyncio.Event()
+
+        async def first():
+            out = []
+            async for t in generate(master, prompt_ids, SamplingParams(), N, EOS):
+                out.append(t)
+                if len(out) == 3:
+                    started.set()
+            return out
+
+        async def later():
+            await started.wait()  # its prefill overlaps the first session's decode steps
+            return await cake_generate(None, None, prompt_ids, master=master)
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(first(), later(), later()), 120), master.relayed_steps
+        finally:
+            await master.close()
+
+    outs, relayed = run(go())
+    assert outs == [expected] * 3 and relayed > 0
+
+
 def test_bundles_from_split_tool(tiny_model, prompt_ids, expected, cluster, tmp_path):
     c = cluster(tiny_model, SPLITS["ranges-with-master-between"], start=False)
     c.models = {b.name: b for b in split_model(tiny_model, c.topology, tmp_path / "bundles", quiet=True)}
