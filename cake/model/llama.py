@@ -135,6 +135,7 @@ class KVCache:
         alloc = torch.zeros if zeroed else torch.empty
         self.k = alloc(shape, dtype=dtype, device=device)
         self.v = alloc(shape, dtype=dtype, device=device)
+        self.k_of, self.v_of = list(self.k.unbind(0)), list(self.v.unbind(0))  # per-slot views
         self.capacity = capacity
         self.graphs: dict = {}  # captured decode steps over this cache (cake.model.cuda_graphs)
         # Per layer: how many positions hold valid keys. A session's layers can be run by separate
@@ -206,12 +207,12 @@ class DecoderLayer:
         for b, row in enumerate(rows):
             cache, pos = row.cache, row.start
             slot = cache.slot[self.index]
-            cache.k[slot, :, pos] = k[b]
-            cache.v[slot, :, pos] = v[b]
+            ck, cv = cache.k_of[slot], cache.v_of[slot]  # [kv_heads, capacity, hd]; narrow/select, not indexing
+            ck.select(1, pos).copy_(k[b])
+            cv.select(1, pos).copy_(v[b])
             cache.lengths[slot] = pos + 1
-            keys = cache.k[slot, :, :pos + 1].unsqueeze(0)
-            values = cache.v[slot, :, :pos + 1].unsqueeze(0)
-            outs.append(F.scaled_dot_product_attention(q[b:b + 1], keys, values, enable_gqa=self._gqa))
+            keys, values = ck.narrow(1, 0, pos + 1).unsqueeze(0), cv.narrow(1, 0, pos + 1).unsqueeze(0)
+            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values, enable_gqa=self._gqa))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self._finish_one(x, out.reshape(x.shape[0], -1))
 
@@ -240,9 +241,10 @@ class DecoderLayer:
         B = x.shape[0]
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = linear(rms_norm(x, self.attn_norm, c.rms_norm_eps), self.wqkv, self.bqkv)
-        qk = torch.bmm(qkv[:, :(nh + nkv) * hd].view(B, nh + nkv, hd), rot)
-        v = qkv[:, (nh + nkv) * hd:].view(B, nkv, hd)
-        return qk[:, :nh].unsqueeze(2), qk[:, nh:], v
+        n = (nh + nkv) * hd
+        qk = torch.bmm(qkv.narrow(1, 0, n).view(B, nh + nkv, hd), rot)
+        v = qkv.narrow(1, n, nkv * hd).view(B, nkv, hd)
+        return qk.narrow(1, 0, nh).unsqueeze(2), qk.narrow(1, nh, nkv), v
 
     def _finish_one(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Attention output [B, heads * hd] -> the layer's output [B, H]."""
