@@ -337,7 +337,7 @@ class LayerStack:
         if T == 1:
             pos = torch.tensor([r.start for r in rows], device=self.device)
             rot = rope_rotations(self.cos[pos].to(self.dtype), self.sin[pos].to(self.dtype), self.eye, self.swap)
-            x = x.view(B, H)
+            x = x.reshape(B, H)  # a view unless the caller handed a strided slice
             for i in range(start, end):
                 x = self.layers[i].decode(x, rows, rot)
             return x.view(B, 1, H)
@@ -359,7 +359,7 @@ class LayerStack:
                              self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
         mask = (torch.arange(span, device=pos.device) <= pos).view(1, 1, 1, span)
         H = x.shape[-1]
-        x = x.view(1, H)
+        x = x.reshape(1, H)
         for i in range(start, end):
             x = self.layers[i].decode_static(x, cache, pos, rot, mask)
         return x.view(1, 1, H)
