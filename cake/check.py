@@ -1,7 +1,9 @@
 """`cake --check`: reach every worker in the topology and show what it serves, without loading weights.
 
 For setting up a cluster: each worker's handshake (version, cluster key, layers against the topology),
-its device, dtype, context and free memory, and the round-trip time to it.
+its device, dtype, context and free memory, and the round-trip time to it; then, for each pair of
+consecutive workers, whether the first can relay hidden states to the second (one token of zeros
+through both, in a throwaway session).
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
+
+import torch
 
 from cake import wire
 from cake.client import Options, WorkerLink
 from cake.errors import CakeError
 from cake.model.config import load_config
-from cake.topology import Worker, format_layers, load_topology
+from cake.topology import Stage, Worker, format_layers, load_topology
 
 PINGS = 5
 
@@ -44,11 +49,40 @@ async def probe(worker: Worker, options: Options) -> WorkerStatus:
         link.close()
 
 
+def relay_pairs(stages: list[Stage]) -> list[tuple[Stage, Stage]]:
+    """Consecutive stages on two different workers: where the master relays."""
+    return [(a, b) for a, b in zip(stages, stages[1:])
+            if a.worker is not None and b.worker is not None and a.worker.name != b.worker.name]
+
+
+async def probe_relay(a: Stage, b: Stage, hidden_size: int, options: Options) -> str:
+    """'' if worker a passes one token's hidden states on to worker b, else what went wrong."""
+    from cake.client import RelayFailed, SessionsLost
+    from cake.master import RelayChain, RemoteStage
+
+    links = [WorkerLink(a.worker, options), WorkerLink(b.worker, options)]
+    session = f"cake-check-{uuid.uuid4().hex[:12]}"
+    try:
+        chain = RelayChain([RemoteStage(a, links[0]), RemoteStage(b, links[1])])
+        await chain.forward([session], [0], torch.zeros(1, 1, hidden_size))
+        return ""
+    except (CakeError, SessionsLost, RelayFailed) as e:
+        return str(e) or type(e).__name__
+    finally:
+        for link in links:
+            await link.end([session])
+            link.close()
+
+
 def run_check(model_dir: str, topology_path: str | None, options: Options) -> None:
     config = load_config(model_dir)
     topology = load_topology(topology_path)
     stages = topology.stages(config.num_hidden_layers)
     statuses = asyncio.run(_probe_all(list(topology.workers.values()), options))
+    ready = not any(st.error for st in statuses)
+    relays = []
+    if ready and options.relay:
+        relays = asyncio.run(_probe_relays(relay_pairs(stages), config.hidden_size, options))
     local = [i for s in stages if s.worker is None for i in range(s.start, s.end)]
     print(f"{config.num_hidden_layers} layers in {len(stages)} stage(s): " + " -> ".join(map(str, stages)))
     print("master: embedding, head" + (f", layers {format_layers(local)}" if local else ""))
@@ -60,6 +94,11 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
         i = st.info
         print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}), "
               f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms")
+    for (a, b), problem in relays:
+        if problem:
+            print(f"relay {a} -> {b}: FAILED, the master will carry these hidden states itself: {problem}")
+        else:
+            print(f"relay {a} -> {b}: ok")
     bad = [st.worker.name for st in statuses if st.error]
     if bad:
         raise CakeError(f"{len(bad)} of {len(statuses)} worker(s) not ready: {', '.join(bad)}; see above")
@@ -67,3 +106,7 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
 
 async def _probe_all(workers: list[Worker], options: Options) -> list[WorkerStatus]:
     return list(await asyncio.gather(*(probe(w, options) for w in workers)))
+
+
+async def _probe_relays(pairs: list[tuple[Stage, Stage]], hidden_size: int, options: Options):
+    return [((a, b), await probe_relay(a, b, hidden_size, options)) for a, b in pairs]

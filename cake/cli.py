@@ -105,7 +105,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         from cake.check import run_check
         from cake.client import Options
 
-        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout))
+        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay))
         return
     from cake.run_master import MasterArgs, run_master
 

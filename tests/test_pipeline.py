@@ -82,11 +82,19 @@ def test_workers_relay_to_each_other(relay, tiny_model, prompt_ids, expected, cl
 
 def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
         tiny_model, prompt_ids, expected, cluster, tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from cake.cli import main
+
     c = cluster(tiny_model, THREE, start=False)
     # Worker a's own topology file has b at a port nobody listens on: a cannot relay to b.
     c.topologies["a"] = write_topology(tmp_path / "a-sees.yml", {
         "a": (c.ports["a"], THREE["a"]), "b": (launch.free_port(), THREE["b"]), "c": (c.ports["c"], THREE["c"])})
     c.start_all()
+    check = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check"])
+    assert check.exit_code == 0, check.output  # the cluster works, through the master between a and b
+    assert "relay a[0-1] -> b[2-3]: FAILED, the master will carry these hidden states itself: worker 'a'" in check.stdout
+    assert "relay b[2-3] -> c[4-5]: ok" in check.stdout
     master = Master(tiny_model, load_topology(c.topology), device=test_device())
     with caplog.at_level("WARNING", logger="cake.master"):
         assert run(generate_and_close(master, prompt_ids)) == expected
@@ -298,6 +306,7 @@ def test_cli_check_reports_every_worker(tiny_model, cluster):
     assert "6 layers in 4 stage(s): a[0-1] -> master[2-3] -> a[4-4] -> b[5-5]" in ok.stdout
     assert "master: embedding, head, layers 2-3" in ok.stdout
     assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-1,4 on {test_device()} (f32), context 4096" in ok.stdout
+    assert "relay a[4-4] -> b[5-5]: ok" in ok.stdout
     c.kill("b")
     bad = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check",
                                     "--retry-timeout", "0.5"])
