@@ -508,27 +508,88 @@ def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[s
                                  for name, (start, end) in ranges.items()}, "benchmark worker")
 
 
+async def proxy_main(spec: dict) -> None:
+    """Forward each route's listen port to its target port on 127.0.0.1, holding every chunk of bytes
+    `delay_ms` in each direction: a network's latency on loopback, for --link-delay-ms."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    delay = spec["delay_ms"] / 1e3
+
+    def nodelay(writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:  # in order, each chunk once its delay is up
+            while (item := await queue.get())[1]:
+                wait = item[0] - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(item[1])
+                await writer.drain()
+
+        task = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(1 << 20):
+                queue.put_nowait((loop.time() + delay, data))
+        except ConnectionError:
+            pass
+        finally:
+            queue.put_nowait((0.0, b""))
+            try:
+                await task
+            except ConnectionError:
+                pass
+            writer.close()
+
+    async def connection(listen_reader, listen_writer, target: int) -> None:
+        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target)
+        nodelay(listen_writer)
+        nodelay(target_writer)
+        await asyncio.gather(pipe(listen_reader, target_writer), pipe(target_reader, listen_writer),
+                             return_exceptions=True)
+
+    for listen, target in spec["routes"]:
+        await asyncio.start_server(lambda r, w, t=target: connection(r, w, t), "127.0.0.1", listen)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 @contextmanager
-def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str) -> Iterator[Cluster]:
-    """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped."""
+def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str,
+                    link_delay_ms: float = 0.0) -> Iterator[Cluster]:
+    """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped.
+    With a link delay, the topology sends everyone (master and workers) through a delaying proxy."""
     ranges = halves(layers)
     ports = {name: launch.free_port() for name in ranges}
+    reached = {name: launch.free_port() for name in ranges} if link_delay_ms > 0 else ports
     topology = logs / "topology.yml"
-    write_topology(topology, ranges, ports)
+    write_topology(topology, ranges, reached)
     procs: dict[str, subprocess.Popen] = {}
     try:
+        if link_delay_ms > 0:
+            spec = {"delay_ms": link_delay_ms, "routes": [[reached[n], ports[n]] for n in ranges]}
+            procs["proxy"] = subprocess.Popen([sys.executable, str(SCRIPT), "--proxy", json.dumps(spec)],
+                                              stdout=subprocess.PIPE, text=True)
+            if procs["proxy"].stdout.readline().strip() != "ready":
+                raise CakeError("the --link-delay-ms proxy failed to start")
         for name in ranges:
             log = logs / f"{name}.log"
             log.unlink(missing_ok=True)
             procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", device,
                                               "--dtype", dtype, log=log)
-        for name, proc in procs.items():
+        for name in ranges:
             try:
-                launch.wait_ready(ports[name], proc, WORKER_START_TIMEOUT)
+                launch.wait_ready(ports[name], procs[name], WORKER_START_TIMEOUT)
             except CakeError as e:
                 log = logs / f"{name}.log"
                 raise CakeError(f"{name} failed to start ({e}): {last_line(log)} [log: {log}]") from None
-        yield Cluster(topology, procs)
+        yield Cluster(topology, {name: procs[name] for name in ranges})
     finally:
         for proc in procs.values():
             launch.stop(proc)
@@ -565,12 +626,12 @@ class Measured:
 
 
 def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
-            logs: Path, device: str, dtype: str) -> tuple[dict[str, Measured], dict[str, int | None]]:
+            logs: Path, device: str, dtype: str, link_delay_ms: float = 0.0) -> tuple[dict[str, Measured], dict[str, int | None]]:
     """Every figure of one model, in interleaved rounds; returns what each child measured and the
     workers' peak RSS."""
     with ExitStack() as stack:
         progress(f"{spec.name}: starting 2 workers, then the transformers, cake and matvec processes")
-        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype))
+        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms))
         base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype)
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
@@ -646,6 +707,7 @@ class ModelResult:
     device: str = "cpu"
     dtype: str = "f32"
     no_relay: Measured | None = None  # 2 workers, every hidden state through the master
+    link_delay_ms: float = 0.0  # each way, on every connection to a worker (an emulated network)
 
     @property
     def matvec_s(self) -> float:
@@ -703,7 +765,7 @@ class ModelResult:
         speeds = {k: asdict(self.speed(m)) for k, m in measured}
         return {
             "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
-            "repeats": self.repeats,
+            "repeats": self.repeats, "link_delay_ms": self.link_delay_ms,
             "weights": {"total": self.weights.total, "decode_step": self.weights.decode_step,
                         "master": self.weights.master, "layers": self.weights.layers},
             "speed": speeds,
@@ -718,14 +780,16 @@ class ModelResult:
 
 
 def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int,
-                device: str = "cpu", dtype: str = "f32") -> ModelResult:
+                device: str = "cpu", dtype: str = "f32", link_delay_ms: float = 0.0) -> ModelResult:
     model_dir = ensure_model(spec, workdir)
     weights = WeightBytes.read(model_dir).in_dtype(dtype)
     logs = workdir / "runs" / spec.name
     logs.mkdir(parents=True, exist_ok=True)
-    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype)
+    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype,
+                            link_delay_ms)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
-                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"])
+                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"],
+                       link_delay_ms)
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -766,6 +830,9 @@ def report(r: ModelResult, quick: bool) -> str:
            f"warm-up; {r.local.threads} torch thread(s) per process; {machine()}"]
     if quick:
         out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
+    if r.link_delay_ms:
+        out.append(f"EMULATED NETWORK: every connection to a worker goes through a local proxy that holds each "
+                   f"chunk {r.link_delay_ms:g} ms each way (--link-delay-ms); worker figures include it")
 
     def speed_row(label: str, sp: Speed) -> list[str]:
         return [label, f"{sp.decode_ms:.2f}", f"{sp.decode_tps:.1f}", f"{sp.prefill_tps:.0f}", f"{sp.ttft_ms:.1f}",
@@ -843,7 +910,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    "(default: cpu); on a GPU, peak RSS counts host memory only")
     p.add_argument("--dtype", choices=list(ITEMSIZE), default="f32", help="every node's and transformers' dtype "
                                                                         "(default: f32)")
+    p.add_argument("--link-delay-ms", type=float, default=0.0,
+                   help="emulate a network: reach the workers (from the master and from each other) through a "
+                        "local proxy that holds every chunk this long each way (default: 0, direct)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--proxy", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = {"model": "tiny", "tokens": 16, "prompt_tokens": 32, "repeats": 1}
     full = {"model": "both", "tokens": 64, "prompt_tokens": 128, "repeats": 3}
@@ -852,6 +923,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
         p.error("--tokens must be at least 2, --prompt-tokens and --repeats at least 1")
+    if not 0 <= args.link_delay_ms <= 10_000:
+        p.error("--link-delay-ms must be between 0 and 10000")
     return args
 
 
@@ -860,12 +933,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args.child)
         return
+    if args.proxy:
+        import asyncio
+
+        asyncio.run(proxy_main(json.loads(args.proxy)))
+        return
     # A plain `kill` unwinds like Ctrl-C, so the workers started here are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ["tiny", "big"] if args.model == "both" else [args.model]
     try:
         results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats, args.device,
-                               args.dtype) for n in names]
+                               args.dtype, args.link_delay_ms) for n in names]
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
