@@ -126,3 +126,49 @@ def test_stage_split_is_the_median_runs():
     splits = [[bench.StageSplit("worker-a[0-3]", 63, d * 63 / 1e3, 0.0)] for d in (50.0, 10.0, 12.0)]
     m = bench.Measured(runs=runs, stage_runs=splits)
     assert m.stages == splits[2]  # decode 12 ms: the median of 10, 12, 50
+
+
+def test_link_delay_proxy_delivers_every_byte_in_order_and_late():
+    """The --link-delay-ms proxy (a real process on loopback) must hold traffic both ways, and lose or
+    reorder nothing, or the emulated-network figures mean nothing."""
+    import asyncio
+    import json
+    import subprocess
+    import time
+
+    from cake import launch
+
+    delay_ms = 40
+
+    async def go() -> tuple[bytes, float]:
+        async def echo(reader, writer):
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        target = server.sockets[0].getsockname()[1]
+        listen = launch.free_port()
+        spec = {"delay_ms": delay_ms, "routes": [[listen, target]]}
+        proxy = subprocess.Popen([sys.executable, str(Path(bench.__file__)), "--proxy", json.dumps(spec)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert await asyncio.to_thread(proxy.stdout.readline) == "ready\n"
+            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+            sent = b"".join(bytes([i]) * 5000 for i in range(20))
+            t0 = time.monotonic()
+            for i in range(0, len(sent), 7000):
+                writer.write(sent[i:i + 7000])
+                await writer.drain()
+            got = await asyncio.wait_for(reader.readexactly(len(sent)), 10)
+            elapsed = time.monotonic() - t0
+            writer.close()
+            return got == sent, elapsed
+        finally:
+            launch.stop(proxy)
+            server.close()
+
+    same, elapsed = asyncio.run(go())
+    assert same
+    assert elapsed >= 2 * delay_ms / 1e3  # there and back
