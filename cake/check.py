@@ -12,7 +12,7 @@ import asyncio
 import statistics
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
 PINGS = 5
+RELAY_PROBE_TIMEOUT = 10.0  # seconds for one token through two workers' layers
 
 
 @dataclass
@@ -46,7 +47,7 @@ async def probe(worker: Worker, options: Options) -> WorkerStatus:
     except Exception as e:  # every failure is reported on its row; the others are still probed
         return WorkerStatus(worker, error=str(e) if isinstance(e, CakeError) else f"{type(e).__name__}: {e}")
     finally:
-        link.close()
+        link.shutdown()
 
 
 def relay_pairs(stages: list[Stage]) -> list[tuple[Stage, Stage]]:
@@ -56,22 +57,27 @@ def relay_pairs(stages: list[Stage]) -> list[tuple[Stage, Stage]]:
 
 
 async def probe_relay(a: Stage, b: Stage, hidden_size: int, options: Options) -> str:
-    """'' if worker a passes one token's hidden states on to worker b, else what went wrong."""
-    from cake.client import RelayFailed, SessionsLost
+    """'' if worker a passes one token's hidden states on to worker b, else what went wrong. (The
+    throwaway session holds a KV cache on each worker for a moment, and is ended at once.)"""
+    from cake.client import SessionsLost
     from cake.master import RelayChain, RemoteStage
 
-    links = [WorkerLink(a.worker, options), WorkerLink(b.worker, options)]
+    quick = replace(options, request_timeout=RELAY_PROBE_TIMEOUT, retry_timeout=min(options.retry_timeout, 5.0))
+    links = [WorkerLink(a.worker, quick), WorkerLink(b.worker, quick)]
     session = f"cake-check-{uuid.uuid4().hex[:12]}"
     try:
         chain = RelayChain([RemoteStage(a, links[0]), RemoteStage(b, links[1])])
         await chain.forward([session], [0], torch.zeros(1, 1, hidden_size))
         return ""
-    except (CakeError, SessionsLost, RelayFailed) as e:
-        return str(e) or type(e).__name__
+    except SessionsLost as e:
+        return (f"no answer through worker '{e.worker}' within {RELAY_PROBE_TIMEOUT:g}s, or its connection broke; "
+                f"check that '{a.worker.name}' can reach {b.worker.address}")
+    except CakeError as e:
+        return str(e)
     finally:
         for link in links:
             await link.end([session])
-            link.close()
+            link.shutdown()
 
 
 def run_check(model_dir: str, topology_path: str | None, options: Options) -> None:

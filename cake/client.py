@@ -76,6 +76,7 @@ class WorkerLink:
         self._in_order: deque[asyncio.Future] = deque()  # answers without an id, in request order
         self._reading: asyncio.Task | None = None
         self._reported = 0  # the generation whose loss was logged
+        self.closed = False  # shut down for good: nothing reconnects
 
     @property
     def label(self) -> str:
@@ -178,6 +179,8 @@ class WorkerLink:
 
     async def ensure_connected(self, deadline: float | None = None) -> None:
         """Connect, retrying with backoff until `deadline` (monotonic); WorkerError after it."""
+        if self.closed:
+            raise WorkerError(f"{self.label}: the connection was shut down")
         if self.writer is not None:
             return
         async with self._connecting:  # one connection, however many requests are waiting for it
@@ -207,15 +210,23 @@ class WorkerLink:
             delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
+        """Drop this connection; the next request reconnects."""
         self._drop(LinkBroken("closed"))
 
+    def shutdown(self) -> None:
+        """Drop this connection for good: requests in flight fail instead of reconnecting."""
+        self.closed = True
+        self._drop(LinkBroken("shut down"))
+
     def expect(self, rid: int) -> asyncio.Future:
-        """Register for the answer to request `rid` (0: a request without an id) before sending it."""
+        """Register for the answer to forward `rid` before sending it (on another link too, for a relay
+        chain). On a link that is down the answer will never come: the waiter fails at once."""
         waiter = asyncio.get_running_loop().create_future()
-        if rid:
-            self._waiting[rid] = waiter
+        if self.writer is None:
+            waiter.set_exception(LinkBroken("not connected"))
+            waiter.exception()
         else:
-            self._in_order.append(waiter)
+            self._waiting[rid] = waiter
         return waiter
 
     def forget(self, rid: int, waiter: asyncio.Future) -> None:
@@ -225,12 +236,21 @@ class WorkerLink:
             del self._waiting[rid]
         waiter.cancel()
 
-    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
-        """Write one frame (whole: writes are queued synchronously, so a cancelled caller cannot cut it)."""
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None,
+                   generation: int | None = None) -> asyncio.Future | None:
+        """Write one frame (whole: writes are queued synchronously, so a cancelled caller cannot cut it),
+        on connection `generation` if given. A request without an id gets its place in the order of
+        answers here, under the write lock, so only frames really written hold a place; its waiter is
+        returned."""
         async with self._write:
-            if self.writer is None:
+            if self.writer is None or generation not in (None, self.generation):
                 raise LinkBroken("not connected")
+            waiter = None
+            if not getattr(msg, "id", 0):
+                waiter = asyncio.get_running_loop().create_future()
+                self._in_order.append(waiter)
             await wire.write_message(self.writer, msg, tensor)
+            return waiter
 
     async def request(self, msg: wire.Message, tensor: torch.Tensor | None = None
                       ) -> tuple[wire.Message, torch.Tensor | None]:
@@ -238,16 +258,18 @@ class WorkerLink:
         an error answer raises the matching exception."""
         await self.ensure_connected()
         rid, generation = getattr(msg, "id", 0), self.generation
-        waiter = self.expect(rid)
+        waiter = self.expect(rid) if rid else None
         try:
-            await self.send(msg, tensor)
+            waiter = await self.send(msg, tensor, generation) or waiter
             reply, out = await asyncio.wait_for(asyncio.shield(waiter), self.opt.request_timeout)
         except (ConnectionError, asyncio.TimeoutError, ProtocolError) as e:
-            self.forget(rid, waiter)
+            if waiter is not None:
+                self.forget(rid, waiter)
             await self.recover(generation, e)
             raise SessionsLost(self.worker.name) from None
         except BaseException:
-            self.forget(rid, waiter)  # cancelled: the answer, when it comes, is dropped
+            if waiter is not None:
+                self.forget(rid, waiter)  # cancelled: the answer, when it comes, is dropped
             raise
         self.raise_for_error(reply)
         return reply, out
@@ -263,6 +285,8 @@ class WorkerLink:
     async def recover(self, generation: int, cause: BaseException) -> None:
         """After a request on connection `generation` failed: drop that connection (unless another
         request already did) and reconnect, for up to --retry-timeout."""
+        if self.closed:
+            raise WorkerError(f"{self.label}: the connection was shut down")
         report = generation == self.generation and self._reported != generation
         if report:
             self._reported = generation

@@ -131,8 +131,11 @@ class RelayChain:
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         links = [st.link for st in self.stages]
-        for link in links:
-            await link.ensure_connected()
+        for _ in range(3):  # connecting one link takes time, in which another may drop
+            for link in links:
+                await link.ensure_connected()
+            if all(link.writer is not None for link in links):
+                break
         first, rest = self.stages[0], self.stages[1:]
         msg = wire.Forward(next(WorkerLink.ids), first.stage.start, first.stage.end, sessions, positions,
                            [st.link.worker.name for st in rest], [st.stage.start for st in rest],
@@ -141,7 +144,7 @@ class RelayChain:
         waiters = [link.expect(msg.id) for link in links]
         t0 = time.perf_counter()
         try:
-            await first.link.send(msg, hidden)
+            await first.link.send(msg, hidden, generations[0])
             # Each hop gets the whole timeout: a long prompt takes its time on every worker.
             await asyncio.wait(waiters, timeout=first.link.opt.request_timeout * len(links),
                                return_when=asyncio.FIRST_COMPLETED)
@@ -368,7 +371,7 @@ class Master:
 
     async def close(self) -> None:
         for link in self.links.values():
-            link.close()
+            link.shutdown()
         if self._math is not None:
             self._math.shutdown(wait=False, cancel_futures=True)
 

@@ -312,11 +312,18 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict
 
 
 async def read_message(reader: asyncio.StreamReader, max_frame: int) -> tuple[Message, torch.Tensor | None]:
+    """One message. A well-framed message that breaks the schema raises ProtocolError with
+    `request_id` set to its readable `id`, so the error answer can name the request it refuses."""
     header, payload = await read_frame(reader, max_frame)
-    msg = parse_message(header)
-    tensor = None
-    if "tensor" in header:
-        tensor = tensor_from(header["tensor"], payload)
-    elif payload:
-        raise ProtocolError("frame carries a payload but no 'tensor' description")
+    try:
+        msg = parse_message(header)
+        tensor = None
+        if "tensor" in header:
+            tensor = tensor_from(header["tensor"], payload)
+        elif payload:
+            raise ProtocolError("frame carries a payload but no 'tensor' description")
+    except ProtocolError as e:
+        rid = header.get("id")
+        e.request_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid < 2**62 else 0
+        raise
     return msg, tensor

@@ -111,7 +111,7 @@ class Worker:
                     raise  # the byte stream is broken: close (below), not an error reply
                 except ProtocolError as e:
                     log.warning("bad request from %s: %s", peer, e)
-                    await conn.send(wire.Error("bad_request", str(e)))
+                    await conn.send(wire.Error("bad_request", str(e), id=getattr(e, "request_id", 0)))
                     continue
                 await self._serve(conn, msg, tensor, peer)
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -543,12 +543,16 @@ async def proxy_main(spec: dict) -> None:
             queue.put_nowait((0.0, b""))
             try:
                 await task
-            except ConnectionError:
+            except Exception:  # the other side went away: nothing left to deliver
                 pass
             writer.close()
 
     async def connection(listen_reader, listen_writer, target: int) -> None:
-        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target)
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            listen_writer.close()  # the worker is down: so is the emulated link
+            return
         nodelay(listen_writer)
         nodelay(target_writer)
         await asyncio.gather(pipe(listen_reader, target_writer), pipe(target_reader, listen_writer),

@@ -146,3 +146,50 @@ def test_a_budget_below_one_session_is_a_clear_error(tiny_model, cluster):
     c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--kv-budget", "0.01", "--context", "64"))
     with pytest.raises(WorkerError, match="needs 0.09 MiB of KV cache, over this worker's budget of 0.01 MiB"):
         two_alternating_sessions(tiny_model, c.topology)
+
+
+def test_closing_the_master_stops_a_generation_in_flight(tiny_model, cluster, prompt):
+    """close() is for good: a step in flight fails with one line instead of reconnecting and going on."""
+    import asyncio
+
+    c = cluster(tiny_model, LAYOUT)
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology))
+        await master.connect()
+        out = []
+        with pytest.raises(WorkerError, match="shut down"):
+            async for t in generate(master, prompt, SamplingParams(), 200, ()):
+                out.append(t)
+                if len(out) == 3:
+                    asyncio.get_running_loop().call_later(0.001, lambda: asyncio.ensure_future(master.close()))
+        return out, [link.writer for link in master.links.values()]
+
+    out, writers = run(go())
+    assert 3 <= len(out) < 200 and writers == [None, None]
+
+
+def test_a_ping_cancelled_before_it_is_written_keeps_the_answers_in_order(tiny_model, cluster):
+    """A request without an id takes its place in the order of answers only once its frame is written:
+    one cancelled while another frame holds the connection must not steal the next request's answer."""
+    import asyncio
+
+    from cake import wire
+    from cake.client import WorkerLink
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]})
+
+    async def go():
+        link = WorkerLink(load_topology(c.topology).workers["w"], Options(request_timeout=5))
+        await link.ensure_connected()
+        async with link._write:  # as if a long prompt's frame were being written
+            ping = asyncio.ensure_future(link.request(wire.Ping()))
+            await asyncio.sleep(0.05)
+            ping.cancel()
+        t0 = time.monotonic()
+        reply, _ = await link.request(wire.Ping())
+        link.shutdown()
+        return reply, time.monotonic() - t0
+
+    reply, seconds = run(go())
+    assert reply.TYPE == "ok" and seconds < 2

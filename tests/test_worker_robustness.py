@@ -149,6 +149,10 @@ def test_bad_requests_get_error_replies_and_the_connection_goes_on(target, name)
     assert isinstance(err, wire.Error) and err.code == code, err
     assert err.message and "\n" not in err.message
     assert isinstance(ok, wire.Ok)
+    # A refused request names its id when it has one, so a master with several requests in flight on
+    # this connection hands the error to the right one.
+    header = msgpack.unpackb(data[8:8 + struct.unpack(">I", data[4:8])[0]])
+    assert err.id == header.get("id", 0)
 
 
 def test_relayed_forward_naming_no_connection_is_dropped_and_the_connection_goes_on(target):
