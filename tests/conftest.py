@@ -81,6 +81,7 @@ class Cluster:
                                        {n: (self.ports[n], spec) for n, spec in layout.items()})
         self.models = models or {}
         self.topologies: dict[str, Path] = {}  # a worker's own topology file, where it differs
+        self.extras: dict[str, tuple[str, ...]] = {}  # a worker's own extra arguments, after `extra`
         self.procs: dict[str, subprocess.Popen] = {}
         if start:
             self.start_all()
@@ -98,6 +99,7 @@ class Cluster:
         self.procs[name] = launch.start_worker(self.models.get(name, self.model), name,
                                                self.topologies.get(name, self.topology),
                                                self.ports[name], "--device", test_device(), *self.extra,
+                                               *self.extras.get(name, ()),
                                                log=self.log(name), env=self.env)
 
     def wait(self, name: str) -> None:

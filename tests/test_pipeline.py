@@ -194,6 +194,30 @@ def test_bf16_worker_behind_an_f32_master(tiny_model, prompt_ids, cluster):
     assert (logits.cpu() - want).abs().max() < 0.05 * want.abs().max()  # bf16 on the wire and in the layers
 
 
+def test_relay_between_workers_of_different_dtypes(tiny_model, prompt_ids, cluster):
+    """A heterogeneous cluster: a bf16 worker relays straight to an f32 one (each converts what it
+    receives), and the answer tracks the reference as closely as bf16 allows."""
+    c = cluster(tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]}, start=False)
+    c.extras["a"] = ("--dtype", "bf16")
+    c.start_all()
+    ref = reference_model(tiny_model)
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), dtype="f32")
+        await master.connect()
+        dtypes = [master.links[n].info.dtype for n in ("a", "b")]
+        logits = await master.step(master.new_session(), list(prompt_ids))
+        relayed = master.relayed_steps
+        await master.close()
+        return dtypes, logits, relayed
+
+    dtypes, logits, relayed = run(go())
+    assert dtypes == ["bf16", "f32"] and relayed == 1
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt_ids])).logits[0, -1]
+    assert (logits.cpu() - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_second_generation_same_workers(tiny_model, prompt_ids, expected, cluster):
     c = cluster(tiny_model, SPLITS["two-workers"])
 
