@@ -34,8 +34,18 @@ SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
+# Importing cake sets its OpenMP spin default (cake/__init__.py) for this process and its children. The
+# processes that are not cake (transformers, the matvec) must run as a user would run them: with the
+# environment the benchmark was started with, OpenMP's own default unless the user set one.
+USER_GOMP_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT")
+NATIVE_OMP = "CAKE_BENCH_NATIVE_OMP"
+
 from cake import launch  # noqa: E402  (after the path set-up above; imports no torch)
 from cake.errors import CakeError  # noqa: E402
+
+if os.environ.get(NATIVE_OMP) == "1" and USER_GOMP_SPINCOUNT is None:
+    del os.environ["GOMP_SPINCOUNT"]  # before torch loads OpenMP: see above
+NATIVE_KINDS = ("transformers", "bandwidth")
 
 MB = 1e6
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -447,9 +457,15 @@ class Child:
 
     def __init__(self, job: Job, logs: Path):
         self.kind, self.log = job.kind, logs / f"{job.kind}.log"
+        env = dict(os.environ)
+        if job.kind in NATIVE_KINDS:
+            env[NATIVE_OMP] = "1"
+            if USER_GOMP_SPINCOUNT is None:
+                env.pop("GOMP_SPINCOUNT", None)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "--child", json.dumps(asdict(job))],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         env=env)
 
     def ask(self, command: str | None = None) -> dict:
         """Send a command (None: just wait for the ready line) and return the answer."""
