@@ -1,18 +1,19 @@
-"""The master's side of one worker connection: connect, handshake, requests, reconnect.
+"""The client side of one worker connection (the master's, and a relaying worker's to the next
+worker): connect, handshake, requests, reconnect.
 
-One connection per worker, shared by all its stages and sessions. A request that fails because the
-connection broke (worker killed, restarted, network blip) reconnects with backoff for up to
-`retry_timeout` seconds and raises `SessionsLost`: the worker's KV caches are gone and the caller
-replays. A worker that stays away raises a WorkerError naming it.
+One connection per worker, shared by all its stages and sessions; requests may overlap on it. A request
+that fails because the connection broke (worker killed, restarted, network blip) reconnects with backoff
+for up to `retry_timeout` seconds and raises `SessionsLost`: the worker's KV caches are gone and the
+caller replays. A worker that stays away raises a WorkerError naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
