@@ -229,6 +229,8 @@ class Worker:
         names = [h[0] for h in hops]
         if len(set(names)) != len(names) or self.name in names or len(names) > len(self.topology.workers):
             raise RequestError("bad_request", "a relay must go on to distinct other workers")
+        if hops and msg.id <= 0:  # the answer comes back by id, from another worker
+            raise RequestError("bad_request", "a relayed forward needs a positive id")
         if hops and hops[0][0] not in self.topology.workers:
             raise RequestError("relay", f"has no worker '{hops[0][0]}' in its topology file (give every node "
                                         f"the same topology)", peer=hops[0][0])

@@ -126,6 +126,10 @@ ERRORS = {
                   "bad_request"),
     "hello-again": (frame({"type": "hello", "proto": "cake", "version": 1, "nonce": b"x"}), "bad_request"),
     "relay-lists-of-different-lengths": (forward(relay_workers=["x"], relay_starts=[5]), "bad_request"),
+    "relay-without-an-id": (frame({"type": "forward", "id": 0, "start": 2, "end": 5, "sessions": ["s"],
+                                   "positions": [0], "relay_workers": ["x"], "relay_starts": [5], "relay_ends": [6],
+                                   "relay_conns": ["t"], "tensor": {"dtype": "f32", "shape": [1, 3, H]}},
+                                  bytes(4 * 3 * H)), "bad_request"),
     "relay-to-a-worker-not-in-the-topology": (forward(relay_workers=["nobody"], relay_starts=[5], relay_ends=[6],
                                                       relay_conns=["t"]), "relay"),
 }
