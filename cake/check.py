@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from cake import wire
-from cake.client import Options, WorkerLink
+from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
+from cake.master import RelayChain, RemoteStage
 from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
@@ -59,9 +60,6 @@ def relay_pairs(stages: list[Stage]) -> list[tuple[Stage, Stage]]:
 async def probe_relay(a: Stage, b: Stage, hidden_size: int, options: Options) -> str:
     """'' if worker a passes one token's hidden states on to worker b, else what went wrong. (The
     throwaway session holds a KV cache on each worker for a moment, and is ended at once.)"""
-    from cake.client import SessionsLost
-    from cake.master import RelayChain, RemoteStage
-
     quick = replace(options, request_timeout=RELAY_PROBE_TIMEOUT, retry_timeout=min(options.retry_timeout, 5.0))
     links = [WorkerLink(a.worker, quick), WorkerLink(b.worker, quick)]
     session = f"cake-check-{uuid.uuid4().hex[:12]}"

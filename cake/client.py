@@ -67,7 +67,6 @@ class WorkerLink:
     def __init__(self, worker: Worker, options: Options):
         self.worker = worker
         self.opt = options
-        self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.info: wire.Info | None = None
         self.generation = 0  # counts connections: a failure is recovered once per connection
@@ -107,7 +106,7 @@ class WorkerLink:
             raise WorkerError(
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")
-        self.reader, self.writer, self.info = reader, writer, info
+        self.writer, self.info = writer, info  # the reader belongs to the read loop
         self.generation += 1
         self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation))
 
@@ -146,7 +145,7 @@ class WorkerLink:
         self._reading = None
         if self.writer is not None:
             self.writer.close()
-        self.reader = self.writer = None
+        self.writer = None
 
     async def _handshake(self, reader, writer) -> wire.Info:
         mine = auth.nonce()

@@ -330,20 +330,20 @@ class Master:
     def _hops(self) -> list[LocalStage | RemoteStage | RelayChain]:
         """The stages, with runs of consecutive remote stages on distinct workers joined into relay
         chains (unless relay is off, or a worker could not reach the next)."""
-        hops: list = []
+        groups: list[list] = []
         for st in self.stages:
-            prev = hops[-1] if hops else None
-            tail = prev.stages[-1] if isinstance(prev, RelayChain) else prev
-            if (self.options.relay and isinstance(st, RemoteStage) and isinstance(tail, RemoteStage)
-                    and self._may_relay(tail.link.worker.name, st.link.worker.name)
-                    and st.link not in [s.link for s in (prev.stages if isinstance(prev, RelayChain) else [prev])]):
-                if isinstance(prev, RelayChain):
-                    prev.stages.append(st)
-                else:
-                    hops[-1] = RelayChain([prev, st])
+            if groups and self._relays_to(groups[-1], st):
+                groups[-1].append(st)
             else:
-                hops.append(st)
-        return hops
+                groups.append([st])
+        return [g[0] if len(g) == 1 else RelayChain(g) for g in groups]
+
+    def _relays_to(self, group: list, st) -> bool:
+        """Whether the last stage of `group` can pass its output straight to remote stage `st`."""
+        tail = group[-1]
+        return (self.options.relay and isinstance(st, RemoteStage) and isinstance(tail, RemoteStage)
+                and st.link not in [s.link for s in group]
+                and self._may_relay(tail.link.worker.name, st.link.worker.name))
 
     def _may_relay(self, a: str, b: str) -> bool:
         until, _ = self._no_relay.get((a, b), (0.0, 0.0))

@@ -51,7 +51,7 @@ class Message:
         for f in fields(self):
             value = getattr(self, f.name)
             # Optional fields at their default stay off the wire (a plain forward carries no relay lists).
-            if f.default is not MISSING and value == f.default or f.default_factory is not MISSING and not value:
+            if (f.default is not MISSING and value == f.default) or (f.default_factory is not MISSING and not value):
                 continue
             d[f.name] = value
         return d
