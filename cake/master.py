@@ -95,7 +95,9 @@ class LocalStage:
 
     async def end(self, sessions: list[str]) -> None:
         for s in sessions:
-            self.caches.pop(s, None)
+            cache = self.caches.pop(s, None)
+            if cache is not None:
+                self.stack.release(cache)
 
 
 class RemoteStage:

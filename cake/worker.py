@@ -191,7 +191,12 @@ class Worker:
             if isinstance(msg, wire.Forward):
                 return await self._forward(conn, msg, tensor)
             if isinstance(msg, wire.End):
-                ended = sum(self.sessions.pop((conn, s), None) is not None for s in msg.sessions)
+                ended = 0
+                for s in msg.sessions:
+                    entry = self.sessions.pop((conn, s), None)
+                    if entry is not None:
+                        self.stack.release(entry.cache)
+                        ended += 1
                 log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
@@ -275,7 +280,8 @@ class Worker:
             if pos != 0:
                 raise RequestError("cache_behind", f"session {session} is not cached here (worker restarted or "
                                                    f"evicted it); replay from position 0", cached=0)
-            self._make_room(self.stack.new_cache_bytes())
+            if not self.stack.spares:  # else new_cache reuses an ended session's, already counted
+                self._make_room(self.stack.new_cache_bytes())
             entry = SessionEntry(self.stack.new_cache(), conn, 0.0)
             self.sessions[key] = entry
         cached = min(entry.cache.lengths[entry.cache.slot[i]] for i in range(start, end))
@@ -287,11 +293,13 @@ class Worker:
         return entry.cache
 
     def _make_room(self, need: int) -> None:
-        """Evict least recently used sessions until a new cache fits the budget."""
-        used = sum(e.cache.nbytes for e in self.sessions.values())
+        """Evict least recently used sessions until a new cache fits the budget (the caches kept for
+        reuse count: they hold memory)."""
+        used = sum(e.cache.nbytes for e in self.sessions.values()) + sum(c.nbytes for c in self.stack.spares)
         while self.sessions and used + need > self.kv_budget:
             (conn, s), e = self.sessions.popitem(last=False)
             used -= e.cache.nbytes
+            self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
             log.info("evicted idle session %s to stay under the KV budget", s)
         if need > self.kv_budget:
             raise RequestError("memory", f"one session needs {need / (1 << 20):.2f} MiB of KV cache, over this "
@@ -301,7 +309,7 @@ class Worker:
     def _free_connection(self, conn: int) -> int:
         keys = [k for k in self.sessions if k[0] == conn]
         for k in keys:
-            del self.sessions[k]
+            self.stack.release(self.sessions.pop(k).cache)
         return len(keys)
 
 

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh                       # cuda, bf16
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
-# Each step has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT, seconds) so a hang in one still leaves
+# Each step has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_EAGER_TIMEOUT, seconds) so a hang in one still leaves
 # the others' logs; the script's status is the first failing step's. On CUDA the big model is measured
 # a second time with CAKE_CUDA_GRAPHS=0, for the figures without CUDA graphs.
 set -u
@@ -43,7 +43,7 @@ step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --devic
 step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
 if [ "${DEVICE%%:*}" = cuda ]; then  # the same big model without CUDA graphs, for the comparison
-    CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" \
+    CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \
         --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}
 fi
 exit "$status"

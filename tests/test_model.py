@@ -171,7 +171,7 @@ def _decode_steps(path, device: str, steps: range, fixed_shape: bool):
             x = head.embed(ids[:, p:p + 1])
             if fixed_shape:
                 pos = torch.tensor([p], device=stack.device)
-                h = stack.decode_static(x, cache, pos, 0, n, span_for(p + 1, stack.capacity))
+                h = stack.decode_static(x, [cache], pos, 0, n, span_for(p + 1, stack.capacity))
             else:
                 h = stack.forward(x, [Row(cache, p)], 0, n)
             out.append(head.logits(h)[0, -1].cpu())
@@ -204,9 +204,10 @@ def test_cuda_graph_decode_matches_transformers(tiny_model):
 
 @pytest.mark.parametrize("replay", [False, True])
 def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
-    """Batches of one-token rows and single rows through DecodeGraphs: spans, per-row steps, the timed
-    choice between per-row steps and one eager batch, cache lengths. replay=False runs the fixed-shape
-    step eagerly on the CPU; replay=True captures CUDA graphs (with --device cuda)."""
+    """Batches of one-token rows and single rows through DecodeGraphs: spans, the batched step (products
+    shared, attention per row), a batch's graph captured the second time it is stepped, cache lengths,
+    and an ended session's cache reused by the next one. replay=False runs the fixed-shape step eagerly
+    on the CPU; replay=True captures CUDA graphs (with --device cuda)."""
     from cake.model.cuda_graphs import DecodeGraphs
     from conftest import test_device
 
@@ -215,7 +216,7 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
     stack, config = load_layers(tiny_model, list(range(6)), test_device() if replay else "cpu", "f32", 1024)
     stack.graphs = DecodeGraphs(stack, replay=replay)
     head = load_head(tiny_model, config, stack.device, stack.dtype)
-    ids = torch.randint(0, 128000, (3, 270), generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(0, 128000, (4, 270), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = reference_model(tiny_model)(ids).logits
     caches = [stack.new_cache() for _ in range(3)]
@@ -233,9 +234,38 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
                 assert torch.allclose(got[r], want[r, lengths[r] + step], atol=1e-4, rtol=0)
         p = lengths[0] + 4
         one = head.logits(stack.forward(head.embed(ids[:1, p:p + 1]), [Row(caches[0], p)], 0, 6)[:, -1]).cpu()
-    assert torch.allclose(one[0], want[0, p], atol=1e-4, rtol=0)
-    assert set(stack.graphs.rows_faster) == {(0, 6, 3, 256), (0, 6, 3, 512)}  # timed once per span
-    assert caches[0].lengths == [p + 1] * 6 and caches[2].lengths == [lengths[2] + 4] * 6
+        assert torch.allclose(one[0], want[0, p], atol=1e-4, rtol=0)
+        assert caches[0].lengths == [p + 1] * 6 and caches[2].lengths == [lengths[2] + 4] * 6
+        serials = tuple(c.serial for c in caches)
+        # Spans 256 and 512 each: stepped eagerly once, then captured (on a CPU nothing is captured).
+        assert set(stack.graphs.batched) == ({(0, 6, 256, serials), (0, 6, 512, serials)} if replay else set())
+
+        # A new session takes the ended one's cache, emptied, graphs kept, and computes the same.
+        stack.release(caches[1])
+        assert stack.graphs.batched == {} and stack.spares == [caches[1]]
+        reused = stack.new_cache()
+        assert reused is caches[1] and reused.lengths == [0] * 6 and bool((reused.k == 0).all())
+        assert not stack.spares
+        stack.forward(head.embed(ids[3:4, :20]), [Row(reused, 0)], 0, 6)
+        for q in range(20, 23):
+            got = head.logits(stack.forward(head.embed(ids[3:4, q:q + 1]), [Row(reused, q)], 0, 6)[:, -1]).cpu()
+            assert torch.allclose(got[0], want[3, q], atol=1e-4, rtol=0)
+
+
+def test_caches_are_kept_for_reuse_only_with_graphs(tiny_model):
+    """Without CUDA graphs an ended session's cache is freed, not kept; with them at most MAX_SPARES are."""
+    from cake.model.cuda_graphs import DecodeGraphs
+    from cake.model.llama import MAX_SPARES
+
+    stack, _ = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
+    stack.release(stack.new_cache())
+    assert stack.spares == []
+    stack.graphs = DecodeGraphs(stack, replay=False)
+    caches = [stack.new_cache() for _ in range(MAX_SPARES + 2)]
+    for c in caches:
+        stack.release(c)
+    assert stack.spares == caches[:MAX_SPARES]
+    assert stack.drop_spares() == MAX_SPARES * caches[0].nbytes and stack.spares == []
 
 
 def test_failed_cuda_graph_capture_falls_back_to_eager(tiny_model, caplog):
@@ -249,10 +279,10 @@ def test_failed_cuda_graph_capture_falls_back_to_eager(tiny_model, caplog):
     head = load_head(tiny_model, config, stack.device, stack.dtype)
     real = stack.decode_static
 
-    def syncs_when_captured(x, cache, pos, start, end, span):
+    def syncs_when_captured(x, caches, pos, start, end, span):
         if torch.cuda.is_current_stream_capturing():
             pos.item()  # not allowed while capturing
-        return real(x, cache, pos, start, end, span)
+        return real(x, caches, pos, start, end, span)
 
     stack.decode_static = syncs_when_captured
     ids = torch.randint(0, 128000, (1, 12), generator=torch.Generator().manual_seed(10))
@@ -267,3 +297,26 @@ def test_failed_cuda_graph_capture_falls_back_to_eager(tiny_model, caplog):
     assert not stack.graphs.active and "CUDA graph capture failed" in caplog.text
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.cuda.empty_cache()  # asserts inside the allocator if the failed capture were left open
+
+
+def test_worker_kv_budget_counts_kept_caches(tiny_model):
+    """A worker with CUDA graphs keeps ended sessions' caches for new sessions; they count toward
+    --kv-budget, a new session takes one instead of allocating, and eviction still holds the budget."""
+    import asyncio
+
+    from cake import wire
+    from cake.model.cuda_graphs import DecodeGraphs
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
+    stack.graphs = DecodeGraphs(stack, replay=False)  # the bookkeeping of a GPU worker, on the CPU
+    worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
+    a, b = worker._cache(1, "a", 0, 0, 2), worker._cache(1, "b", 0, 0, 2)
+    assert asyncio.run(worker._dispatch(1, wire.End(["a"]), None, "test"))[0] == wire.Ok()
+    assert stack.spares == [a]
+    c = worker._cache(1, "c", 0, 0, 2)
+    assert c is a and not stack.spares and set(worker.sessions) == {(1, "b"), (1, "c")}
+    d = worker._cache(1, "d", 0, 0, 2)  # over budget: b (least recently used) goes, d takes its memory
+    assert d is b and set(worker.sessions) == {(1, "c"), (1, "d")} and not stack.spares
+    assert worker._free_connection(1) == 2 and len(stack.spares) == 2
+    assert sum(x.nbytes for x in stack.spares) <= worker.kv_budget

@@ -4,12 +4,15 @@ On a GPU a decode step of a small batch is bound by launching kernels, not by th
 ~30 operations costs the CPU several µs to launch and the GPU less to run. A CUDA graph records a whole
 stage's launches once and replays them with one call. Graphs fix every address and shape, so:
 
-- one graph per (session cache, layer range, attention span): it reads that session's KV cache in place;
-- the position lives in a device tensor, keys are written with index_copy_, and attention covers a span
+- a graph belongs to its session caches, a layer range and an attention span: it reads the caches in
+  place. A one-session step's graphs live on its cache; a batch's (several sessions' tokens, products
+  shared, attention per row) in an LRU keyed by the caches' serial numbers, captured the second time
+  that batch is stepped (the first runs eagerly: a batch seen once is not worth a capture);
+- the positions live in a device tensor, keys are written with index_copy_, and attention covers a span
   of the cache rounded up to a power of two (at least SPAN_MIN) with positions past the current one
   masked, so one graph serves every position up to its span (`LayerStack.decode_static`);
-- a batch of several sessions' tokens runs as one replay per row or as one eager pass, whichever was
-  faster when that batch size was first seen; prompts run eagerly.
+- an ended session's cache is kept, graphs and all, for the next session (`LayerStack.release`), so a
+  server does not capture anew for every request; prompts run eagerly.
 
 `CAKE_CUDA_GRAPHS=0` (or `cake --no-cuda-graphs`) turns them off. A capture that fails logs one warning
 and turns them off for the process: the eager path computes the same step.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,7 @@ log = logging.getLogger("cake.model")
 
 ENV = "CAKE_CUDA_GRAPHS"
 SPAN_MIN = 256
+MAX_BATCH_GRAPHS = 32  # batched graphs kept; the least recently replayed goes first
 
 
 def enabled() -> bool:
@@ -47,16 +51,13 @@ def span_for(length: int, capacity: int) -> int:
 @dataclass
 class Captured:
     graph: "torch.cuda.CUDAGraph"
-    x: torch.Tensor  # [1, 1, H] input, copied in before each replay
-    pos: torch.Tensor  # [1] long: the position of the token
-    out: torch.Tensor  # [1, 1, H] output, overwritten by each replay
+    x: torch.Tensor  # [B, 1, H] input, copied in before each replay
+    pos: torch.Tensor  # [B] long: each row's position
+    out: torch.Tensor  # [B, 1, H] output, overwritten by each replay
 
 
 class DecodeGraphs:
-    """A stack's captured one-token steps, and for batches of one-token rows the choice between one
-    eager pass over the batch (weights read once) and one replay per row (no launch overhead), made by
-    timing both the first time each batch size is seen: which wins depends on the layer sizes and the
-    GPU (launch-bound small layers favour replays, bandwidth-bound large ones the shared pass).
+    """A stack's captured one-token steps, for one session or a batch of several.
 
     `replay=False` runs the fixed-shape step eagerly instead of capturing it: the same bookkeeping on a
     CPU, for tests.
@@ -66,9 +67,9 @@ class DecodeGraphs:
         self.stack = stack
         self.replay = replay
         self.active = True
-        # (start, end, batch size, span) -> whether per-row replays beat one eager pass
-        self.rows_faster: dict[tuple[int, int, int, int], bool] = {}
-        self._warm: set[tuple[int, int, int]] = set()
+        self.batched: OrderedDict[tuple, Captured] = OrderedDict()  # (start, end, span, cache serials)
+        self._seen: set[tuple] = set()  # batches stepped once, eagerly
+        self._warm: set[tuple[int, int, int, int]] = set()
         # One memory pool and capture stream for all of this stack's graphs: replays are serialized on
         # one stream and each output is cloned before the next replay, so graphs can share temporaries
         # (one pool per graph would cost a 2 MiB segment or more per session and span).
@@ -78,97 +79,86 @@ class DecodeGraphs:
     def decode(self, hidden: torch.Tensor, rows, start: int, end: int, eager) -> torch.Tensor:
         """Layers [start, end) for one token of each row; `eager` computes the same without graphs."""
         with self._on_device():
-            if len(rows) == 1:
-                out = self.step(hidden, rows[0], start, end)
-                return eager() if out is None else out
-            span = span_for(max(r.start for r in rows) + 1, self.stack.capacity)
-            key = (start, end, len(rows), span)
-            choice = self.rows_faster.get(key)
-            if choice is False:
-                return eager()
-            out = self._rows(hidden, rows, start, end)  # captures what it lacks the first time
-            if out is None:
-                return eager()
-            if choice is None:
-                # Each way writes this step's keys and values at the same positions (equal up to
-                # rounding), so running both to time them is safe; the per-row run goes last so the
-                # cache holds exactly what produced the returned output.
-                t_eager, _ = self._timed(eager)
-                t_rows, out = self._timed(lambda: self._rows(hidden, rows, start, end))
-                self.rows_faster[key] = t_rows < t_eager
-                log.debug("batch of %d on layers %d-%d: %.2f ms as replays, %.2f ms eager", len(rows), start,
-                          end - 1, 1e3 * t_rows, 1e3 * t_eager)
-            return out
+            out = self.step(hidden, rows, start, end)
+            return eager() if out is None else out
 
-    def _rows(self, hidden: torch.Tensor, rows, start: int, end: int) -> torch.Tensor | None:
-        outs = []
-        for b, row in enumerate(rows):
-            out = self.step(hidden[b:b + 1], row, start, end)
-            if out is None:
-                return None
-            outs.append(out)
-        return torch.cat(outs)
-
-    def step(self, hidden: torch.Tensor, row, start: int, end: int) -> torch.Tensor | None:
-        """Layers [start, end) for one token of one session; None when the caller should run it
-        eagerly (graphs turned off after a failed capture)."""
-        cache, p = row.cache, row.start
-        span = span_for(p + 1, self.stack.capacity)
+    def step(self, hidden: torch.Tensor, rows, start: int, end: int) -> torch.Tensor | None:
+        """Layers [start, end) for one token of each row; None when the caller should run it eagerly
+        (a batch seen for the first time, or graphs turned off after a failed capture)."""
+        s = self.stack
+        caches, positions = [r.cache for r in rows], [r.start for r in rows]
+        span = span_for(max(positions) + 1, s.capacity)
         if not self.replay:
-            x = hidden.to(device=self.stack.device, dtype=self.stack.dtype)
-            pos = torch.full((1,), p, dtype=torch.long, device=self.stack.device)
-            out = self.stack.decode_static(x, cache, pos, start, end, span)
+            x = hidden.to(device=s.device, dtype=s.dtype)
+            out = s.decode_static(x, caches, torch.tensor(positions, device=s.device), start, end, span)
         else:
-            key = (start, end, span)
-            cap = cache.graphs.get(key)
+            if len(rows) == 1:
+                key, store = (start, end, span), caches[0].graphs
+            else:
+                key, store = (start, end, span, tuple(c.serial for c in caches)), self.batched
+            cap = store.get(key)
             if cap is None:
-                cap = self._capture(hidden, cache, p, start, end, span)
+                if len(rows) > 1 and key not in self._seen:
+                    if len(self._seen) > 4096:
+                        self._seen.clear()
+                    self._seen.add(key)
+                    return None
+                cap = self._capture(hidden, caches, positions, start, end, span)
                 if cap is None:
                     return None
-                cache.graphs[key] = cap
+                store[key] = cap
+                if len(self.batched) > MAX_BATCH_GRAPHS:
+                    self.batched.popitem(last=False)
             else:
                 cap.x.copy_(hidden)
-                cap.pos.fill_(p)
+                if len(rows) == 1:
+                    cap.pos.fill_(positions[0])
+                else:
+                    cap.pos.copy_(torch.tensor(positions))
+            if len(rows) > 1:
+                self.batched.move_to_end(key)
             cap.graph.replay()
             out = cap.out.clone()  # the next replay overwrites cap.out
-        for i in range(start, end):
-            cache.lengths[cache.slot[i]] = p + 1
+        for cache, p in zip(caches, positions):
+            for i in range(start, end):
+                cache.lengths[cache.slot[i]] = p + 1
         return out
+
+    def forget(self, cache) -> None:
+        """`cache` is being freed: drop the batched graphs that read it (never replayed again anyway:
+        serial numbers are not reused). May run on another thread than the replays (a master's event
+        loop): list() takes the keys in one step, and pop tolerates a key that went meanwhile."""
+        for key in list(self.batched):
+            if cache.serial in key[3]:
+                self.batched.pop(key, None)
 
     def _on_device(self):
         if self.stack.device.type == "cuda":
             return torch.cuda.device(self.stack.device)  # capture and replay on the stack's GPU
         return contextlib.nullcontext()
 
-    def _timed(self, fn):
-        """(seconds, result) of fn(), its GPU work included."""
-        sync = torch.cuda.synchronize if self.stack.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        result = fn()
-        sync()
-        return time.perf_counter() - t0, result
-
-    def _capture(self, hidden: torch.Tensor, cache, p: int, start: int, end: int, span: int) -> Captured | None:
+    def _capture(self, hidden: torch.Tensor, caches, positions: list[int], start: int, end: int,
+                 span: int) -> Captured | None:
         s = self.stack
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(s.device)
-        x = torch.empty((1, 1, s.config.hidden_size), dtype=s.dtype, device=s.device)
+        x = torch.empty((len(caches), 1, s.config.hidden_size), dtype=s.dtype, device=s.device)
         x.copy_(hidden)
-        pos = torch.full((1,), p, dtype=torch.long, device=s.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=s.device)
         current = torch.cuda.current_stream(s.device)
-        if (start, end, span) not in self._warm:
+        warm = (start, end, span, len(caches))
+        if warm not in self._warm:
             # Run once outside capture first, as PyTorch asks: lazy initialisation (cuBLAS workspaces,
             # kernel loading) must not happen inside a graph. It writes this step's keys and values,
             # which the replay writes again, identically.
             self._stream.wait_stream(current)
             try:
                 with torch.cuda.stream(self._stream):
-                    s.decode_static(x, cache, pos, start, end, span)
+                    s.decode_static(x, caches, pos, start, end, span)
             finally:
                 current.wait_stream(self._stream)
-            self._warm.add((start, end, span))
+            self._warm.add(warm)
         graph = torch.cuda.CUDAGraph()
         try:
             # The outer stream context restores the caller's stream even when capture_end raises
@@ -176,7 +166,7 @@ class DecodeGraphs:
             # thread_local: the master's event loop thread may copy a hidden state off the GPU meanwhile.
             with torch.cuda.stream(self._stream), torch.cuda.graph(
                     graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-                out = s.decode_static(x, cache, pos, start, end, span)
+                out = s.decode_static(x, caches, pos, start, end, span)
         except RuntimeError as e:  # torch.AcceleratorError too: CUDA reports a failed capture with it.
             # A CUDA context broken for good fails the eager step that follows, with its own error.
             self._end_pool_capture()

@@ -8,6 +8,7 @@ sessions share one pass over the weights (the bandwidth cost) while attention st
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -121,6 +122,9 @@ def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, eye: torch.Tensor, swap
     return torch.addcmul(cos.unsqueeze(-1) * eye, sin.unsqueeze(-1), swap)
 
 
+_CACHE_SERIALS = itertools.count(1)
+
+
 class KVCache:
     """Preallocated keys and values of one session over one node's layers.
 
@@ -137,7 +141,8 @@ class KVCache:
         self.v = alloc(shape, dtype=dtype, device=device)
         self.k_of, self.v_of = list(self.k.unbind(0)), list(self.v.unbind(0))  # per-slot views
         self.capacity = capacity
-        self.graphs: dict = {}  # captured decode steps over this cache (cake.model.cuda_graphs)
+        self.serial = next(_CACHE_SERIALS)  # names this cache's memory in batched graphs' keys; never reused
+        self.graphs: dict = {}  # captured one-row decode steps over this cache (cake.model.cuda_graphs)
         # Per layer: how many positions hold valid keys. A session's layers can be run by separate
         # stages at separate times, so each layer keeps its own count.
         self.lengths = [0] * len(layers)
@@ -145,6 +150,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def reset(self) -> None:
+        """Empty, for another session: zeroed (see the class note), captured steps kept (same memory)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.lengths = [0] * len(self.lengths)
 
 
 @dataclass
@@ -217,21 +228,27 @@ class DecoderLayer:
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self._finish_one(x, out.reshape(x.shape[0], -1))
 
-    def decode_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, rot: torch.Tensor,
+    def decode_static(self, x: torch.Tensor, caches: list[KVCache], pos: torch.Tensor, rot: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-        """One token of one session, x [1, H], with every shape fixed and the position in a device tensor,
-        so a CUDA graph can replay it at any position: keys go in with index_copy_, and attention reads
-        the first mask.shape[-1] cached positions, masked to 0..pos (the cache must be zeroed: a masked
-        NaN would still poison the sum)."""
+        """One token of each of B sessions, x [B, H], with every shape fixed and the positions in a
+        device tensor pos [B], so a CUDA graph can replay it at any positions: keys go in with
+        index_copy_, and attention reads the first mask.shape[-1] cached positions of each row's
+        cache, masked to 0..pos (the caches must be zeroed: a masked NaN would still poison the sum).
+        The products run once for the whole batch; cache writes and attention run per row."""
         q, k, v = self._qkv_one(x, rot)
-        slot = cache.slot[self.index]
-        ck, cv = cache.k_of[slot], cache.v_of[slot]
-        ck.index_copy_(1, pos, k[0].unsqueeze(1))
-        cv.index_copy_(1, pos, v[0].unsqueeze(1))
         n = mask.shape[-1]
-        keys, values = ck.narrow(1, 0, n).unsqueeze(0), cv.narrow(1, 0, n).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self._gqa)
-        return self._finish_one(x, out.reshape(1, -1))
+        outs = []
+        for b, cache in enumerate(caches):
+            slot = cache.slot[self.index]
+            ck, cv = cache.k_of[slot], cache.v_of[slot]
+            p = pos.narrow(0, b, 1)
+            ck.index_copy_(1, p, k[b].unsqueeze(1))
+            cv.index_copy_(1, p, v[b].unsqueeze(1))
+            keys, values = ck.narrow(1, 0, n).unsqueeze(0), cv.narrow(1, 0, n).unsqueeze(0)
+            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values,
+                                                       attn_mask=mask.narrow(0, b, 1), enable_gqa=self._gqa))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self._finish_one(x, out.reshape(x.shape[0], -1))
 
     @property
     def _gqa(self) -> bool:
@@ -295,6 +312,9 @@ class DecoderLayer:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self._gqa)
 
 
+MAX_SPARES = 4
+
+
 class LayerStack:
     """The decoder layers one node holds; runs any contiguous sub-range of them in one call."""
 
@@ -309,6 +329,7 @@ class LayerStack:
         self.eye = torch.eye(config.head_dim, dtype=dtype, device=device)
         self.swap = rope_swap(config.head_dim, dtype, device)
         self.graphs = None  # a cake.model.cuda_graphs.DecodeGraphs when one-token steps are replayed
+        self.spares: list[KVCache] = []  # ended sessions' caches kept for new ones (see release)
         if device.type == "cuda":
             from cake.model.cuda_graphs import DecodeGraphs, enabled
 
@@ -320,8 +341,31 @@ class LayerStack:
         return sorted(self.layers)
 
     def new_cache(self) -> KVCache:
+        if self.spares:
+            cache = self.spares.pop()
+            cache.reset()
+            return cache
         return KVCache(self.indices, self.config, self.capacity, self.dtype, self.device,
                        zeroed=self.graphs is not None)
+
+    def release(self, cache: KVCache) -> None:
+        """A session is done with `cache`. With CUDA graphs it is kept for the next session (up to
+        MAX_SPARES): the steps captured over it stay valid, so a new session replays them from its
+        first token instead of capturing its own for every span (each capture costs about an eager
+        step plus the graph's instantiation)."""
+        if self.graphs is not None and self.graphs.active and len(self.spares) < MAX_SPARES:
+            self.spares.append(cache)
+        elif self.graphs is not None:
+            self.graphs.forget(cache)
+
+    def drop_spares(self) -> int:
+        """Free the kept caches (their memory is wanted for live sessions); the bytes freed."""
+        freed = sum(c.nbytes for c in self.spares)
+        while self.spares:
+            cache = self.spares.pop()
+            if self.graphs is not None:
+                self.graphs.forget(cache)
+        return freed
 
     def new_cache_bytes(self) -> int:
         c = self.config
@@ -353,20 +397,20 @@ class LayerStack:
             x = self.layers[i].forward(x, rows, cos, sin)
         return x
 
-    def decode_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, start: int, end: int,
+    def decode_static(self, x: torch.Tensor, caches: list[KVCache], pos: torch.Tensor, start: int, end: int,
                       span: int) -> torch.Tensor:
-        """One token [1, 1, H] (in this stack's dtype and device) at the position held in `pos` (a
-        one-element long tensor), attending over the first `span` cached positions; no host sync and no
-        shape that depends on the position, so it can be captured as a CUDA graph. The caller keeps
-        cache.lengths."""
+        """One token of each of B sessions, x [B, 1, H] (in this stack's dtype and device), at the
+        positions held in `pos` (a [B] long tensor), attending over the first `span` cached positions of
+        each row's cache; no host sync and no shape that depends on a position, so it can be captured
+        as a CUDA graph. The caller keeps cache.lengths."""
+        B, _, H = x.shape
         rot = rope_rotations(self.cos.index_select(0, pos).to(self.dtype),
                              self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
-        mask = (torch.arange(span, device=pos.device) <= pos).view(1, 1, 1, span)
-        H = x.shape[-1]
-        x = x.reshape(1, H)
+        mask = (torch.arange(span, device=pos.device) <= pos.unsqueeze(1)).view(B, 1, 1, span)
+        x = x.reshape(B, H)
         for i in range(start, end):
-            x = self.layers[i].decode_static(x, cache, pos, rot, mask)
-        return x.view(1, 1, H)
+            x = self.layers[i].decode_static(x, caches, pos, rot, mask)
+        return x.view(B, 1, H)
 
 
 class Head:
