@@ -42,7 +42,7 @@ if torch.cuda.is_available():
 step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_pipeline.py tests/test_model.py
 step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
-if [ "${DEVICE%%:*}" = cuda ]; then  # the same big model without CUDA graphs, for the comparison
+if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)
     CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \
         --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}
 fi
