@@ -94,10 +94,15 @@ class LocalStage:
         return self.stack.forward(hidden, rows, self.stage.start, self.stage.end)
 
     async def end(self, sessions: list[str]) -> None:
-        for s in sessions:
-            cache = self.caches.pop(s, None)
-            if cache is not None:
-                self.stack.release(cache)
+        caches = [c for c in (self.caches.pop(s, None) for s in sessions) if c is not None]
+        if caches:
+            # On the maths thread: a kept cache must not change hands, nor a batched graph be dropped,
+            # in the middle of a step running there.
+            await compute(self._release, caches, in_thread=self.in_thread, executor=self.executor)
+
+    def _release(self, caches: list[KVCache]) -> None:
+        for cache in caches:
+            self.stack.release(cache)
 
 
 class RemoteStage:

@@ -243,7 +243,8 @@ class Worker:
             if p < 0 or p + T > self.stack.capacity:
                 raise RequestError("capacity", f"positions {p}..{p + T - 1} of session {s} exceed this worker's "
                                                f"context of {self.stack.capacity}; start it with a larger --context")
-        rows = [Row(self._cache(conn, s, p, msg.start, msg.end), p) for s, p in zip(msg.sessions, msg.positions)]
+        batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
+        rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p) for s, p in zip(msg.sessions, msg.positions)]
         t0 = time.perf_counter()
         out = self.stack.forward(x, rows, msg.start, msg.end)
         if out.device.type != "cpu":
@@ -273,7 +274,8 @@ class Worker:
             link.close()
             raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
 
-    def _cache(self, conn: int, session: str, pos: int, start: int, end: int) -> KVCache:
+    def _cache(self, conn: int, session: str, pos: int, start: int, end: int,
+               batch: set[tuple[int, str]] = frozenset()) -> KVCache:
         key = (conn, session)
         entry = self.sessions.get(key)
         if entry is None:
@@ -281,7 +283,7 @@ class Worker:
                 raise RequestError("cache_behind", f"session {session} is not cached here (worker restarted or "
                                                    f"evicted it); replay from position 0", cached=0)
             if not self.stack.spares:  # else new_cache reuses an ended session's, already counted
-                self._make_room(self.stack.new_cache_bytes())
+                self._make_room(self.stack.new_cache_bytes(), batch)
             entry = SessionEntry(self.stack.new_cache(), conn, 0.0)
             self.sessions[key] = entry
         cached = min(entry.cache.lengths[entry.cache.slot[i]] for i in range(start, end))
@@ -292,17 +294,24 @@ class Worker:
         self.sessions.move_to_end(key)
         return entry.cache
 
-    def _make_room(self, need: int) -> None:
+    def _make_room(self, need: int, batch: set[tuple[int, str]] = frozenset()) -> None:
         """Evict least recently used sessions until a new cache fits the budget (the caches kept for
-        reuse count: they hold memory)."""
-        used = sum(e.cache.nbytes for e in self.sessions.values()) + sum(c.nbytes for c in self.stack.spares)
-        while self.sessions and used + need > self.kv_budget:
-            (conn, s), e = self.sessions.popitem(last=False)
-            used -= e.cache.nbytes
-            self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
-            log.info("evicted idle session %s to stay under the KV budget", s)
+        reuse count: they hold memory). Sessions of the request being served (`batch`) stay: evicting
+        one would hand its cache to another row of the same batch."""
         if need > self.kv_budget:
             raise RequestError("memory", f"one session needs {need / (1 << 20):.2f} MiB of KV cache, over this "
+                                         f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
+                                         f"--kv-budget or lower --context")
+        used = sum(e.cache.nbytes for e in self.sessions.values()) + sum(c.nbytes for c in self.stack.spares)
+        for key in [k for k in self.sessions if k not in batch]:  # least recently used first
+            if used + need <= self.kv_budget:
+                return
+            e = self.sessions.pop(key)
+            used -= e.cache.nbytes
+            self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
+            log.info("evicted idle session %s to stay under the KV budget", key[1])
+        if used + need > self.kv_budget:
+            raise RequestError("memory", f"a batch of {len(batch)} sessions needs more KV cache than this "
                                          f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
                                          f"--kv-budget or lower --context")
 

@@ -251,6 +251,13 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
         for q in range(20, 23):
             got = head.logits(stack.forward(head.embed(ids[3:4, q:q + 1]), [Row(reused, q)], 0, 6)[:, -1]).cpu()
             assert torch.allclose(got[0], want[3, q], atol=1e-4, rtol=0)
+        # The first batch again, its middle row now another session: with graphs, the graph captured for
+        # these three caches at span 512 replays at once over the reused one.
+        pos = [p + 1, 23, lengths[2] + 4]
+        x = head.embed(torch.stack([ids[r, q:q + 1] for r, q in zip((0, 3, 2), pos)]))
+        got = head.logits(stack.forward(x, [Row(c, q) for c, q in zip(caches, pos)], 0, 6)[:, -1]).cpu()
+        for b, (r, q) in enumerate(zip((0, 3, 2), pos)):
+            assert torch.allclose(got[b], want[r, q], atol=1e-4, rtol=0)
 
 
 def test_caches_are_kept_for_reuse_only_with_graphs(tiny_model):
@@ -321,3 +328,73 @@ def test_worker_kv_budget_counts_kept_caches(tiny_model):
     assert d is b and set(worker.sessions) == {(1, "c"), (1, "d")} and not stack.spares
     assert worker._free_connection(1) == 2 and len(stack.spares) == 2
     assert sum(x.nbytes for x in stack.spares) <= worker.kv_budget
+
+
+def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
+    """At its KV budget, a worker making room for a new session of a batch evicts an idle session, never
+    another row of that batch (whose cache would then serve two rows); a batch that cannot fit is one
+    clear error. With kept caches (the GPU bookkeeping, on the CPU) and without."""
+    import asyncio
+
+    from cake import wire
+    from cake.model.cuda_graphs import DecodeGraphs
+    from cake.worker import Worker
+
+    ids = torch.randint(0, 128000, (3, 24), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want = reference_model(tiny_model)(ids).logits
+    for keep_caches in (False, True):
+        stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 64)
+        if keep_caches:
+            stack.graphs = DecodeGraphs(stack, replay=False)
+        head = load_head(tiny_model, config, stack.device, stack.dtype)
+        worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
+
+        def forward(rid, sessions, positions, x):
+            return asyncio.run(worker._dispatch(1, wire.Forward(rid, 0, 6, sessions, positions), x, "test"))
+
+        with torch.inference_mode():
+            forward(1, ["b"], [0], head.embed(ids[1:2, :5]))  # b first: the least recently used
+            forward(2, ["a"], [0], head.embed(ids[0:1, :20]))
+            x = head.embed(torch.stack([ids[0, 20:21], ids[2, 0:1]]))
+            reply, out = forward(3, ["a", "c"], [20, 0], x)  # c needs room: b goes, not a
+            assert isinstance(reply, wire.Result) and set(worker.sessions) == {(1, "a"), (1, "c")}
+            got = head.logits(out[:, -1])
+            assert torch.allclose(got[0], want[0, 20], atol=1e-4, rtol=0)
+            assert torch.allclose(got[1], want[2, 0], atol=1e-4, rtol=0)
+            x = head.embed(torch.stack([ids[0, 21:22], ids[2, 1:2], ids[1, 0:1]]))
+            reply, _ = forward(4, ["a", "c", "d"], [21, 1, 0], x)
+        assert isinstance(reply, wire.Error) and reply.code == "memory" and "batch of 3 sessions" in reply.message
+
+
+def test_master_keeps_ended_local_caches_for_new_sessions(tiny_model, tmp_path):
+    """A master's local layers with kept caches (the GPU bookkeeping, on the CPU): a session's cache is
+    released when it ends and the next session reuses it; both generations match transformers."""
+    import asyncio
+
+    from cake.generate import generate
+    from cake.master import Master
+    from cake.model.cuda_graphs import DecodeGraphs
+    from cake.sampling import SamplingParams
+    from cake.topology import load_topology
+    from conftest import EOS, reference_greedy, write_topology
+
+    master = Master(tiny_model, load_topology(write_topology(tmp_path / "t.yml", {})), device="cpu")
+    master.stack.graphs = DecodeGraphs(master.stack, replay=False)
+    prompts = [[128000, 791, 4062, 315], [128000, 40, 1093, 856, 1205, 13]]
+
+    async def run(prompt):
+        return [t async for t in generate(master, prompt, SamplingParams(), 12, EOS)]
+
+    async def both():
+        await master.connect()
+        first = await run(prompts[0])
+        kept = list(master.stack.spares)
+        second = await run(prompts[1])
+        await master.close()
+        return first, kept, second
+
+    first, kept, second = asyncio.run(both())
+    assert len(kept) == 1 and master.stack.spares == kept  # taken by the second session, kept again
+    assert first == reference_greedy(tiny_model, prompts[0], 12)
+    assert second == reference_greedy(tiny_model, prompts[1], 12)

@@ -69,6 +69,7 @@ class DecodeGraphs:
         self.active = True
         self.batched: OrderedDict[tuple, Captured] = OrderedDict()  # (start, end, span, cache serials)
         self._seen: set[tuple] = set()  # batches stepped once, eagerly
+        self._no_memory: set[tuple] = set()  # keys whose capture ran out of GPU memory: eager from then on
         self._warm: set[tuple[int, int, int, int]] = set()
         # One memory pool and capture stream for all of this stack's graphs: replays are serialized on
         # one stream and each output is cloned before the next replay, so graphs can share temporaries
@@ -98,13 +99,15 @@ class DecodeGraphs:
                 key, store = (start, end, span, tuple(c.serial for c in caches)), self.batched
             cap = store.get(key)
             if cap is None:
-                if len(rows) > 1 and key not in self._seen:
+                if key in self._no_memory or (len(rows) > 1 and key not in self._seen):
                     if len(self._seen) > 4096:
                         self._seen.clear()
                     self._seen.add(key)
                     return None
                 cap = self._capture(hidden, caches, positions, start, end, span)
                 if cap is None:
+                    if self.active:  # out of memory: run this key eagerly, without retrying every step
+                        self._no_memory.add(key)
                     return None
                 store[key] = cap
                 if len(self.batched) > MAX_BATCH_GRAPHS:
@@ -115,7 +118,7 @@ class DecodeGraphs:
                     cap.pos.fill_(positions[0])
                 else:
                     cap.pos.copy_(torch.tensor(positions))
-            if len(rows) > 1:
+            if len(rows) > 1 and key in self.batched:
                 self.batched.move_to_end(key)
             cap.graph.replay()
             out = cap.out.clone()  # the next replay overwrites cap.out
@@ -174,6 +177,8 @@ class DecodeGraphs:
                 log.warning("no GPU memory to capture a decode step; this step runs eagerly")
                 return None
             self.active = False
+            self.batched.clear()
+            s.drop_spares()  # and with them their graphs: nothing will replay them
             log.warning("CUDA graph capture failed (%s); running decode steps eagerly from now on",
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
             return None

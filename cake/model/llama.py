@@ -359,7 +359,7 @@ class LayerStack:
             self.graphs.forget(cache)
 
     def drop_spares(self) -> int:
-        """Free the kept caches (their memory is wanted for live sessions); the bytes freed."""
+        """Free the kept caches (graphs were turned off, so nothing will replay theirs); the bytes freed."""
         freed = sum(c.nbytes for c in self.spares)
         while self.spares:
             cache = self.spares.pop()
