@@ -95,10 +95,16 @@ class LocalStage:
 
     async def end(self, sessions: list[str]) -> None:
         caches = [c for c in (self.caches.pop(s, None) for s in sessions) if c is not None]
-        if caches:
+        if not caches:
+            return
+        try:
             # On the maths thread: a kept cache must not change hands, nor a batched graph be dropped,
             # in the middle of a step running there.
             await compute(self._release, caches, in_thread=self.in_thread, executor=self.executor)
+        except RuntimeError:
+            if self.executor is None:
+                raise
+            # The master was closed and its maths thread shut down: nothing will reuse these caches.
 
     def _release(self, caches: list[KVCache]) -> None:
         for cache in caches:

@@ -296,24 +296,26 @@ class Worker:
 
     def _make_room(self, need: int, batch: set[tuple[int, str]] = frozenset()) -> None:
         """Evict least recently used sessions until a new cache fits the budget (the caches kept for
-        reuse count: they hold memory). Sessions of the request being served (`batch`) stay: evicting
-        one would hand its cache to another row of the same batch."""
+        reuse count: they hold memory). Sessions of the request being served (`batch`) go last, and
+        their caches are never kept for reuse: their rows still use them in this step (the master
+        replays such a session on its next step)."""
         if need > self.kv_budget:
             raise RequestError("memory", f"one session needs {need / (1 << 20):.2f} MiB of KV cache, over this "
                                          f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
                                          f"--kv-budget or lower --context")
         used = sum(e.cache.nbytes for e in self.sessions.values()) + sum(c.nbytes for c in self.stack.spares)
-        for key in [k for k in self.sessions if k not in batch]:  # least recently used first
+        idle = [k for k in self.sessions if k not in batch]  # least recently used first
+        for key in idle + [k for k in self.sessions if k in batch]:
             if used + need <= self.kv_budget:
                 return
             e = self.sessions.pop(key)
             used -= e.cache.nbytes
-            self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
-            log.info("evicted idle session %s to stay under the KV budget", key[1])
-        if used + need > self.kv_budget:
-            raise RequestError("memory", f"a batch of {len(batch)} sessions needs more KV cache than this "
-                                         f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
-                                         f"--kv-budget or lower --context")
+            if key in batch:
+                self.stack.discard(e.cache)
+                log.info("evicted session %s (of the batch being served) to stay under the KV budget", key[1])
+            else:
+                self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
+                log.info("evicted idle session %s to stay under the KV budget", key[1])
 
     def _free_connection(self, conn: int) -> int:
         keys = [k for k in self.sessions if k[0] == conn]

@@ -331,9 +331,10 @@ def test_worker_kv_budget_counts_kept_caches(tiny_model):
 
 
 def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
-    """At its KV budget, a worker making room for a new session of a batch evicts an idle session, never
-    another row of that batch (whose cache would then serve two rows); a batch that cannot fit is one
-    clear error. With kept caches (the GPU bookkeeping, on the CPU) and without."""
+    """At its KV budget, a worker making room for a new session of a batch evicts an idle session before
+    another row of that batch, and a row it must evict keeps its own cache for this step (never handed to
+    another row): every row's output is exact, and the evicted session is replayed on its next step.
+    With kept caches (the GPU bookkeeping, on the CPU) and without."""
     import asyncio
 
     from cake import wire
@@ -362,9 +363,16 @@ def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
             got = head.logits(out[:, -1])
             assert torch.allclose(got[0], want[0, 20], atol=1e-4, rtol=0)
             assert torch.allclose(got[1], want[2, 0], atol=1e-4, rtol=0)
+            # Three rows, room for two: a row of the batch is evicted, yet each row computes on its own cache.
             x = head.embed(torch.stack([ids[0, 21:22], ids[2, 1:2], ids[1, 0:1]]))
-            reply, _ = forward(4, ["a", "c", "d"], [21, 1, 0], x)
-        assert isinstance(reply, wire.Error) and reply.code == "memory" and "batch of 3 sessions" in reply.message
+            reply, out = forward(4, ["a", "c", "b"], [21, 1, 0], x)
+            assert isinstance(reply, wire.Result) and len(worker.sessions) == 2 and not stack.spares
+            got = head.logits(out[:, -1])
+            for row, (r, q) in enumerate([(0, 21), (2, 1), (1, 0)]):
+                assert torch.allclose(got[row], want[r, q], atol=1e-4, rtol=0)
+            (gone,) = {"a", "c", "b"} - {s for _, s in worker.sessions}
+            reply, _ = forward(5, [gone], [{"a": 22, "c": 2, "b": 1}[gone]], head.embed(ids[0:1, :1]))
+            assert isinstance(reply, wire.Error) and reply.code == "cache_behind" and reply.cached == 0
 
 
 def test_master_keeps_ended_local_caches_for_new_sessions(tiny_model, tmp_path):

@@ -148,14 +148,25 @@ def test_a_budget_below_one_session_is_a_clear_error(tiny_model, cluster):
         two_alternating_sessions(tiny_model, c.topology)
 
 
-def test_closing_the_master_stops_a_generation_in_flight(tiny_model, cluster, prompt):
-    """close() is for good: a step in flight fails with one line instead of reconnecting and going on."""
+@pytest.mark.parametrize("maths_thread", [False, True])
+def test_closing_the_master_stops_a_generation_in_flight(tiny_model, cluster, prompt, maths_thread):
+    """close() is for good: a step in flight fails with one line instead of reconnecting and going on.
+    maths_thread: the master holds layers itself and runs its maths on one thread, as a CUDA master
+    serving the API does (close() shuts that thread down; ending the session after it must not fail)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
-    c = cluster(tiny_model, LAYOUT)
+    from cake.master import LocalStage
+
+    c = cluster(tiny_model, {"b": ["model.layers.3-5"]} if maths_thread else LAYOUT)
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology))
+        master = Master(tiny_model, load_topology(c.topology), compute_in_thread=maths_thread)
+        if maths_thread:
+            master._math = ThreadPoolExecutor(1)  # what a CUDA master gets (cake.master.Master.__init__)
+            for st in master.stages:
+                if isinstance(st, LocalStage):
+                    st.executor = master._math
         await master.connect()
         out = []
         with pytest.raises(WorkerError, match="shut down"):
@@ -166,7 +177,36 @@ def test_closing_the_master_stops_a_generation_in_flight(tiny_model, cluster, pr
         return out, [link.writer for link in master.links.values()]
 
     out, writers = run(go())
-    assert 3 <= len(out) < 200 and writers == [None, None]
+    assert 3 <= len(out) < 200 and writers == [None] * len(c.ports)
+
+
+def test_a_batch_larger_than_the_kv_budget_still_computes_exactly(tiny_model, cluster):
+    """Three sessions decoded as one batch on a worker with room for two caches: the worker evicts a
+    row of the batch (that row keeps its cache for the step), the master replays it on the next step,
+    and every logit matches transformers."""
+    import asyncio
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--kv-budget", "0.2", "--context", "64"))
+    prompts = [[128000, 791, 4062, 315], [128000, 40, 1093, 856], [128000, 3923, 374, 279]]
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), context=64)
+        await master.connect()
+        sessions = [master.new_session() for _ in prompts]
+        outs = [[await master.step(s, p)] for s, p in zip(sessions, prompts)]  # the third evicts the first
+        for t in (5, 6, 7):  # then decode steps of all three, batched
+            for o, logits in zip(outs, await asyncio.gather(*(master.step(s, [t]) for s in sessions))):
+                o.append(logits)
+        await master.close()
+        return outs
+
+    outs = run(go())
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            want = reference_model(tiny_model)(torch.tensor([p + [5, 6, 7]])).logits[0]
+        for i, got in enumerate(o):
+            assert torch.allclose(got, want[len(p) - 1 + i], atol=1e-4, rtol=0)
+    assert "of the batch being served" in c.log("w").read_text()
 
 
 def test_a_ping_cancelled_before_it_is_written_keeps_the_answers_in_order(tiny_model, cluster):

@@ -69,7 +69,7 @@ class DecodeGraphs:
         self.active = True
         self.batched: OrderedDict[tuple, Captured] = OrderedDict()  # (start, end, span, cache serials)
         self._seen: set[tuple] = set()  # batches stepped once, eagerly
-        self._no_memory: set[tuple] = set()  # keys whose capture ran out of GPU memory: eager from then on
+        self._no_memory: set[tuple] = set()  # keys whose capture ran out of GPU memory: eager until a cache is freed
         self._warm: set[tuple[int, int, int, int]] = set()
         # One memory pool and capture stream for all of this stack's graphs: replays are serialized on
         # one stream and each output is cloned before the next replay, so graphs can share temporaries
@@ -106,7 +106,9 @@ class DecodeGraphs:
                     return None
                 cap = self._capture(hidden, caches, positions, start, end, span)
                 if cap is None:
-                    if self.active:  # out of memory: run this key eagerly, without retrying every step
+                    if self.active:  # out of memory: run this key eagerly until memory is freed
+                        if len(self._no_memory) > 4096:
+                            self._no_memory.clear()
                         self._no_memory.add(key)
                     return None
                 store[key] = cap
@@ -129,11 +131,11 @@ class DecodeGraphs:
 
     def forget(self, cache) -> None:
         """`cache` is being freed: drop the batched graphs that read it (never replayed again anyway:
-        serial numbers are not reused). May run on another thread than the replays (a master's event
-        loop): list() takes the keys in one step, and pop tolerates a key that went meanwhile."""
+        serial numbers are not reused), and let captures that ran out of memory try again."""
         for key in list(self.batched):
             if cache.serial in key[3]:
                 self.batched.pop(key, None)
+        self._no_memory.clear()
 
     def _on_device(self):
         if self.stack.device.type == "cuda":

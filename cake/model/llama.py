@@ -358,6 +358,11 @@ class LayerStack:
         elif self.graphs is not None:
             self.graphs.forget(cache)
 
+    def discard(self, cache: KVCache) -> None:
+        """Let `cache` go without keeping it for another session (a batch row still uses it)."""
+        if self.graphs is not None:
+            self.graphs.forget(cache)
+
     def drop_spares(self) -> int:
         """Free the kept caches (graphs were turned off, so nothing will replay theirs); the bytes freed."""
         freed = sum(c.nbytes for c in self.spares)
