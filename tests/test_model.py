@@ -258,6 +258,16 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
         got = head.logits(stack.forward(x, [Row(c, q) for c, q in zip(caches, pos)], 0, 6)[:, -1]).cpu()
         for b, (r, q) in enumerate(zip((0, 3, 2), pos)):
             assert torch.allclose(got[b], want[r, q], atol=1e-4, rtol=0)
+        # The same three sessions in another order: rows come back in the order asked, and with graphs
+        # the batch's graph replays (no new one).
+        keys = set(stack.graphs.batched)
+        order = [2, 0, 1]
+        pos = [pos[i] + 1 for i in range(3)]
+        x = head.embed(torch.stack([ids[(0, 3, 2)[i], pos[i]:pos[i] + 1] for i in order]))
+        got = head.logits(stack.forward(x, [Row(caches[i], pos[i]) for i in order], 0, 6)[:, -1]).cpu()
+        for b, i in enumerate(order):
+            assert torch.allclose(got[b], want[(0, 3, 2)[i], pos[i]], atol=1e-4, rtol=0)
+        assert set(stack.graphs.batched) == keys
 
 
 def test_caches_are_kept_for_reuse_only_with_graphs(tiny_model):

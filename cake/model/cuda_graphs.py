@@ -6,8 +6,9 @@ stage's launches once and replays them with one call. Graphs fix every address a
 
 - a graph belongs to its session caches, a layer range and an attention span: it reads the caches in
   place. A one-session step's graphs live on its cache; a batch's (several sessions' tokens, products
-  shared, attention per row) in an LRU keyed by the caches' serial numbers, captured the second time
-  that batch is stepped (the first runs eagerly: a batch seen once is not worth a capture);
+  shared, attention per row) in an LRU keyed by the caches' serial numbers (in order, whatever order
+  the rows came in), captured the second time that batch is stepped (the first runs eagerly: a batch
+  seen once is not worth a capture);
 - the positions live in a device tensor, keys are written with index_copy_, and attention covers a span
   of the cache rounded up to a power of two (at least SPAN_MIN) with positions past the current one
   masked, so one graph serves every position up to its span (`LayerStack.decode_static`);
@@ -89,9 +90,19 @@ class DecodeGraphs:
         s = self.stack
         caches, positions = [r.cache for r in rows], [r.start for r in rows]
         span = span_for(max(positions) + 1, s.capacity)
+        # A batch runs with its rows in cache-serial order, so the same sessions arriving in another
+        # order (their clients were served in another order) replay one graph instead of capturing again.
+        order = sorted(range(len(rows)), key=lambda i: caches[i].serial)
+        unsort = None
+        if order != list(range(len(rows))):
+            caches, positions, hidden = [caches[i] for i in order], [positions[i] for i in order], hidden[order]
+            unsort = [0] * len(order)
+            for j, i in enumerate(order):
+                unsort[i] = j
         if not self.replay:
             x = hidden.to(device=s.device, dtype=s.dtype)
             out = s.decode_static(x, caches, torch.tensor(positions, device=s.device), start, end, span)
+            out = out if unsort is None else out[unsort]
         else:
             if len(rows) == 1:
                 key, store = (start, end, span), caches[0].graphs
@@ -123,7 +134,8 @@ class DecodeGraphs:
             if len(rows) > 1 and key in self.batched:
                 self.batched.move_to_end(key)
             cap.graph.replay()
-            out = cap.out.clone()  # the next replay overwrites cap.out
+            # A copy either way: the next replay overwrites cap.out.
+            out = cap.out.clone() if unsort is None else cap.out[unsort]
         for cache, p in zip(caches, positions):
             for i in range(start, end):
                 cache.lengths[cache.slot[i]] = p + 1
