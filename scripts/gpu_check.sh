@@ -8,8 +8,9 @@
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
 # Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, BENCH_EAGER_TIMEOUT,
-# seconds) so a hang in one still leaves the others' logs; the script's status is the first failing step's. On CUDA the big model is measured
-# a second time with CAKE_CUDA_GRAPHS=0, for the figures without CUDA graphs.
+# seconds) so a hang in one still leaves the others' logs; the script's status is the first failing
+# step's. On CUDA the big model is measured a second time with CAKE_CUDA_GRAPHS=0, for the figures
+# without CUDA graphs (EAGER=0 skips that).
 set -u
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
