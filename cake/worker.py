@@ -191,12 +191,7 @@ class Worker:
             if isinstance(msg, wire.Forward):
                 return await self._forward(conn, msg, tensor)
             if isinstance(msg, wire.End):
-                ended = 0
-                for s in msg.sessions:
-                    entry = self.sessions.pop((conn, s), None)
-                    if entry is not None:
-                        self.stack.release(entry.cache)
-                        ended += 1
+                ended = sum(self._end_session((conn, s)) for s in msg.sessions)
                 log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
@@ -308,20 +303,23 @@ class Worker:
         for key in idle + [k for k in self.sessions if k in batch]:
             if used + need <= self.kv_budget:
                 return
-            e = self.sessions.pop(key)
-            used -= e.cache.nbytes
+            used -= self.sessions[key].cache.nbytes
             if key in batch:
-                self.stack.discard(e.cache)
+                self.stack.discard(self.sessions.pop(key).cache)
                 log.info("evicted session %s (of the batch being served) to stay under the KV budget", key[1])
             else:
-                self.stack.release(e.cache)  # kept as a spare (new_cache takes it) or freed
+                self._end_session(key)  # its cache is kept as a spare (new_cache takes it) or freed
                 log.info("evicted idle session %s to stay under the KV budget", key[1])
 
     def _free_connection(self, conn: int) -> int:
-        keys = [k for k in self.sessions if k[0] == conn]
-        for k in keys:
-            self.stack.release(self.sessions.pop(k).cache)
-        return len(keys)
+        return sum(self._end_session(k) for k in [k for k in self.sessions if k[0] == conn])
+
+    def _end_session(self, key: tuple[int, str]) -> bool:
+        """Forget a session; its cache goes back to the stack (kept for another session, or freed)."""
+        entry = self.sessions.pop(key, None)
+        if entry is not None:
+            self.stack.release(entry.cache)
+        return entry is not None
 
 
 def _free_memory(device: torch.device) -> int:

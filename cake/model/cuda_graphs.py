@@ -49,6 +49,13 @@ def span_for(length: int, capacity: int) -> int:
     return min(span, capacity)
 
 
+def _remember(keys: set, key) -> None:
+    """Add to a set of keys that must not grow without bound (forgetting all costs one extra step each)."""
+    if len(keys) > 4096:
+        keys.clear()
+    keys.add(key)
+
+
 @dataclass
 class Captured:
     graph: "torch.cuda.CUDAGraph"
@@ -111,16 +118,12 @@ class DecodeGraphs:
             cap = store.get(key)
             if cap is None:
                 if key in self._no_memory or (len(rows) > 1 and key not in self._seen):
-                    if len(self._seen) > 4096:
-                        self._seen.clear()
-                    self._seen.add(key)
+                    _remember(self._seen, key)
                     return None
                 cap = self._capture(hidden, caches, positions, start, end, span)
                 if cap is None:
                     if self.active:  # out of memory: run this key eagerly until memory is freed
-                        if len(self._no_memory) > 4096:
-                            self._no_memory.clear()
-                        self._no_memory.add(key)
+                        _remember(self._no_memory, key)
                     return None
                 store[key] = cap
                 if len(self.batched) > MAX_BATCH_GRAPHS:
@@ -131,8 +134,8 @@ class DecodeGraphs:
                     cap.pos.fill_(positions[0])
                 else:
                     cap.pos.copy_(torch.tensor(positions))
-            if len(rows) > 1 and key in self.batched:
-                self.batched.move_to_end(key)
+            if store is self.batched:
+                store.move_to_end(key)
             cap.graph.replay()
             # A copy either way: the next replay overwrites cap.out.
             out = cap.out.clone() if unsort is None else cap.out[unsort]

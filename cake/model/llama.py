@@ -355,11 +355,11 @@ class LayerStack:
         step plus the graph's instantiation)."""
         if self.graphs is not None and self.graphs.active and len(self.spares) < MAX_SPARES:
             self.spares.append(cache)
-        elif self.graphs is not None:
-            self.graphs.forget(cache)
+        else:
+            self.discard(cache)
 
     def discard(self, cache: KVCache) -> None:
-        """Let `cache` go without keeping it for another session (a batch row still uses it)."""
+        """Let `cache` go without keeping it for another session (a batch row may still use it)."""
         if self.graphs is not None:
             self.graphs.forget(cache)
 
@@ -367,9 +367,7 @@ class LayerStack:
         """Free the kept caches (graphs were turned off, so nothing will replay theirs); the bytes freed."""
         freed = sum(c.nbytes for c in self.spares)
         while self.spares:
-            cache = self.spares.pop()
-            if self.graphs is not None:
-                self.graphs.forget(cache)
+            self.discard(self.spares.pop())
         return freed
 
     def new_cache_bytes(self) -> int:
@@ -388,8 +386,7 @@ class LayerStack:
         B, T, H = hidden.shape
         x = hidden.to(device=self.device, dtype=self.dtype)  # from the wire (CPU) or a node of another dtype
         if T == 1:
-            pos = torch.tensor([r.start for r in rows], device=self.device)
-            rot = rope_rotations(self.cos[pos].to(self.dtype), self.sin[pos].to(self.dtype), self.eye, self.swap)
+            rot = self._rotations(torch.tensor([r.start for r in rows], device=self.device))
             x = x.reshape(B, H)  # a view unless the caller handed a strided slice
             for i in range(start, end):
                 x = self.layers[i].decode(x, rows, rot)
@@ -409,13 +406,17 @@ class LayerStack:
         each row's cache; no host sync and no shape that depends on a position, so it can be captured
         as a CUDA graph. The caller keeps cache.lengths."""
         B, _, H = x.shape
-        rot = rope_rotations(self.cos.index_select(0, pos).to(self.dtype),
-                             self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
+        rot = self._rotations(pos)
         mask = (torch.arange(span, device=pos.device) <= pos.unsqueeze(1)).view(B, 1, 1, span)
         x = x.reshape(B, H)
         for i in range(start, end):
             x = self.layers[i].decode_static(x, caches, pos, rot, mask)
         return x.view(B, 1, H)
+
+    def _rotations(self, pos: torch.Tensor) -> torch.Tensor:
+        """The rope rotation of each row's position, pos [B] (a device tensor) -> [B, hd, hd]."""
+        return rope_rotations(self.cos.index_select(0, pos).to(self.dtype),
+                              self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
 
 
 class Head:
