@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from cake import launch, synthetic, wire  # noqa: E402
 from cake.client import Options, WorkerLink  # noqa: E402
+from cake.errors import CakeError  # noqa: E402
 from cake.model.llama import Row  # noqa: E402
 from cake.model.loader import load_layers  # noqa: E402
 from cake.topology import load_topology  # noqa: E402
@@ -158,6 +159,8 @@ def blocking_client(port: int, tdtype: torch.dtype, n: int) -> None:
             send(wire.Forward(2 + i, 0, LAYERS, ["b"], [16 + i % 200]), x)
             reply = read()
             times.append(time.perf_counter() - t0)
+            if not isinstance(reply, wire.Result):
+                raise CakeError(f"the worker answered a forward with {reply}")
             compute.append(reply.compute_us / 1e6)
         report(f"cake forward, blocking client, gap {gap * 1e3:.0f} ms", times, compute)
     s.close()
@@ -171,18 +174,29 @@ def main() -> None:
     dtype = "bf16" if args.device.startswith("cuda") else "f32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="cake-hop-"))
+    try:
+        probe(tmp, args.device, dtype, tdtype, args.requests)
+    except (CakeError, ConnectionError) as e:  # as the benchmark does: one line, and where to look
+        print(f"error: {e} [files and the worker's log: {tmp}]", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def probe(tmp: Path, device: str, dtype: str, tdtype: torch.dtype, n: int) -> None:
     model = synthetic.make_model(tmp / "model", hidden=HIDDEN, intermediate=704, layers=LAYERS, heads=8,
                                  kv_heads=2, seed=1)
-    raw_sockets(args.requests)
-    in_process(model, args.device, dtype, tdtype, args.requests)
+    raw_sockets(n)
+    in_process(model, device, dtype, tdtype, n)
     port = launch.free_port()
     topology = launch.write_topology(tmp / "topology.yml", {"a": (port, [f"model.layers.0-{LAYERS - 1}"])})
-    proc = launch.start_worker(model, "a", topology, port, "--device", args.device, "--dtype", dtype,
+    proc = launch.start_worker(model, "a", topology, port, "--device", device, "--dtype", dtype,
                                log=tmp / "worker.log")
     try:
         launch.wait_ready(port, proc, 120)
-        asyncio.run(asyncio_client(topology, tdtype, args.requests))
-        blocking_client(port, tdtype, args.requests)
+        asyncio.run(asyncio_client(topology, tdtype, n))
+        blocking_client(port, tdtype, n)
     finally:
         launch.stop(proc)
 
