@@ -26,6 +26,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from cake import eventloop
 from cake.auth import is_loopback
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
@@ -512,10 +513,12 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
 def run_api(args: MasterArgs, address: str, api_key: str | None = None) -> None:
     """`cake --mode master --api HOST:PORT`: serve the cluster until SIGINT/SIGTERM."""
     host, port = parse_api_address(address)
+    eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     server = build_server(args, api_key)
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the cluster", host)
-    asyncio.run(_serve_until_signalled(server, host, port))
+    eventloop.run(_serve_until_signalled(server, host, port), eventloop.busy_poll_us(server.master.device.type,
+                                                                                     args.busy_poll))
 
 
 async def _serve_until_signalled(server: ApiServer, host: str, port: int) -> None:

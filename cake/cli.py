@@ -47,6 +47,10 @@ def run_edge(fn, *args, **kwargs):
               help="CPU threads for this node's maths (0 = torch's choice: all cores).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On a CUDA device, replay one-token decode steps as CUDA graphs (env CAKE_CUDA_GRAPHS=0 also turns them off).")
+@click.option("--busy-poll", envvar="CAKE_BUSY_POLL_US", default="auto", show_envvar=True, metavar="US|auto",
+              help="Poll sockets without sleeping for this many µs before blocking: skips the wake-up of a "
+                   "process that waited for another node, at the cost of a spinning core; auto = 20000 on "
+                   "CUDA nodes, 0 (off) elsewhere.")
 @click.option("--context", type=int, default=None,
               help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
@@ -80,7 +84,7 @@ def run_edge(fn, *args, **kwargs):
               help="Master: reach every worker, show what each serves and the round trip, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
@@ -99,7 +103,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         from cake.worker import WorkerArgs, run_worker
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
-                                        kv_budget, max_frame_mb))
+                                        kv_budget, max_frame_mb, busy_poll))
         return
     if check:
         from cake.check import run_check
@@ -114,6 +118,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         prompt=prompt, system_prompt=system_prompt, raw=raw, max_tokens=max_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, output_ids=output_ids, quiet=quiet,
+        busy_poll=busy_poll,
     )
     if api:
         from cake.api import run_api

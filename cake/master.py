@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cake import wire
+from cake import eventloop, wire
 from cake.client import Options, RelayFailed, SessionsLost, WorkerLink
 from cake.errors import CakeError, WorkerError
 from cake.model.config import LlamaConfig, load_config
@@ -61,7 +61,8 @@ async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecut
     not meet this process's other GPU work); None: the loop's default pool."""
     if not in_thread:
         return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with the maths thread
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 class LocalStage:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cake import eventloop
 from cake.client import Options
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
@@ -44,6 +44,7 @@ class MasterArgs:
     relay: bool = True
     output_ids: str | None = None
     quiet: bool = False
+    busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
 
 
 def sampling_params(args: MasterArgs) -> SamplingParams:
@@ -82,9 +83,11 @@ def run_master(args: MasterArgs) -> None:
     if args.max_tokens < 0:
         raise CakeError("--max-tokens must be 0 or more")
     params = sampling_params(args)
+    eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     master, tokenizer, eos = build_master(args)
     prompt_ids = tokenizer.encode_prompt(args.prompt, args.system_prompt, args.raw)
-    asyncio.run(_generate(master, tokenizer, prompt_ids, params, args, eos))
+    eventloop.run(_generate(master, tokenizer, prompt_ids, params, args, eos),
+                  eventloop.busy_poll_us(master.device.type, args.busy_poll))
 
 
 async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cake import auth, wire
+from cake import auth, eventloop, wire
 from cake.client import Options, WorkerLink
 from cake.devices import dtype_name
 from cake.errors import CakeError, ProtocolError
@@ -343,6 +343,7 @@ class WorkerArgs:
     key: str | None = None
     kv_budget_mb: float = 2048
     max_frame_mb: int = 0  # 0: derived from the model and context
+    busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
 
 
 def run_worker(args: WorkerArgs) -> None:
@@ -355,14 +356,18 @@ def run_worker(args: WorkerArgs) -> None:
         raise CakeError(f"--address '{args.address}' needs host:port with a port between 1 and 65535, "
                         f"e.g. 0.0.0.0:10128")
     host, port = parsed
+    eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
                     max_frame=args.max_frame_mb << 20, topology=topo)
+    poll_us = eventloop.busy_poll_us(stack.device.type, args.busy_poll)
+    if poll_us:
+        log.info("busy-polling for %d µs after each message (--busy-poll 0 turns it off)", poll_us)
     try:
-        asyncio.run(worker.serve(host, port))
+        eventloop.run(worker.serve(host, port), poll_us)
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise CakeError(f"cannot listen on {args.address}: {reason}; pick another --address port") from None

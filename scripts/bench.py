@@ -173,6 +173,7 @@ class Job:
     device: str = "cpu"
     dtype: str = "f32"
     relay: bool = True  # cake with workers: workers pass hidden states to each other
+    busy_poll: str = "auto"  # cake: the master's --busy-poll
 
 
 @dataclass
@@ -341,14 +342,14 @@ class Cake(Subject):
     """An in-process Master (all layers local, or none with a topology) driven by `cake.generate`."""
 
     def __init__(self, job: Job):
-        import asyncio
-
         from cake.client import Options
         from cake.master import Master
         from cake.topology import load_topology
 
+        from cake import eventloop
+
         self.job = job
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_loop(eventloop.busy_poll_us(job.device, job.busy_poll))
         # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
         self.master = Master(job.model_dir, load_topology(job.topology), device=job.device, dtype=job.dtype,
                              options=Options(retry_timeout=10.0, request_timeout=120.0, relay=job.relay))
@@ -410,6 +411,7 @@ SUBJECTS: dict[str, type[Subject]] = {
     "cake-local": Cake,
     "cake-workers": Cake,
     "cake-workers-no-relay": Cake,
+    "cake-workers-no-poll": Cake,
 }
 
 
@@ -582,13 +584,14 @@ async def proxy_main(spec: dict) -> None:
 
 @contextmanager
 def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str,
-                    link_delay_ms: float = 0.0) -> Iterator[Cluster]:
+                    link_delay_ms: float = 0.0, busy_poll_us: int = 0, suffix: str = "") -> Iterator[Cluster]:
     """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped.
-    With a link delay, the topology sends everyone (master and workers) through a delaying proxy."""
+    With a link delay, the topology sends everyone (master and workers) through a delaying proxy.
+    `suffix` names a second set's topology and logs."""
     ranges = halves(layers)
     ports = {name: launch.free_port() for name in ranges}
     reached = {name: launch.free_port() for name in ranges} if link_delay_ms > 0 else ports
-    topology = logs / "topology.yml"
+    topology = logs / f"topology{suffix}.yml"
     write_topology(topology, ranges, reached)
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -599,15 +602,15 @@ def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype
             if procs["proxy"].stdout.readline().strip() != "ready":
                 raise CakeError("the --link-delay-ms proxy failed to start")
         for name in ranges:
-            log = logs / f"{name}.log"
+            log = logs / f"{name}{suffix}.log"
             log.unlink(missing_ok=True)
             procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", device,
-                                              "--dtype", dtype, log=log)
+                                              "--dtype", dtype, "--busy-poll", str(busy_poll_us), log=log)
         for name in ranges:
             try:
                 launch.wait_ready(ports[name], procs[name], WORKER_START_TIMEOUT)
             except CakeError as e:
-                log = logs / f"{name}.log"
+                log = logs / f"{name}{suffix}.log"
                 raise CakeError(f"{name} failed to start ({e}): {last_line(log)} [log: {log}]") from None
         yield Cluster(topology, {name: procs[name] for name in ranges})
     finally:
@@ -646,19 +649,27 @@ class Measured:
 
 
 def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
-            logs: Path, device: str, dtype: str, link_delay_ms: float = 0.0) -> tuple[dict[str, Measured], dict[str, int | None]]:
+            logs: Path, device: str, dtype: str, link_delay_ms: float = 0.0,
+            busy_poll_us: int = 0) -> tuple[dict[str, Measured], dict[str, int | None]]:
     """Every figure of one model, in interleaved rounds; returns what each child measured and the
-    workers' peak RSS."""
+    workers' peak RSS. With busy-polling on, a second pair of workers and a master without it too."""
     with ExitStack() as stack:
         progress(f"{spec.name}: starting 2 workers, then the transformers, cake and matvec processes")
-        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms))
-        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype)
+        cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms,
+                                                      busy_poll_us))
+        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype,
+                   busy_poll=str(busy_poll_us))
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
                 "cake-local": replace(base, kind="cake-local"),
                 "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology)),
                 "cake-workers-no-relay": replace(base, kind="cake-workers-no-relay", topology=str(cluster.topology),
                                                  relay=False)}
+        if busy_poll_us > 0:
+            plain = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms,
+                                                        0, suffix="-no-poll"))
+            jobs["cake-workers-no-poll"] = replace(base, kind="cake-workers-no-poll", topology=str(plain.topology),
+                                                   busy_poll="0")
         kids = {kind: stack.enter_context(child(job, logs)) for kind, job in jobs.items()}
         for kid in kids.values():
             kid.ask()  # set up and warmed up
@@ -727,6 +738,8 @@ class ModelResult:
     device: str = "cpu"
     dtype: str = "f32"
     no_relay: Measured | None = None  # 2 workers, every hidden state through the master
+    no_poll: Measured | None = None  # 2 workers and master not busy-polling (measured when the others do)
+    busy_poll_us: int = 0
     link_delay_ms: float = 0.0  # each way, on every connection to a worker (an emulated network)
 
     @property
@@ -782,6 +795,8 @@ class ModelResult:
         measured = [("transformers", self.transformers), ("cake_local", self.local), ("cake_workers", self.workers)]
         if self.no_relay is not None:
             measured.append(("cake_workers_no_relay", self.no_relay))
+        if self.no_poll is not None:
+            measured.append(("cake_workers_no_poll", self.no_poll))
         speeds = {k: asdict(self.speed(m)) for k, m in measured}
         return {
             "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
@@ -800,16 +815,17 @@ class ModelResult:
 
 
 def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int,
-                device: str = "cpu", dtype: str = "f32", link_delay_ms: float = 0.0) -> ModelResult:
+                device: str = "cpu", dtype: str = "f32", link_delay_ms: float = 0.0,
+                busy_poll_us: int = 0) -> ModelResult:
     model_dir = ensure_model(spec, workdir)
     weights = WeightBytes.read(model_dir).in_dtype(dtype)
     logs = workdir / "runs" / spec.name
     logs.mkdir(parents=True, exist_ok=True)
     m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype,
-                            link_delay_ms)
+                            link_delay_ms, busy_poll_us)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
                        m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"],
-                       link_delay_ms)
+                       m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms)
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -863,6 +879,7 @@ def report(r: ModelResult, quick: bool) -> str:
         speed_row("cake all-local", local),
         speed_row("cake 2 workers (master)", workers),
         *([speed_row("cake 2 workers, no relay", r.speed(r.no_relay))] if r.no_relay else []),
+        *([speed_row("cake 2 workers, no busy-poll", r.speed(r.no_poll))] if r.no_poll else []),
         ["bandwidth limit (matvec)", f"{1e3 * r.matvec_s:.2f}", f"{r.bound_tps:.1f}", "-", "-", "-"],
     ])]
     out.append(f"matvec reads {w.decode_step / r.matvec_s / 1e9:.1f} GB/s; cake all-local reaches "
@@ -873,6 +890,10 @@ def report(r: ModelResult, quick: bool) -> str:
                       split_rows("all-local", r.local, local) + split_rows("2 workers", r.workers, workers))]
     out.append(f"per-hop overhead: ({workers.decode_ms:.2f} - {local.decode_ms:.2f}) ms / {r.hops} hops = "
                f"{r.hop_overhead_us:.0f} us")
+    if r.no_poll:
+        plain = r.speed(r.no_poll)
+        out.append(f"busy-poll ({r.busy_poll_us} us, workers and master): {workers.decode_ms:.2f} ms/tok against "
+                   f"{plain.decode_ms:.2f} without, {1e3 * (plain.decode_ms - workers.decode_ms):.0f} us a token saved")
     if r.no_relay:
         star = r.speed(r.no_relay)
         out.append(f"relay (a passes its output to b, b answers the master): {workers.decode_ms:.2f} ms/tok against "
@@ -933,6 +954,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--link-delay-ms", type=float, default=0.0,
                    help="emulate a network: reach the workers (from the master and from each other) through a "
                         "local proxy that holds every chunk this long each way (default: 0, direct)")
+    p.add_argument("--busy-poll", default=None, metavar="US|auto",
+                   help="every cake node's --busy-poll (default: $CAKE_BUSY_POLL_US, else auto: on for cuda); "
+                        "when on, 2 workers without it are measured too")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--proxy", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -945,6 +969,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if not 0 <= args.link_delay_ms <= 10_000:
         p.error("--link-delay-ms must be between 0 and 10000")
+    if not args.child:
+        from cake import eventloop
+
+        try:
+            args.busy_poll = eventloop.busy_poll_us(args.device, args.busy_poll)
+        except CakeError as e:
+            p.error(str(e))
     return args
 
 
@@ -963,7 +994,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["tiny", "big"] if args.model == "both" else [args.model]
     try:
         results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats, args.device,
-                               args.dtype, args.link_delay_ms) for n in names]
+                               args.dtype, args.link_delay_ms, args.busy_poll) for n in names]
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks for a machine with a GPU, in one go: what the device is, the end-to-end tests with every
 # master and worker on it (the reference stays on the CPU), where one hop's time goes
-# (scripts/hop_probe.py), then the benchmark in bf16 (all-local and two workers on loopback). Logs and
+# (scripts/hop_probe.py, also busy-polling), then the benchmark in bf16 (all-local and two workers on
+# loopback; on CUDA busy-polling is on by default, so two workers without it are measured too). Logs and
 # the benchmark's JSON go to $OUT (default ./gpu-results).
 #
 #   bash scripts/gpu_check.sh                       # cuda, bf16
@@ -42,7 +43,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print('cuda', torch.version.cuda, p.name, p.total_memory // 2**20, 'MiB')"
 step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_pipeline.py tests/test_model.py
-step hop "${HOP_TIMEOUT:-120}" "$PY" scripts/hop_probe.py --device "$DEVICE"
+step hop "${HOP_TIMEOUT:-120}" "$PY" scripts/hop_probe.py --device "$DEVICE" --busy-poll "${HOP_BUSY_POLL:-20000}"
 step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
 if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)

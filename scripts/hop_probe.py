@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import struct
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-from cake import launch, synthetic, wire  # noqa: E402
+from cake import eventloop, launch, synthetic, wire  # noqa: E402
 from cake.client import Options, WorkerLink  # noqa: E402
 from cake.errors import CakeError  # noqa: E402
 from cake.model.llama import Row  # noqa: E402
@@ -102,7 +103,7 @@ def in_process(model: Path, device: str, dtype: str, tdtype: torch.dtype, n: int
             report(f"in-process {LAYERS} layers + copies, gap {gap * 1e3:.0f} ms", times)
 
 
-async def asyncio_client(topology: Path, tdtype: torch.dtype, n: int) -> None:
+async def asyncio_client(topology: Path, tdtype: torch.dtype, n: int, label: str = "") -> None:
     link = WorkerLink(load_topology(topology).workers["a"], Options())
     await link.ensure_connected()
     await link.forward(0, LAYERS, ["s"], [0], torch.randn(1, 16, HIDDEN, dtype=tdtype))
@@ -113,7 +114,7 @@ async def asyncio_client(topology: Path, tdtype: torch.dtype, n: int) -> None:
             t0 = time.perf_counter()
             await link.request(wire.Ping())
             times.append(time.perf_counter() - t0)
-        report(f"cake ping, asyncio client, gap {gap * 1e3:.0f} ms", times)
+        report(f"cake ping, asyncio client{label}, gap {gap * 1e3:.0f} ms", times)
         times, compute = [], []
         for i in range(n):
             await asyncio.sleep(gap)
@@ -122,7 +123,7 @@ async def asyncio_client(topology: Path, tdtype: torch.dtype, n: int) -> None:
             _, c = await link.forward(0, LAYERS, ["s"], [16 + i % 200], x)
             times.append(time.perf_counter() - t0)
             compute.append(c)
-        report(f"cake forward, asyncio client, gap {gap * 1e3:.0f} ms", times, compute)
+        report(f"cake forward, asyncio client{label}, gap {gap * 1e3:.0f} ms", times, compute)
     await link.request(wire.End(["s"]))
     link.shutdown()
 
@@ -170,12 +171,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="the worker's and the in-process layers' device")
     p.add_argument("--requests", type=int, default=300, help="requests per series (default 300)")
+    p.add_argument("--busy-poll", type=int, default=0, metavar="US",
+                   help="also measure the cake series with worker and client busy-polling for US µs")
     args = p.parse_args()
     dtype = "bf16" if args.device.startswith("cuda") else "f32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="cake-hop-"))
     try:
-        probe(tmp, args.device, dtype, tdtype, args.requests)
+        probe(tmp, args.device, dtype, tdtype, args.requests, args.busy_poll)
+        shutil.rmtree(tmp, ignore_errors=True)  # kept only when something failed, for its logs
     except (CakeError, ConnectionError) as e:  # as the benchmark does: one line, and where to look
         print(f"error: {e} [files and the worker's log: {tmp}]", file=sys.stderr)
         sys.exit(1)
@@ -184,21 +188,24 @@ def main() -> None:
         sys.exit(130)
 
 
-def probe(tmp: Path, device: str, dtype: str, tdtype: torch.dtype, n: int) -> None:
+def probe(tmp: Path, device: str, dtype: str, tdtype: torch.dtype, n: int, busy_poll_us: int = 0) -> None:
     model = synthetic.make_model(tmp / "model", hidden=HIDDEN, intermediate=704, layers=LAYERS, heads=8,
                                  kv_heads=2, seed=1)
     raw_sockets(n)
     in_process(model, device, dtype, tdtype, n)
-    port = launch.free_port()
-    topology = launch.write_topology(tmp / "topology.yml", {"a": (port, [f"model.layers.0-{LAYERS - 1}"])})
-    proc = launch.start_worker(model, "a", topology, port, "--device", device, "--dtype", dtype,
-                               log=tmp / "worker.log")
-    try:
-        launch.wait_ready(port, proc, 120)
-        asyncio.run(asyncio_client(topology, tdtype, n))
-        blocking_client(port, tdtype, n)
-    finally:
-        launch.stop(proc)
+    for poll in (0, busy_poll_us) if busy_poll_us > 0 else (0,):
+        port = launch.free_port()
+        topology = launch.write_topology(tmp / "topology.yml", {"a": (port, [f"model.layers.0-{LAYERS - 1}"])})
+        proc = launch.start_worker(model, "a", topology, port, "--device", device, "--dtype", dtype,
+                                   "--busy-poll", str(poll), log=tmp / f"worker-poll{poll}.log")
+        try:
+            launch.wait_ready(port, proc, 120)
+            label = f", busy-poll {poll} us" if busy_poll_us > 0 else ""
+            eventloop.run(asyncio_client(topology, tdtype, n, label), poll)
+            if poll == 0:  # a blocking client has no loop to poll in
+                blocking_client(port, tdtype, n)
+        finally:
+            launch.stop(proc)
 
 
 if __name__ == "__main__":

@@ -175,19 +175,20 @@ def test_link_delay_proxy_delivers_every_byte_in_order_and_late():
 
 
 def test_hop_probe_measures_every_layer_of_a_hop():
-    """scripts/hop_probe.py end to end (a real worker process): one line per series, each a positive
-    median, and a forward's compute share below its round trip. No timing is asserted."""
+    """scripts/hop_probe.py end to end (real worker processes, one busy-polling): one line per series,
+    each a positive median, and a forward's compute share below its round trip. No timing is asserted."""
     import re
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "hop_probe.py"
-    out = subprocess.run([sys.executable, str(script), "--requests", "12"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, str(script), "--requests", "12", "--busy-poll", "2000"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert len(lines) == 10
+    assert len(lines) == 14  # the asyncio client's 4 series twice: without and with busy-polling
+    assert sum("busy-poll 2000 us" in line for line in lines) == 4
     for line in lines:
-        median = float(re.search(r"\s([\d.]+) us", line).group(1))
+        median = float(re.search(r"([\d.]+) us", line.rsplit(" ms ", 1)[1]).group(1))  # after "gap N ms"
         assert median > 0
         if "forward" in line:
             compute = float(re.search(r"compute ([\d.]+) us, rest -?[\d.]+ us", line).group(1))

@@ -277,15 +277,19 @@ def test_seeded_sampling_same_across_splits(tiny_model, prompt_ids, cluster):
     assert other_seed != local  # the seed is really used
 
 
-def test_cli_master_streams_only_text(tiny_model, prompt_ids, expected, cluster, tmp_path):
-    c = cluster(tiny_model, SPLITS["two-workers"])
+@pytest.mark.parametrize("busy_poll", ["0", "3000"])
+def test_cli_master_streams_only_text(busy_poll, tiny_model, prompt_ids, expected, cluster, tmp_path):
+    """Also with every node busy-polling its sockets (cake/eventloop.py): same tokens, same text."""
+    c = cluster(tiny_model, SPLITS["two-workers"], extra=("--busy-poll", busy_poll))
     ids_file = tmp_path / "ids.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cake", "--mode", "master", "--model", str(tiny_model), "--topology", str(c.topology),
          "--prompt", "Explain pipelines in one sentence.", "--system-prompt", "Be brief.", "-n", str(N),
-         "--temperature", "0", "--output-ids", str(ids_file)],
+         "--temperature", "0", "--output-ids", str(ids_file), "--busy-poll", busy_poll],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    for name in c.ports:
+        assert ("busy-polling for 3000 µs" in c.log(name).read_text()) == (busy_poll != "0")
     out = json.loads(ids_file.read_text())
     assert out["prompt"] == prompt_ids
     assert out["generated"] == expected

@@ -1,0 +1,114 @@
+"""cake/eventloop.py: the busy-polling selector spins, then sleeps, and pauses while a maths thread works."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import socket
+import threading
+import time
+
+import pytest
+
+from cake import eventloop
+from cake.errors import CakeError
+
+
+def test_setting_auto_is_on_for_cuda_only(monkeypatch):
+    monkeypatch.delenv(eventloop.ENV, raising=False)
+    assert eventloop.busy_poll_us("cuda") == eventloop.busy_poll_us("cuda:1") == eventloop.AUTO_CUDA_US > 0
+    assert eventloop.busy_poll_us("cpu") == eventloop.busy_poll_us("mps") == 0
+    assert eventloop.busy_poll_us("cpu", "2500") == 2500
+    monkeypatch.setenv(eventloop.ENV, "700")
+    assert eventloop.busy_poll_us("cuda") == 700  # the environment's setting
+    assert eventloop.busy_poll_us("cuda", "0") == 0  # the flag wins
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1", "2000000", "1.5"])
+def test_a_bad_setting_is_one_line_naming_the_flag(bad):
+    with pytest.raises(CakeError, match=r"--busy-poll .* must be 'auto' or microseconds") as e:
+        eventloop.busy_poll_us("cpu", bad)
+    assert "\n" not in str(e.value)
+
+
+def wait_for_byte(selector, delay_s: float, timeout: float) -> tuple[list, float, float]:
+    """Select on one end of a socket pair while a thread writes to the other after `delay_s`; return
+    the events, the wall time and this thread's CPU time (spinning burns CPU, blocking does not)."""
+    a, b = socket.socketpair()
+    try:
+        selector.register(a, selectors.EVENT_READ)
+        writer = threading.Timer(delay_s, b.send, args=(b"x",))
+        writer.start()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        events = selector.select(timeout)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        writer.join()
+        selector.unregister(a)
+        return events, wall, cpu
+    finally:
+        a.close()
+        b.close()
+
+
+def test_spins_through_the_window_then_the_message_is_seen():
+    sel = eventloop.BusyPollSelector(window_s=1.0)
+    events, wall, cpu = wait_for_byte(sel, delay_s=0.05, timeout=None)
+    assert len(events) == 1
+    assert 0.04 < wall < 0.9
+    assert cpu > 0.5 * wall  # it polled instead of sleeping
+
+
+def test_after_the_window_it_sleeps():
+    sel = eventloop.BusyPollSelector(window_s=0.01)
+    events, wall, cpu = wait_for_byte(sel, delay_s=0.3, timeout=5.0)
+    assert len(events) == 1 and wall > 0.25
+    assert cpu < 0.15  # 10 ms of polling, then a blocking wait
+
+
+def test_honours_a_shorter_timeout():
+    sel = eventloop.BusyPollSelector(window_s=1.0)
+    a, b = socket.socketpair()
+    try:
+        sel.register(a, selectors.EVENT_READ)
+        t0 = time.perf_counter()
+        assert sel.select(0.02) == []
+        assert time.perf_counter() - t0 < 0.5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_paused_while_another_thread_computes():
+    """`no_spin` around work on a thread: the loop blocks instead of contending for the GIL."""
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        cpu = time.thread_time()
+        with eventloop.no_spin():
+            await loop.run_in_executor(None, time.sleep, 0.2)
+        paused = time.thread_time() - cpu
+        cpu = time.thread_time()
+        await loop.run_in_executor(None, time.sleep, 0.2)
+        return paused, time.thread_time() - cpu
+
+    loop = eventloop.new_loop(window_us=1_000_000)
+    try:
+        paused, spinning = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert paused < 0.1 < spinning
+
+
+def test_run_returns_the_result_on_either_loop():
+    async def main() -> int:
+        await asyncio.sleep(0.01)
+        return 42
+
+    assert eventloop.run(main(), 0) == 42
+    assert eventloop.run(main(), 2000) == 42
+    assert asyncio.run(_no_spin_elsewhere()) == "ok"  # outside a busy-polling loop, no_spin does nothing
+
+
+async def _no_spin_elsewhere() -> str:
+    with eventloop.no_spin():
+        await asyncio.sleep(0)
+    return "ok"
