@@ -48,9 +48,9 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On a CUDA device, replay one-token decode steps as CUDA graphs (env CAKE_CUDA_GRAPHS=0 also turns them off).")
 @click.option("--busy-poll", envvar="CAKE_BUSY_POLL_US", default="auto", show_envvar=True, metavar="US|auto",
-              help="Poll sockets without sleeping for this many µs before blocking: skips the wake-up of a "
-                   "process that waited for another node, at the cost of a spinning core; auto = 20000 on "
-                   "CUDA nodes, 0 (off) elsewhere.")
+              help="Poll sockets without sleeping for this many µs before blocking, while the node serves "
+                   "one stream: skips the wake-up of a process that waited for another node, at the cost of "
+                   "a spinning core; auto = 20000 on CUDA nodes, 0 (off) elsewhere.")
 @click.option("--context", type=int, default=None,
               help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,

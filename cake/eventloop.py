@@ -6,7 +6,10 @@ arrives, and on the virtualised machines measured that wake-up costs 100-250 µs
 sleeping for a window before it blocks, so a message that arrives inside the window is handled at once,
 at the price of one CPU core spinning while the node is busy and for the window after. That pays where
 cores are idle (a GPU node), and costs where the spinner takes the core the maths runs on (a small CPU
-machine), hence `auto`: on for CUDA nodes, off elsewhere.
+machine), hence `auto`: on for CUDA nodes, off elsewhere. And only while the node serves one stream:
+on an H100, busy-polling made one session through two workers 14-18% faster but four batched sessions
+on the big benchmark model 9-21% slower, so a node that last stepped a batch of several rows sleeps as
+a plain loop does (`note_rows`).
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ _selectors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPollSelecto
 class BusyPollSelector(selectors.DefaultSelector):
     """Polls without sleeping for `window_s` before each blocking wait. Spinning pauses while another
     thread of this process computes (`no_spin`): the spinner would take the GIL from it at every
-    torch call, for up to the interpreter's 5 ms switch interval each time."""
+    torch call, for up to the interpreter's 5 ms switch interval each time. It also pauses while the
+    node steps batches of several sessions (`batched`, see `note_rows`)."""
 
     def __init__(self, window_s: float):
         super().__init__()
         self.window_s = window_s
         self.paused = 0
+        self.batched = False
 
     def select(self, timeout: float | None = None):
-        if timeout is not None and timeout <= 0 or self.window_s <= 0 or self.paused:
+        if timeout is not None and timeout <= 0 or self.window_s <= 0 or self.paused or self.batched:
             return super().select(timeout)
         start = time.perf_counter()
         deadline = start + (self.window_s if timeout is None else min(self.window_s, timeout))
@@ -96,6 +101,13 @@ def run(main: Coroutine, window_us: int = 0):
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def note_rows(rows: int) -> None:
+    """The node is stepping `rows` sessions at once: the running loop spins only after single rows."""
+    selector = _selectors.get(asyncio.get_running_loop())
+    if selector is not None:
+        selector.batched = rows > 1
 
 
 @contextlib.contextmanager

@@ -294,6 +294,7 @@ class Master:
         batched request, so the weights are read once for all of them. Returns logits [B, vocab]."""
         for s, toks in zip(sessions, new_tokens):
             self._check_room(s, len(toks))
+        eventloop.note_rows(len(sessions))  # busy-polling pays for one stream, not for batches
         for s, toks in zip(sessions, new_tokens):
             s.tokens.extend(toks)
         lost = ""

@@ -238,6 +238,7 @@ class Worker:
             if p < 0 or p + T > self.stack.capacity:
                 raise RequestError("capacity", f"positions {p}..{p + T - 1} of session {s} exceed this worker's "
                                                f"context of {self.stack.capacity}; start it with a larger --context")
+        eventloop.note_rows(B)  # busy-polling pays for one stream, not for batches
         batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
         rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p) for s, p in zip(msg.sessions, msg.positions)]
         t0 = time.perf_counter()

@@ -679,10 +679,11 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
             for kind, kid in kids.items():
                 out[kind].add_run(kid.ask("run"))
         progress(f"{spec.name}: {', '.join(map(str, SESSIONS))} concurrent sessions on the 2 workers")
-        pipeline, concurrency = kids["cake-workers"], out["cake-workers"].concurrency
+        pipelines = [k for k in ("cake-workers", "cake-workers-no-poll") if k in kids]
         for _ in range(repeats):
             for n in SESSIONS:  # interleaved too, so load drift hits every level alike
-                concurrency.setdefault(n, []).append(pipeline.ask(f"concurrent {n}")["tok_s"])
+                for kind in pipelines:
+                    out[kind].concurrency.setdefault(n, []).append(kids[kind].ask(f"concurrent {n}")["tok_s"])
         for kind, kid in kids.items():
             out[kind].add_finish(kid.ask("finish"))
         return out, cluster.peak_rss()  # read before the workers stop: /proc forgets a process once it exits
@@ -762,8 +763,8 @@ class ModelResult:
         extra_ms = self.speed(self.workers).decode_ms - self.speed(self.local).decode_ms
         return 1e3 * extra_ms / self.hops
 
-    def aggregate(self, sessions: int) -> float:
-        return statistics.median(self.workers.concurrency[sessions])
+    def aggregate(self, sessions: int, m: Measured | None = None) -> float:
+        return statistics.median((m or self.workers).concurrency[sessions])
 
     def targets(self) -> list[Target]:
         name, local, workers = self.spec.name, self.speed(self.local), self.speed(self.workers)
@@ -809,6 +810,8 @@ class ModelResult:
             "hop_overhead_us": self.hop_overhead_us,
             "worker_rss": self.worker_rss,
             "aggregate_tps": {n: self.aggregate(n) for n in self.workers.concurrency},
+            **({"aggregate_tps_no_poll": {n: self.aggregate(n, self.no_poll) for n in self.no_poll.concurrency}}
+               if self.no_poll is not None and self.no_poll.concurrency else {}),
             "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()],
             "raw": {k: asdict(m) for k, m in [("bandwidth", self.bandwidth), *measured]},
         }
@@ -907,8 +910,12 @@ def report(r: ModelResult, quick: bool) -> str:
 
     if r.workers.concurrency:
         one = r.aggregate(1)
-        out += ["", table(["concurrent sessions (2 workers)", "aggregate decode tok/s", "x one session"],
-                          [[str(n), f"{r.aggregate(n):.1f}", f"{r.aggregate(n) / one:.2f}"]
+        plain = r.no_poll if r.no_poll is not None and r.no_poll.concurrency else None
+        extra = ["no busy-poll tok/s", "x one session"] if plain else []
+        out += ["", table(["concurrent sessions (2 workers)", "aggregate decode tok/s", "x one session", *extra],
+                          [[str(n), f"{r.aggregate(n):.1f}", f"{r.aggregate(n) / one:.2f}",
+                            *([f"{r.aggregate(n, plain):.1f}", f"{r.aggregate(n, plain) / r.aggregate(1, plain):.2f}"]
+                              if plain else [])]
                            for n in sorted(r.workers.concurrency)])]
 
     out += ["", table(["target", "measured", "goal", ""],

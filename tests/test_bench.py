@@ -120,6 +120,24 @@ def test_each_model_reports_its_own_targets(name, own_target, other_target):
     assert [t["check"] for t in r.to_json()["targets"]] == checks
 
 
+def test_busy_poll_comparison_is_reported_next_to_the_default():
+    """With busy-polling on, the report shows 2 workers without it: a row, the time a token it saves, and
+    the concurrent sessions of both."""
+    from dataclasses import replace
+
+    r = _fake_result("big")
+    runs = [bench.Run(ttft_s=0.1, decode_s=11.0 * 63 / 1e3, decode_tokens=63)] * 3
+    plain = bench.Measured(runs=runs, stage_runs=[[]] * 3, peak_rss=900_000_000, threads=2,
+                           concurrency={1: [90.0], 2: [170.0], 4: [315.0]})
+    r = replace(r, no_poll=plain, busy_poll_us=20000)
+    text = bench.report(r, quick=False)
+    assert "cake 2 workers, no busy-poll" in text
+    assert "busy-poll (20000 us, workers and master): 10.20 ms/tok against 11.00 without, 800 us a token saved" in text
+    four = next(line for line in text.splitlines() if line.startswith("4 "))
+    assert four.split() == ["4", "300.0", "3.00", "315.0", "3.50"]
+    assert r.to_json()["aggregate_tps_no_poll"] == {1: 90.0, 2: 170.0, 4: 315.0}
+
+
 def test_stage_split_is_the_median_runs():
     """One slow run (a cold GPU's first, say) must not skew the per-stage rows."""
     runs = [bench.Run(0.1, d * 63 / 1e3, 63) for d in (50.0, 10.0, 12.0)]

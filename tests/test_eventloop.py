@@ -112,3 +112,23 @@ async def _no_spin_elsewhere() -> str:
     with eventloop.no_spin():
         await asyncio.sleep(0)
     return "ok"
+
+
+def test_no_spinning_while_the_node_steps_batches():
+    """After a batch of several rows the loop sleeps as a plain one does; after a single row it spins."""
+    async def idle_cpu(rows: int) -> float:
+        eventloop.note_rows(rows)
+        cpu = time.thread_time()
+        await asyncio.sleep(0.2)  # the loop's select waits out the timer: spinning or sleeping
+        return time.thread_time() - cpu
+
+    async def main() -> tuple[float, float, float]:
+        return await idle_cpu(4), await idle_cpu(1), await idle_cpu(2)
+
+    loop = eventloop.new_loop(window_us=1_000_000)
+    try:
+        batched, single, batched_again = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert batched < 0.1 < single
+    assert batched_again < 0.1
