@@ -89,6 +89,9 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
          retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
+    from cake.eventloop import busy_poll_us
+
+    run_edge(busy_poll_us, "cpu", busy_poll)  # a bad value is one line in every mode, before any loading
     if threads > 0:
         import torch
 

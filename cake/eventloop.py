@@ -40,6 +40,7 @@ class BusyPollSelector(selectors.DefaultSelector):
         self.window_s = window_s
         self.paused = 0
         self.batched = False
+        self.spins = 0  # polls made while spinning (tests and diagnostics)
 
     def select(self, timeout: float | None = None):
         if timeout is not None and timeout <= 0 or self.window_s <= 0 or self.paused or self.batched:
@@ -47,6 +48,7 @@ class BusyPollSelector(selectors.DefaultSelector):
         start = time.perf_counter()
         deadline = start + (self.window_s if timeout is None else min(self.window_s, timeout))
         while True:
+            self.spins += 1
             ready = super().select(0)
             if ready:
                 return ready
@@ -90,12 +92,17 @@ def run(main: Coroutine, window_us: int = 0):
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=lambda: new_loop(window_us)) as runner:
             return runner.run(main)
-    loop = new_loop(window_us)  # Python 3.10: asyncio.run has no loop factory
+    loop = new_loop(window_us)  # Python 3.10: asyncio.run has no loop factory; this is what it does
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main)
     finally:
         try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:  # after Ctrl-C or an error: let main's cleanup (closing sockets) run
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

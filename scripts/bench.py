@@ -654,7 +654,8 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
     """Every figure of one model, in interleaved rounds; returns what each child measured and the
     workers' peak RSS. With busy-polling on, a second pair of workers and a master without it too."""
     with ExitStack() as stack:
-        progress(f"{spec.name}: starting 2 workers, then the transformers, cake and matvec processes")
+        pairs = "2 workers (and 2 more without busy-polling)" if busy_poll_us > 0 else "2 workers"
+        progress(f"{spec.name}: starting {pairs}, then the transformers, cake and matvec processes")
         cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms,
                                                       busy_poll_us))
         base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype,
@@ -801,7 +802,7 @@ class ModelResult:
         speeds = {k: asdict(self.speed(m)) for k, m in measured}
         return {
             "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
-            "repeats": self.repeats, "link_delay_ms": self.link_delay_ms,
+            "repeats": self.repeats, "link_delay_ms": self.link_delay_ms, "busy_poll_us": self.busy_poll_us,
             "weights": {"total": self.weights.total, "decode_step": self.weights.decode_step,
                         "master": self.weights.master, "layers": self.weights.layers},
             "speed": speeds,

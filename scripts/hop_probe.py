@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--busy-poll", type=int, default=0, metavar="US",
                    help="also measure the cake series with worker and client busy-polling for US µs")
     args = p.parse_args()
+    if not 0 <= args.busy_poll <= 1_000_000:
+        p.error("--busy-poll must be microseconds from 0 to 1000000")
     dtype = "bf16" if args.device.startswith("cuda") else "f32"
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     tmp = Path(tempfile.mkdtemp(prefix="cake-hop-"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,9 +33,9 @@ def test_a_bad_setting_is_one_line_naming_the_flag(bad):
     assert "\n" not in str(e.value)
 
 
-def wait_for_byte(selector, delay_s: float, timeout: float) -> tuple[list, float, float]:
+def wait_for_byte(selector, delay_s: float, timeout: float | None) -> tuple[list, float, float]:
     """Select on one end of a socket pair while a thread writes to the other after `delay_s`; return
-    the events, the wall time and this thread's CPU time (spinning burns CPU, blocking does not)."""
+    the events, the wall time and this thread's CPU time (blocking burns none)."""
     a, b = socket.socketpair()
     try:
         selector.register(a, selectors.EVENT_READ)
@@ -50,52 +52,77 @@ def wait_for_byte(selector, delay_s: float, timeout: float) -> tuple[list, float
         b.close()
 
 
-def test_spins_through_the_window_then_the_message_is_seen():
-    sel = eventloop.BusyPollSelector(window_s=1.0)
-    events, wall, cpu = wait_for_byte(sel, delay_s=0.05, timeout=None)
+# Spinning is asserted by counting the selector's polls, not by CPU time, which a loaded machine starves.
+
+def test_spins_through_the_window_and_sees_the_message():
+    sel = eventloop.BusyPollSelector(window_s=5.0)
+    events, wall, _ = wait_for_byte(sel, delay_s=0.05, timeout=None)
     assert len(events) == 1
-    assert 0.04 < wall < 0.9
-    assert cpu > 0.5 * wall  # it polled instead of sleeping
+    assert sel.spins >= 1 and wall < 4.0  # seen by a poll inside the window, not by a blocking wait after it
 
 
 def test_after_the_window_it_sleeps():
     sel = eventloop.BusyPollSelector(window_s=0.01)
     events, wall, cpu = wait_for_byte(sel, delay_s=0.3, timeout=5.0)
-    assert len(events) == 1 and wall > 0.25
-    assert cpu < 0.15  # 10 ms of polling, then a blocking wait
+    assert len(events) == 1 and wall > 0.25 and sel.spins >= 1
+    assert cpu < 0.15  # 10 ms of polling, then a blocking wait (a loaded machine only lowers this)
 
 
 def test_honours_a_shorter_timeout():
-    sel = eventloop.BusyPollSelector(window_s=1.0)
+    sel = eventloop.BusyPollSelector(window_s=5.0)
     a, b = socket.socketpair()
     try:
         sel.register(a, selectors.EVENT_READ)
         t0 = time.perf_counter()
         assert sel.select(0.02) == []
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 2.0
     finally:
         a.close()
         b.close()
 
 
+def spins_of(loop: asyncio.AbstractEventLoop) -> int:
+    return eventloop._selectors[loop].spins
+
+
 def test_paused_while_another_thread_computes():
     """`no_spin` around work on a thread: the loop blocks instead of contending for the GIL."""
-    async def main() -> tuple[float, float]:
+    async def main() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        cpu = time.thread_time()
+        before = spins_of(loop)
         with eventloop.no_spin():
-            await loop.run_in_executor(None, time.sleep, 0.2)
-        paused = time.thread_time() - cpu
-        cpu = time.thread_time()
-        await loop.run_in_executor(None, time.sleep, 0.2)
-        return paused, time.thread_time() - cpu
+            await loop.run_in_executor(None, time.sleep, 0.1)
+        paused = spins_of(loop) - before
+        before = spins_of(loop)
+        await loop.run_in_executor(None, time.sleep, 0.1)
+        return paused, spins_of(loop) - before
 
     loop = eventloop.new_loop(window_us=1_000_000)
     try:
         paused, spinning = loop.run_until_complete(main())
     finally:
         loop.close()
-    assert paused < 0.1 < spinning
+    assert paused == 0 < spinning
+
+
+def test_no_spinning_while_the_node_steps_batches():
+    """After a batch of several rows the loop sleeps as a plain one does; after a single row it spins."""
+    async def spins_while_idle(rows: int) -> int:
+        eventloop.note_rows(rows)
+        before = spins_of(asyncio.get_running_loop())
+        await asyncio.sleep(0.1)  # the loop's select waits out the timer: spinning or sleeping
+        return spins_of(asyncio.get_running_loop()) - before
+
+    async def main() -> tuple[int, int, int]:
+        return await spins_while_idle(4), await spins_while_idle(1), await spins_while_idle(2)
+
+    loop = eventloop.new_loop(window_us=1_000_000)
+    try:
+        batched, single, batched_again = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert batched == 0 < single
+    assert batched_again == 0
 
 
 def test_run_returns_the_result_on_either_loop():
@@ -108,27 +135,37 @@ def test_run_returns_the_result_on_either_loop():
     assert asyncio.run(_no_spin_elsewhere()) == "ok"  # outside a busy-polling loop, no_spin does nothing
 
 
+EXIT_IN_A_TASK = """
+import asyncio, sys
+from cake import eventloop
+
+async def main():
+    async def exit_now():
+        raise SystemExit(3)  # escapes the loop, as Ctrl-C's KeyboardInterrupt does
+
+    asyncio.get_running_loop().create_task(exit_now())
+    try:
+        await asyncio.sleep(10)
+    finally:
+        print("cleaned up", flush=True)
+
+eventloop.run(main(), int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("window_us", [0, 2000])
+def test_run_lets_the_main_coroutine_clean_up_after_an_exit(window_us):
+    """As asyncio.run does: tasks still pending when the loop stops (SystemExit, Ctrl-C) are cancelled
+    and awaited, so the main coroutine's `finally` (closing the master, the server) runs. In a child
+    process: an exit escaping a task upsets CPython 3.11's recursion bookkeeping in the process it
+    happens in."""
+    out = subprocess.run([sys.executable, "-c", EXIT_IN_A_TASK, str(window_us)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "cleaned up\n"
+
+
 async def _no_spin_elsewhere() -> str:
     with eventloop.no_spin():
         await asyncio.sleep(0)
     return "ok"
-
-
-def test_no_spinning_while_the_node_steps_batches():
-    """After a batch of several rows the loop sleeps as a plain one does; after a single row it spins."""
-    async def idle_cpu(rows: int) -> float:
-        eventloop.note_rows(rows)
-        cpu = time.thread_time()
-        await asyncio.sleep(0.2)  # the loop's select waits out the timer: spinning or sleeping
-        return time.thread_time() - cpu
-
-    async def main() -> tuple[float, float, float]:
-        return await idle_cpu(4), await idle_cpu(1), await idle_cpu(2)
-
-    loop = eventloop.new_loop(window_us=1_000_000)
-    try:
-        batched, single, batched_again = loop.run_until_complete(main())
-    finally:
-        loop.close()
-    assert batched < 0.1 < single
-    assert batched_again < 0.1
