@@ -387,12 +387,15 @@ def test_worker_down_is_503_naming_it_then_recovers(tiny_model, cluster):
 
 # ---- the command line ---------------------------------------------------------------------------------
 
-def test_cli_serves_until_sigterm_and_frees_sessions(tiny_model, cluster, tmp_path):
-    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("-vv",))
+@pytest.mark.parametrize("busy_poll", ["0", "3000"])
+def test_cli_serves_until_sigterm_and_frees_sessions(busy_poll, tiny_model, cluster, tmp_path):
+    """Also on a busy-polling event loop (cake/eventloop.py): signals, streaming and shutdown the same."""
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("-vv", "--busy-poll", busy_poll))
     port = launch.free_port()
     err = open(tmp_path / "master.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cake", "--mode", "master", "--model", str(tiny_model),
-                             "--topology", str(c.topology), "--api", str(port)], stdout=subprocess.PIPE, stderr=err)
+                             "--topology", str(c.topology), "--api", str(port), "--busy-poll", busy_poll],
+                            stdout=subprocess.PIPE, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_for(lambda: b"on http://127.0.0.1" in (tmp_path / "master.log").read_bytes(), 90), \
