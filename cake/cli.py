@@ -10,6 +10,8 @@ import click
 
 from cake.auth import ENV_KEY
 from cake.devices import DTYPE_CHOICES
+from cake.eventloop import ENV as BUSY_POLL_ENV
+from cake.eventloop import busy_poll_us
 from cake.errors import CakeError
 
 log = logging.getLogger("cake")
@@ -47,7 +49,7 @@ def run_edge(fn, *args, **kwargs):
               help="CPU threads for this node's maths (0 = torch's choice: all cores).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="On a CUDA device, replay one-token decode steps as CUDA graphs (env CAKE_CUDA_GRAPHS=0 also turns them off).")
-@click.option("--busy-poll", envvar="CAKE_BUSY_POLL_US", default="auto", show_envvar=True, metavar="US|auto",
+@click.option("--busy-poll", envvar=BUSY_POLL_ENV, default="auto", show_envvar=True, metavar="US|auto",
               help="Poll sockets without sleeping for this many µs before blocking, while the node serves "
                    "one stream: skips the wake-up of a process that waited for another node, at the cost of "
                    "a spinning core; auto = 20000 on CUDA nodes, 0 (off) elsewhere.")
@@ -89,8 +91,6 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
          retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
-    from cake.eventloop import busy_poll_us
-
     run_edge(busy_poll_us, "cpu", busy_poll)  # a bad value is one line in every mode, before any loading
     if threads > 0:
         import torch

@@ -342,11 +342,10 @@ class Cake(Subject):
     """An in-process Master (all layers local, or none with a topology) driven by `cake.generate`."""
 
     def __init__(self, job: Job):
+        from cake import eventloop
         from cake.client import Options
         from cake.master import Master
         from cake.topology import load_topology
-
-        from cake import eventloop
 
         self.job = job
         self.loop = eventloop.new_loop(eventloop.busy_poll_us(job.device, job.busy_poll))
@@ -910,13 +909,12 @@ def report(r: ModelResult, quick: bool) -> str:
     out += ["", table(["peak RSS", "MB", "weights MB", "budget MB"], mem)]
 
     if r.workers.concurrency:
-        one = r.aggregate(1)
-        plain = r.no_poll if r.no_poll is not None and r.no_poll.concurrency else None
-        extra = ["no busy-poll tok/s", "x one session"] if plain else []
-        out += ["", table(["concurrent sessions (2 workers)", "aggregate decode tok/s", "x one session", *extra],
-                          [[str(n), f"{r.aggregate(n):.1f}", f"{r.aggregate(n) / one:.2f}",
-                            *([f"{r.aggregate(n, plain):.1f}", f"{r.aggregate(n, plain) / r.aggregate(1, plain):.2f}"]
-                              if plain else [])]
+        columns = [(r.workers, "aggregate decode tok/s")]
+        if r.no_poll is not None and r.no_poll.concurrency:
+            columns.append((r.no_poll, "no busy-poll tok/s"))
+        out += ["", table(["concurrent sessions (2 workers)", *(h for _, head in columns for h in (head, "x one session"))],
+                          [[str(n), *(c for m, _ in columns
+                                      for c in (f"{r.aggregate(n, m):.1f}", f"{r.aggregate(n, m) / r.aggregate(1, m):.2f}"))]
                            for n in sorted(r.workers.concurrency)])]
 
     out += ["", table(["target", "measured", "goal", ""],
