@@ -160,7 +160,7 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
     max_tokens = _field(body, max_name, (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{max_name}' must be at least 1, got {max_tokens}", param=max_name)
-    room = capacity - len(prompt_ids)
+    room = capacity - len(prompt_ids) + 1  # the last token generated is never fed back: it takes no position
     if room < 1:
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context of {capacity} "
                             f"tokens; shorten it", param=prompt_param, code="context_length_exceeded")

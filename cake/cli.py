@@ -66,10 +66,15 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--max-tokens", "-n", "--sample-len", type=int, default=256, help="Master: tokens to generate at most.")
 @click.option("--temperature", type=float, default=None,
               help="0 = greedy [default: generation_config.json's when it samples, else 0].")
-@click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-k", type=int, default=None,
+              help="Keep the k most likely tokens (0 = off) [default: generation_config.json's when it samples "
+                   "(50 if it names none, as transformers), else off].")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (1 = off).")
-@click.option("--repeat-penalty", type=float, default=1.0, help="Penalty for recent tokens (1 = off).")
-@click.option("--repeat-last-n", type=int, default=64, help="How many recent tokens the penalty looks at.")
+@click.option("--repeat-penalty", type=float, default=None,
+              help="Penalty for tokens already in the prompt or answer (1 = off) [default: "
+                   "generation_config.json's repetition_penalty, else 1].")
+@click.option("--repeat-last-n", type=int, default=0, show_default=True,
+              help="How many recent tokens the penalty looks at (0 = all, as transformers).")
 @click.option("--seed", type=int, default=299792458, help="Sampling seed.")
 @click.option("--retry-timeout", type=float, default=30.0, help="Master: seconds to wait for a lost worker.")
 @click.option("--request-timeout", type=float, default=300.0, help="Master: seconds before a stuck request fails.")

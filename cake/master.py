@@ -246,7 +246,8 @@ class Master:
         return Session(uuid.uuid4().hex)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.capacity:
+        # The last token generated is never fed back, so it takes no position in the context.
+        if prompt_tokens + max(max_tokens, 1) - 1 > self.capacity:
             raise CakeError(
                 f"prompt ({prompt_tokens} tokens) + max tokens ({max_tokens}) does not fit the context of "
                 f"{self.capacity}; raise --context (on the master and every worker) or ask for fewer tokens")

@@ -18,6 +18,8 @@ from cake.sampling import SamplingParams
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
 
+TRANSFORMERS_TOP_K = 50  # generate()'s top_k when a sampling generation_config names none
+
 log = logging.getLogger("cake")
 
 
@@ -36,8 +38,8 @@ class MasterArgs:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    repeat_penalty: float | None = None
+    repeat_last_n: int = 0
     seed: int = 299792458
     retry_timeout: float = 30.0
     request_timeout: float = 300.0
@@ -48,7 +50,9 @@ class MasterArgs:
 
 
 def sampling_params(args: MasterArgs) -> SamplingParams:
-    """Flags win; otherwise generation_config.json's sampling settings when it samples; else greedy."""
+    """Flags win; otherwise the model folder's generation_config.json as transformers' `generate` reads
+    it (its temperature, top_k and top_p when it samples, top_k 50 where it samples and names none, and
+    its repetition_penalty whether it samples or not); otherwise greedy with no penalty."""
     gen = {}
     path = Path(args.model_dir) / "generation_config.json"
     if path.exists():
@@ -56,17 +60,21 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
             gen = json.loads(path.read_text())
         except json.JSONDecodeError:
             gen = {}
+    if not isinstance(gen, dict):
+        gen = {}
     samples = bool(gen.get("do_sample"))
     temperature = args.temperature if args.temperature is not None else (
         float(gen.get("temperature", 1.0)) if samples else 0.0)
-    top_k = args.top_k if args.top_k is not None else (int(gen.get("top_k") or 0) if samples else 0)
+    top_k = args.top_k if args.top_k is not None else (
+        int(gen["top_k"] if gen.get("top_k") is not None else TRANSFORMERS_TOP_K) if samples else 0)
     top_p = args.top_p if args.top_p is not None else (float(gen.get("top_p", 1.0)) if samples else 1.0)
+    penalty = args.repeat_penalty if args.repeat_penalty is not None else float(gen.get("repetition_penalty") or 1.0)
     for name, value, ok in (("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0),
-                            ("--top-p", top_p, 0 < top_p <= 1), ("--repeat-penalty", args.repeat_penalty,
-                                                                 args.repeat_penalty > 0)):
+                            ("--top-p", top_p, 0 < top_p <= 1), ("--repeat-penalty", penalty, penalty > 0),
+                            ("--repeat-last-n", args.repeat_last_n, args.repeat_last_n >= 0)):
         if not ok:
             raise CakeError(f"{name} {value} is out of range")
-    return SamplingParams(temperature, top_k, top_p, args.repeat_penalty, args.repeat_last_n, args.seed)
+    return SamplingParams(temperature, top_k, top_p, penalty, args.repeat_last_n, args.seed)
 
 
 def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Master, Tokenizer, tuple[int, ...]]:

@@ -19,7 +19,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     repeat_penalty: float = 1.0  # 1: off
-    repeat_last_n: int = 64  # 0: the whole history
+    repeat_last_n: int = 0  # 0: the whole history (transformers' penalty); N: the last N tokens
     seed: int = DEFAULT_SEED
 
 

@@ -101,6 +101,18 @@ def test_eos_ids_from_generation_config(tiny_model):
     assert set(load_eos_ids(tiny_model, load_config(tiny_model))) == {128001, 128009}
 
 
+def test_generation_config_eos_ids_replace_config_json_ones(tiny_model, tmp_path):
+    """As in transformers' generate: config.json's EOS ids count only where generation_config.json names none."""
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()),
+                                                      "eos_token_id": 280}))
+    config = load_config(tmp_path)
+    assert load_eos_ids(tmp_path, config) == (280,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert load_eos_ids(tmp_path, config) == (280,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [425, 500]}))
+    assert load_eos_ids(tmp_path, config) == (425, 500)
+
+
 def test_context_is_capped_by_the_model():
     c = LlamaConfig(64, 128, 2, 4, 2, 16, 100, max_position_embeddings=1024)
     assert resolve_context(c, None) == 1024 and resolve_context(c, 100) == 100

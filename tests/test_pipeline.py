@@ -323,6 +323,47 @@ def test_prompt_plus_max_tokens_beyond_context_is_one_line(tiny_model):
     assert lines[-1].startswith("error: prompt (") and "does not fit the context of 32" in lines[-1], result.stderr
 
 
+def test_context_holds_prompt_plus_answer_but_the_last_token(tiny_model, prompt_ids, expected):
+    """The last token generated is never fed back: a context of prompt + n - 1 positions gives n tokens."""
+    from cake.errors import CakeError
+
+    n = 5
+    master = Master(tiny_model, load_topology(None), device=test_device(), context=len(prompt_ids) + n - 1)
+    assert run(cake_generate(tiny_model, None, prompt_ids, n=n, master=master)) == expected[:n]
+    with pytest.raises(CakeError, match="does not fit the context"):
+        run(cake_generate(tiny_model, None, prompt_ids, n=n + 1, master=master))
+
+
+def test_folder_repetition_penalty_matches_transformers(tiny_model, prompt_ids, tmp_path):
+    """generation_config.json's repetition_penalty applies by default, as in transformers' generate."""
+    from cake.model.config import load_config, load_eos_ids
+    from cake.run_master import MasterArgs, sampling_params
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).symlink_to(f)
+    gen = json.loads((tiny_model / "generation_config.json").read_text())
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": 1.5}))
+    params = sampling_params(MasterArgs(str(folder)))
+    eos = load_eos_ids(folder, load_config(folder))
+    master = Master(folder, load_topology(None), device=test_device())
+
+    async def go():
+        return [t async for t in generate(master, prompt_ids, params, N, eos)]
+
+    got = run(go())
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=N, pad_token_id=eos[0],
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    want = out[0, len(prompt_ids):].tolist()
+    assert got == want
+    assert got != reference_greedy(tiny_model, prompt_ids, N)  # the penalty changed the answer
+
+
 def test_cli_check_reports_every_worker(tiny_model, cluster):
     from click.testing import CliRunner
 

@@ -59,3 +59,27 @@ def test_sampling_respects_top_k():
     allowed = set(torch.topk(logits, 3).indices.tolist())
     s = Sampler(SamplingParams(temperature=2.0, top_k=3, seed=1))
     assert {s(logits, []) for _ in range(200)} <= allowed
+
+
+def _folder_params(tmp_path, gen: dict, **flags) -> SamplingParams:
+    import json
+
+    from cake.run_master import MasterArgs, sampling_params
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    return sampling_params(MasterArgs(str(tmp_path), **flags))
+
+
+def test_folder_settings_are_what_transformers_generate_uses(tmp_path):
+    from transformers import GenerationConfig
+
+    meta = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}  # Meta's Llama 3 Instruct: no top_k
+    p = _folder_params(tmp_path, meta)
+    assert (p.temperature, p.top_p, p.repeat_penalty) == (0.6, 0.9, 1.0)
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)  # transformers 5
+    assert p.top_k == (defaults()["top_k"] if defaults else GenerationConfig().top_k) == 50
+    assert _folder_params(tmp_path, {**meta, "top_k": 0}).top_k == 0
+    assert _folder_params(tmp_path, meta, top_k=7, repeat_penalty=1.2).top_k == 7
+    greedy = _folder_params(tmp_path, {"repetition_penalty": 1.3})  # applied when greedy too
+    assert (greedy.temperature, greedy.top_k, greedy.repeat_penalty, greedy.repeat_last_n) == (0.0, 0, 1.3, 0)
+    assert _folder_params(tmp_path, {"repetition_penalty": 1.3}, repeat_penalty=1.0).repeat_penalty == 1.0

@@ -93,15 +93,15 @@ def load_config(model_dir: str | Path) -> LlamaConfig:
 
 
 def load_eos_ids(model_dir: str | Path, config: LlamaConfig) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (which wins, as in transformers) and config.json."""
+    """The ids that end a generation: generation_config.json's when it names any (as transformers'
+    `generate` does: config.json's are then ignored, even where the two files disagree), else config.json's."""
     path = Path(model_dir) / "generation_config.json"
-    ids = list(config.eos_token_ids)
     if path.exists():
         try:
             gen = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelError(f"'{path}' is not valid JSON (line {e.lineno})") from None
-        for i in _id_list(gen.get("eos_token_id")):
-            if i not in ids:
-                ids.append(i)
-    return tuple(ids)
+        ids = _id_list(gen.get("eos_token_id")) if isinstance(gen, dict) else []
+        if ids:
+            return tuple(dict.fromkeys(ids))
+    return tuple(config.eos_token_ids)
