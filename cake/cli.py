@@ -58,8 +58,9 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
               help="Shared secret: mutual HMAC authentication between master and workers.")
 @click.option("--kv-budget", type=float, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
-@click.option("--max-frame-mb", type=int, default=0,
-              help="Worker: largest request it reads, in MiB (0 = a full context of hidden states).")
+@click.option("--max-frame-mb", type=float, default=0,
+              help="Worker: largest request it reads, in MiB (0 = a full context of hidden states); masters "
+                   "split longer prompts and larger batches to fit.")
 @click.option("--prompt", "-p", default="Why is the sky blue?", help="Master: the prompt.")
 @click.option("--system-prompt", default=None, help="Master: a system message for the chat template.")
 @click.option("--raw", is_flag=True, help="Master: tokenize the prompt as is, no chat template.")

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -39,6 +40,16 @@ class SessionsLost(Exception):
     def __init__(self, worker: str, cached: int = 0):
         super().__init__(worker)
         self.worker, self.cached = worker, cached
+
+
+class RelayTimedOut(SessionsLost):
+    """No worker of a relay chain answered in time: replay, with these (worker, next worker) pairs going
+    through the master for a while, so a stuck relay cannot stall every retry and the next failure names
+    the worker."""
+
+    def __init__(self, worker: str, pairs: list[tuple[str, str]]):
+        super().__init__(worker)
+        self.pairs = pairs
 
 
 @dataclass
@@ -77,6 +88,7 @@ class WorkerLink:
         self._reading: asyncio.Task | None = None
         self._reported = 0  # the generation whose loss was logged
         self.closed = False  # shut down for good: nothing reconnects
+        self.on_drop: Callable[[], None] | None = None  # called when an open connection is dropped
 
     @property
     def label(self) -> str:
@@ -133,6 +145,8 @@ class WorkerLink:
 
     def _drop(self, cause: BaseException) -> None:
         """Close the connection; every request waiting on it gets `cause`."""
+        if self.writer is not None and self.on_drop is not None:
+            self.on_drop()
         waiters = [*self._waiting.values(), *self._in_order]
         self._waiting.clear()
         self._in_order.clear()
@@ -280,6 +294,8 @@ class WorkerLink:
                 raise SessionsLost(self.worker.name, reply.cached)
             if reply.code == "relay" and next_worker:
                 raise RelayFailed(f"{self.label} {reply.message}", (self.worker.name, next_worker))
+            if reply.code == "relay_lost":  # the next worker may have lost these sessions: replay
+                raise SessionsLost(reply.peer or next_worker or self.worker.name)
             raise WorkerError(f"{self.label}: {reply.message}")
 
     async def recover(self, generation: int, cause: BaseException) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cake import eventloop, wire
-from cake.client import Options, RelayFailed, SessionsLost, WorkerLink
+from cake.client import Options, RelayFailed, RelayTimedOut, SessionsLost, WorkerLink
 from cake.errors import CakeError, WorkerError
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
@@ -174,7 +174,7 @@ class RelayChain:
         if not answered:  # nobody answered in time and it is not known who is stuck: start afresh
             for link, generation in zip(links, generations):
                 await link.recover(generation, asyncio.TimeoutError())
-            raise SessionsLost(links[-1].worker.name)
+            raise RelayTimedOut(links[-1].worker.name, self.pairs)
         i = answered[0]
         if waiters[i].exception() is not None:  # that connection broke (a late answer after it is dropped)
             await links[i].recover(generations[i], waiters[i].exception())
@@ -308,6 +308,9 @@ class Master:
                 continue
             except SessionsLost as e:
                 lost = e.worker
+                if isinstance(e, RelayTimedOut):
+                    for pair in e.pairs:
+                        self._relay_failed(RelayFailed(f"a relay from worker '{pair[0]}' to '{pair[1]}' timed out", pair))
                 for s in sessions:
                     s.cached = min(s.cached, e.cached)
                 log.info("replaying %d session(s) from position %d after '%s' lost them",
@@ -321,12 +324,32 @@ class Master:
                             f"raise --context on every node")
 
     async def _run(self, sessions: list[Session]) -> torch.Tensor:
-        # Sessions that must replay a different number of tokens cannot share one rectangular batch.
+        """Bring every session's cache up to its tokens; the logits of each one's last token [B, vocab].
+        Work that one request to a worker cannot carry goes in several: sessions with different numbers of
+        tokens to run (a replay), more sessions or rows than a worker takes (a long prompt, a large replay,
+        hundreds of concurrent sessions)."""
+        max_rows, max_batch = self._request_limits()
         counts = {len(s.tokens) - s.cached for s in sessions}
-        if len(counts) > 1:
-            return torch.cat([await self._run([s]) for s in sessions])
+        n = max(counts)
+        if len(sessions) > 1 and (len(counts) > 1 or len(sessions) > max_batch or len(sessions) * n > max_rows):
+            group = 1 if len(counts) > 1 else max(1, min(max_batch, max_rows // n))
+            return torch.cat([await self._run(sessions[i:i + group]) for i in range(0, len(sessions), group)])
+        while n > max_rows:  # one session: its first tokens in chunks, each through every stage
+            await self._pass(sessions, max_rows, logits=False)
+            n -= max_rows
+        return await self._pass(sessions, n)
+
+    def _request_limits(self) -> tuple[int, int]:
+        """The most rows (batch x tokens) and sessions one forward may carry: the least any worker takes."""
+        infos = [link.info for link in self.links.values() if link.info is not None]
+        rows = [i.max_rows for i in infos if i.max_rows > 0] or [1 << 62]
+        batch = [i.max_batch for i in infos if i.max_batch > 0] or [1 << 62]
+        return min(rows), min(batch)
+
+    async def _pass(self, sessions: list[Session], n: int, logits: bool = True) -> torch.Tensor | None:
+        """Run the next `n` tokens of every session through every stage."""
         starts = [s.cached for s in sessions]
-        rows = [s.tokens[s.cached:] for s in sessions]
+        rows = [s.tokens[s.cached:s.cached + n] for s in sessions]
         # On a GPU master even the embedding goes through the maths thread (see compute()).
         h = await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
         names = [s.id for s in sessions]
@@ -338,10 +361,10 @@ class Master:
                 for pair in hop.pairs:  # it works (again): a later failure starts from the first backoff
                     self._no_relay.pop(pair, None)
         self.relayed_steps += relayed
-        logits = await self._compute(self._logits, h)
+        out = await self._compute(self._logits, h) if logits else None
         for s in sessions:
-            s.cached = len(s.tokens)
-        return logits
+            s.cached += n
+        return out
 
     def _hops(self) -> list[LocalStage | RemoteStage | RelayChain]:
         """The stages, with runs of consecutive remote stages on distinct workers joined into relay

@@ -39,6 +39,8 @@ _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 class FrameError(ProtocolError):
     """The byte stream itself is broken (bad length, bad msgpack): the connection must be closed."""
 
+    oversized = False  # the frame was longer than the reader's limit
+
 
 # ---- messages ---------------------------------------------------------------------------------------
 
@@ -96,6 +98,10 @@ class Info(Message):
     capacity: int
     memory: int
     conn: str = ""  # this connection's token: a relayed forward naming it is answered on this connection
+    # The most a forward may carry: rows of hidden states (batch x tokens, counted in f32) and sessions.
+    # 0: not said (a worker of an earlier version); the master then sends requests as they come.
+    max_rows: int = 0
+    max_batch: int = 0
 
 
 @dataclass
@@ -159,7 +165,9 @@ class Ok(Message):
 @dataclass
 class Error(Message):
     """A request failed; the connection stays usable. `id`: the forward's, when a forward failed;
-    `cached` is set with code 'cache_behind', `peer` (the worker that could not be reached) with 'relay'."""
+    `cached` is set with code 'cache_behind', `peer` (the worker that could not be reached) with 'relay'
+    and 'relay_lost' (the connection to it broke after a relayed forward went out: its sessions there may
+    be gone, so the master replays)."""
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
@@ -296,7 +304,9 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict
     the caller closes the connection, since the byte stream can no longer be trusted."""
     (n,) = _U32.unpack(await reader.readexactly(4))
     if n < 4 or n > max_frame:
-        raise FrameError(f"frame of {n} bytes is outside the limit of 4..{max_frame}")
+        e = FrameError(f"frame of {n} bytes is outside the limit of 4..{max_frame}")
+        e.oversized = n > max_frame
+        raise e
     (h,) = _U32.unpack(await reader.readexactly(4))
     if h > MAX_HEADER or h > n - 4:
         raise FrameError(f"header of {h} bytes does not fit the frame (limit {MAX_HEADER})")

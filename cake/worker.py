@@ -14,12 +14,13 @@ master got in `info`, so sessions and KV caches stay the master connection's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ log = logging.getLogger("cake.worker")
 
 HANDSHAKE_TIMEOUT = 10.0
 MAX_BATCH = 256
+RELAYS_REMEMBERED = 64  # per next worker: the forwards to tell the master about if that connection breaks
 
 
 class RequestError(CakeError):
@@ -74,6 +76,8 @@ class Worker:
         self.topology = topology or Topology()
         self.conns: dict[str, Conn] = {}  # by token
         self.peers: dict[str, WorkerLink] = {}  # relay connections to other workers, by name
+        # Per next worker: (forward id, master connection token) of the last forwards relayed to it.
+        self._relayed: dict[str, deque[tuple[int, str]]] = {}
         self._answers: set[asyncio.Task] = set()
         self.stack = stack
         self.config = config
@@ -82,6 +86,8 @@ class Worker:
         # A frame never needs more than a full context (or a full batch) of f32 hidden states.
         self.max_frame = max_frame or (
             max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.MAX_HEADER + 64)
+        # What a forward may carry under that limit (in f32, the widest wire dtype): masters split larger work.
+        self.max_rows = max(1, (self.max_frame - wire.MAX_HEADER - 64) // (config.hidden_size * 4))
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
 
@@ -107,8 +113,13 @@ class Worker:
             while True:
                 try:
                     msg, tensor = await wire.read_message(reader, self.max_frame)
-                except wire.FrameError:
-                    raise  # the byte stream is broken: close (below), not an error reply
+                except wire.FrameError as e:  # the byte stream is broken: say why (best effort), then close
+                    if e.oversized:
+                        e.args = (f"{e} (this worker's --max-frame-mb)",)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.send(wire.Error("bad_frame", f"worker '{self.name}' closed "
+                                                                     f"the connection: {e}")), 1.0)
+                    raise
                 except ProtocolError as e:
                     log.warning("bad request from %s: %s", peer, e)
                     await conn.send(wire.Error("bad_request", str(e), id=getattr(e, "request_id", 0)))
@@ -154,7 +165,7 @@ class Worker:
             name=self.name, layers=self.stack.indices, device=str(self.stack.device),
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
-            memory=_free_memory(self.stack.device), conn=token,
+            memory=_free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
         )
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ class Worker:
             if dest is None:  # that master disconnected; it replays on its new connection
                 log.warning("relayed forward from %s names a connection that is gone; dropped", peer)
                 return
-        reply, out = await self._dispatch(dest.id, msg, tensor, peer)
+        reply, out = await self._dispatch(dest, msg, tensor, peer)
         if reply is None:  # relayed on: the last worker of the chain answers
             return
         if dest is conn:
@@ -186,12 +197,13 @@ class Worker:
         except (ConnectionError, OSError) as e:  # that master's connection broke; its own task cleans up
             log.warning("could not answer a relayed forward: %s", e)
 
-    async def _dispatch(self, conn: int, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
+    async def _dispatch(self, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
+        """Serve `msg` for the connection `dest` (whose sessions it uses and which gets the answer)."""
         try:
             if isinstance(msg, wire.Forward):
-                return await self._forward(conn, msg, tensor)
+                return await self._forward(dest, msg, tensor)
             if isinstance(msg, wire.End):
-                ended = sum(self._end_session((conn, s)) for s in msg.sessions)
+                ended = sum(self._end_session((dest.id, s)) for s in msg.sessions)
                 log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
@@ -206,8 +218,8 @@ class Worker:
             return wire.Error("internal", f"worker '{self.name}' failed ({type(e).__name__}: {first}); see its log",
                               id=getattr(msg, "id", 0)), None
 
-    async def _forward(self, conn: int, msg: wire.Forward, x: torch.Tensor | None):
-        c = self.config
+    async def _forward(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None):
+        c, conn = self.config, dest.id
         if x is None:
             raise RequestError("bad_request", "forward carries no hidden-state tensor")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -238,6 +250,9 @@ class Worker:
             if p < 0 or p + T > self.stack.capacity:
                 raise RequestError("capacity", f"positions {p}..{p + T - 1} of session {s} exceed this worker's "
                                                f"context of {self.stack.capacity}; start it with a larger --context")
+        if not bool(torch.isfinite(x).all()):  # on the wire's CPU copy: microseconds for a decode step
+            raise RequestError("bad_tensor", "hidden states to this worker contain NaN or inf; the node before "
+                                             "it overflowed (run it in bf16 or f32) or is faulty")
         eventloop.note_rows(B)  # busy-polling pays for one stream, not for batches
         batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
         rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p) for s, p in zip(msg.sessions, msg.positions)]
@@ -246,13 +261,18 @@ class Worker:
         if out.device.type != "cpu":
             out = out.cpu()  # also the sync point, so compute_us is real
         us = int((time.perf_counter() - t0) * 1e6)
+        if not bool(torch.isfinite(out).all()):
+            fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16
+                   else "check its model files: a weight may be corrupt")
+            raise RequestError("non_finite", f"worker '{self.name}' layers {msg.start}-{msg.end - 1} produced NaN or "
+                                             f"inf in {dtype_name(self.stack.dtype)}; {fix}")
         if hops:
-            await self._relay(msg, hops, out, us)
+            await self._relay(msg, hops, out, us, dest.token)
             return None, None
         return wire.Result(msg.id, us, msg.upstream_us), out
 
     async def _relay(self, msg: wire.Forward, hops: list[tuple[str, int, int, str]], out: torch.Tensor,
-                     us: int) -> None:
+                     us: int, master: str) -> None:
         """Send our output on to the next worker of the chain, which answers the master directly."""
         (name, start, end, token), rest = hops[0], hops[1:]
         fwd = wire.Forward(msg.id, start, end, msg.sessions, msg.positions, [h[0] for h in rest],
@@ -261,6 +281,7 @@ class Worker:
         link = self.peers.get(name)
         if link is None:
             link = self.peers[name] = WorkerLink(self.topology.workers[name], Options(key=self.key, connect_timeout=5.0))
+            link.on_drop = lambda: self._relay_lost(name)
         try:
             # The link's reader notices when the next worker goes away (a restart), so this reconnects
             # rather than writing into a dead socket.
@@ -269,6 +290,20 @@ class Worker:
         except (ConnectionError, OSError, CakeError) as e:
             link.close()
             raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
+        self._relayed.setdefault(name, deque(maxlen=RELAYS_REMEMBERED)).append((msg.id, master))
+
+    def _relay_lost(self, name: str) -> None:
+        """The connection to worker `name` broke: the forwards relayed on it may never be answered (it
+        refused one, or restarted and lost their sessions). Tell each one's master, which replays them,
+        rather than leave it waiting for --request-timeout. One already answered is ignored there."""
+        for rid, token in self._relayed.pop(name, ()):
+            dest = self.conns.get(token)
+            if dest is not None:
+                reply = wire.Error("relay_lost", f"worker '{self.name}' lost its connection to '{name}' after "
+                                                 f"relaying a forward to it", peer=name, id=rid)
+                task = asyncio.ensure_future(self._answer(dest, reply, None))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
 
     def _cache(self, conn: int, session: str, pos: int, start: int, end: int,
                batch: set[tuple[int, str]] = frozenset()) -> KVCache:
@@ -343,7 +378,7 @@ class WorkerArgs:
     context: int | None = None
     key: str | None = None
     kv_budget_mb: float = 2048
-    max_frame_mb: int = 0  # 0: derived from the model and context
+    max_frame_mb: float = 0  # 0: derived from the model and context
     busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
 
 
@@ -358,12 +393,17 @@ def run_worker(args: WorkerArgs) -> None:
                         f"e.g. 0.0.0.0:10128")
     host, port = parsed
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
+    max_frame = int(args.max_frame_mb * (1 << 20))
+    least = wire.MAX_HEADER + 64 + config.hidden_size * 4  # the header and one row of f32 hidden states
+    if args.max_frame_mb != 0 and max_frame < least:
+        raise CakeError(f"--max-frame-mb {args.max_frame_mb:g} cannot hold one token's hidden states; give at "
+                        f"least {least / (1 << 20):.3f}, or 0 for a full context")
     stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
-                    max_frame=args.max_frame_mb << 20, topology=topo)
+                    max_frame=max_frame, topology=topo)
     poll_us = eventloop.busy_poll_us(stack.device.type, args.busy_poll)
     if poll_us:
         log.info("busy-polling for %d µs after each message (--busy-poll 0 turns it off)", poll_us)

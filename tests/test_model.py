@@ -336,13 +336,13 @@ def test_worker_kv_budget_counts_kept_caches(tiny_model):
 
     from cake import wire
     from cake.model.cuda_graphs import DecodeGraphs
-    from cake.worker import Worker
+    from cake.worker import Conn, Worker
 
     stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
     stack.graphs = DecodeGraphs(stack, replay=False)  # the bookkeeping of a GPU worker, on the CPU
     worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
     a, b = worker._cache(1, "a", 0, 0, 2), worker._cache(1, "b", 0, 0, 2)
-    assert asyncio.run(worker._dispatch(1, wire.End(["a"]), None, "test"))[0] == wire.Ok()
+    assert asyncio.run(worker._dispatch(Conn(1, "t", None), wire.End(["a"]), None, "test"))[0] == wire.Ok()
     assert stack.spares == [a]
     c = worker._cache(1, "c", 0, 0, 2)
     assert c is a and not stack.spares and set(worker.sessions) == {(1, "b"), (1, "c")}
@@ -361,7 +361,7 @@ def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
 
     from cake import wire
     from cake.model.cuda_graphs import DecodeGraphs
-    from cake.worker import Worker
+    from cake.worker import Conn, Worker
 
     ids = torch.randint(0, 128000, (3, 24), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
@@ -374,7 +374,7 @@ def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
         worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
 
         def forward(rid, sessions, positions, x):
-            return asyncio.run(worker._dispatch(1, wire.Forward(rid, 0, 6, sessions, positions), x, "test"))
+            return asyncio.run(worker._dispatch(Conn(1, "t", None), wire.Forward(rid, 0, 6, sessions, positions), x, "test"))
 
         with torch.inference_mode():
             forward(1, ["b"], [0], head.embed(ids[1:2, :5]))  # b first: the least recently used
@@ -428,3 +428,30 @@ def test_master_keeps_ended_local_caches_for_new_sessions(tiny_model, tmp_path):
     assert len(kept) == 1 and master.stack.spares == kept  # taken by the second session, kept again
     assert first == reference_greedy(tiny_model, prompts[0], 12)
     assert second == reference_greedy(tiny_model, prompts[1], 12)
+
+
+def test_worker_refuses_to_pass_on_non_finite_hidden_states(tiny_model):
+    """Layers that overflow (here: a weight set to inf) give an error naming the worker, its layers and
+    the fix, not NaN for the next node to compute on; the master's sampler refuses NaN logits too."""
+    import asyncio
+
+    from cake import wire
+    from cake.errors import CakeError
+    from cake.sampling import Sampler, SamplingParams
+    from cake.worker import Conn, Worker
+
+    stack, config = load_layers(tiny_model, [2, 3], "cpu", "f32", 64)
+    worker = Worker("w", stack, config)
+    x = torch.randn(1, 3, config.hidden_size)
+    forward = wire.Forward(1, 2, 4, ["s"], [0])
+    assert isinstance(asyncio.run(worker._dispatch(Conn(1, "t", None), forward, x, "test"))[0], wire.Result)
+    stack.layers[3].w2.view(-1)[0] = float("inf")
+    reply, out = asyncio.run(worker._dispatch(Conn(1, "t", None), wire.Forward(2, 2, 4, ["s"], [0]), x, "test"))
+    assert out is None and reply.code == "non_finite" and reply.id == 2
+    assert reply.message == ("worker 'w' layers 2-3 produced NaN or inf in f32; check its model files: a weight may "
+                             "be corrupt")
+    logits = torch.randn(128256)
+    logits[777] = float("nan")
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_k=40)):
+        with pytest.raises(CakeError, match="NaN or inf logits"):
+            Sampler(params)(logits.clone(), [1, 2])

@@ -104,6 +104,44 @@ def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
     assert len(warned) == 1 and "worker 'a'" in warned[0] and "worker 'b'" in warned[0] and "\n" not in warned[0]
 
 
+def test_a_relaying_worker_tells_the_master_when_the_next_one_drops_its_forward(tiny_model, cluster):
+    """Worker b closes a's relay connection (a raw client sent a a forward too large for b): a answers the
+    client's forward with 'relay_lost' at once, instead of leaving it to wait for --request-timeout."""
+    from cake import auth, wire
+
+    c = cluster(tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
+    c.extras["b"] = ("--max-frame-mb", "0.3")
+    c.kill("b")
+    c.start("b")
+    c.wait("b")
+
+    async def hello(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+        assert isinstance((await wire.read_message(reader, 1 << 20))[0], wire.Welcome)
+        info, _ = await wire.read_message(reader, 1 << 20)
+        return reader, writer, info
+
+    async def go():
+        ra, wa, _ = await hello(c.ports["a"])
+        _, wb, info_b = await hello(c.ports["b"])
+        assert info_b.max_rows == 972
+        x = torch.randn(1, 1300, 64)  # 333 kB of f32: over b's 0.3 MiB
+        await wire.write_message(wa, wire.Forward(7, 0, 3, ["s"], [0], ["b"], [3], [6], [info_b.conn]), x)
+        reply, _ = await asyncio.wait_for(wire.read_message(ra, 1 << 26), 20)
+        await wire.write_message(wa, wire.Ping())
+        ok, _ = await asyncio.wait_for(wire.read_message(ra, 1 << 26), 20)
+        wa.close()
+        wb.close()
+        return reply, ok
+
+    reply, ok = run(go())
+    assert (type(reply), reply.code, reply.id, reply.peer) == (wire.Error, "relay_lost", 7, "b"), reply
+    assert reply.message == "worker 'a' lost its connection to 'b' after relaying a forward to it"
+    assert isinstance(ok, wire.Ok)
+    assert "outside the limit" in c.log("b").read_text()
+
+
 def test_interleaved_worker_ranges_relay_while_another_session_starts(tiny_model, prompt_ids, expected, cluster):
     """a and b each appear twice in the pipeline (chains a->b->c and b->a): a prompt's prefill running
     while other sessions decode must neither deadlock nor change anyone's tokens."""
@@ -332,6 +370,59 @@ def test_context_holds_prompt_plus_answer_but_the_last_token(tiny_model, prompt_
     assert run(cake_generate(tiny_model, None, prompt_ids, n=n, master=master)) == expected[:n]
     with pytest.raises(CakeError, match="does not fit the context"):
         run(cake_generate(tiny_model, None, prompt_ids, n=n + 1, master=master))
+
+
+def test_a_prompt_over_a_workers_frame_limit_goes_in_chunks(tiny_model, cluster):
+    """A worker that takes at most 0.3 MiB per request (972 rows of hidden 64 in f32) gets a 1100-token
+    prompt in two requests, and the answer is still transformers' token for token."""
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--max-frame-mb", "0.3"))
+    prompt = torch.randint(0, 128000, (1100,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
+        try:
+            await master.connect()
+            assert master.links["w"].info.max_rows == 972
+            out = [t async for t in generate(master, prompt, SamplingParams(), 4, EOS)]
+            return out, master.stages[0].stats.calls
+        finally:
+            await master.close()
+
+    got, calls = run(go())
+    assert got == reference_greedy(tiny_model, prompt, 4)
+    assert calls == 2 + 3  # the prompt in two requests, then three decode steps
+    assert "outside the limit" not in c.log("w").read_text()  # no request was refused
+
+
+def test_more_concurrent_sessions_than_a_worker_takes_in_one_request(tiny_model, cluster):
+    """A worker takes at most 256 sessions per forward: 260 concurrent sessions step in two requests,
+    and each gets transformers' next tokens."""
+    from cake.sampling import greedy
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--context", "16"))
+    ids = torch.randint(0, 128000, (260, 3), generator=torch.Generator().manual_seed(3))
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=16)
+        try:
+            await master.connect()
+            assert master.links["w"].info.max_batch == 256
+            sessions = [master.new_session() for _ in range(len(ids))]
+            firsts = await asyncio.gather(*(master.step(s, row.tolist()) for s, row in zip(sessions, ids)))
+            tokens = [[greedy(x)] for x in firsts]
+            calls = master.stages[0].stats.calls
+            nexts = await asyncio.gather(*(master.step(s, t) for s, t in zip(sessions, tokens)))
+            return [t + [greedy(x)] for t, x in zip(tokens, nexts)], master.stages[0].stats.calls - calls
+        finally:
+            await master.close()
+
+    got, decode_calls = run(go())
+    assert decode_calls == 2  # 256 + 4 sessions
+    with torch.no_grad():
+        model = reference_model(tiny_model)
+        first = model(ids).logits[:, -1].argmax(-1)
+        second = model(torch.cat([ids, first[:, None]], 1)).logits[:, -1].argmax(-1)
+    assert got == torch.stack([first, second], 1).tolist()
 
 
 def test_folder_repetition_penalty_matches_transformers(tiny_model, prompt_ids, tmp_path):

@@ -65,6 +65,46 @@ def test_kill_9_and_restart_mid_generation_loses_nothing(tiny_model, cluster, pr
     assert "replaying" in text
 
 
+def test_a_replay_larger_than_a_workers_frame_limit_goes_in_groups(tiny_model, cluster):
+    """Three sessions decoding in step, then worker b restarts: the master must replay 3 x 454 tokens,
+    over the 972 rows b takes per request (--max-frame-mb 0.3), so it replays in groups that fit, through
+    the relay, and every session still gets transformers' answer."""
+    import asyncio
+
+    from cake.sampling import greedy
+
+    c = cluster(tiny_model, LAYOUT)
+    c.extras["b"] = ("--max-frame-mb", "0.3")
+    c.kill("b")
+    c.start("b")
+    c.wait("b")
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 128000, (450,), generator=gen).tolist() for _ in range(3)]
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=30))
+        try:
+            await master.connect()
+            sessions = [master.new_session() for _ in prompts]
+            outs = [[greedy(await master.step(s, p))] for s, p in zip(sessions, prompts)]
+            for i in range(6):  # decode steps of all three, batched
+                if i == 3:
+                    c.kill("b")
+                    c.start("b")  # the three sessions' caches on b are gone: replayed together
+                logits = await asyncio.gather(*(master.step(s, [o[-1]]) for s, o in zip(sessions, outs)))
+                for o, x in zip(outs, logits):
+                    o.append(greedy(x))
+            return outs, master.relayed_steps
+        finally:
+            await master.close()
+
+    outs, relayed = run(go())
+    for p, o in zip(prompts, outs):
+        assert o == reference_greedy(tiny_model, p, 7)
+    assert relayed > 0
+    assert "outside the limit" not in c.log("b").read_text()
+
+
 def test_worker_gone_for_good_is_a_clear_error_within_the_timeout(tiny_model, cluster, prompt):
     c = cluster(tiny_model, LAYOUT)
     master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=2))
@@ -75,7 +115,10 @@ def test_worker_gone_for_good_is_a_clear_error_within_the_timeout(tiny_model, cl
     assert f"worker 'b' at 127.0.0.1:{c.ports['b']} is unreachable" in str(e.value)
 
 
-def test_stuck_worker_is_detected_and_recovers_when_it_resumes(tiny_model, cluster, prompt):
+def test_stuck_worker_is_detected_and_recovers_when_it_resumes(tiny_model, cluster, prompt, caplog):
+    """a is frozen inside the relay chain a -> b: nobody answers, so after the timeout the master
+    reconnects, replays, and carries a's output to b itself for a while (a stuck relay cannot stall
+    every retry)."""
     c = cluster(tiny_model, LAYOUT)
     master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=20, request_timeout=1))
     pid = c.procs["a"].pid
@@ -85,7 +128,10 @@ def test_stuck_worker_is_detected_and_recovers_when_it_resumes(tiny_model, clust
             os.kill(pid, signal.SIGSTOP)
             subprocess.Popen([sys.executable, "-c", f"import os,signal,time; time.sleep(2.5); os.kill({pid}, signal.SIGCONT)"])
 
-    assert run(generate_with(master, prompt, freeze)) == reference_greedy(tiny_model, prompt, N)
+    with caplog.at_level(logging.WARNING, logger="cake.master"):
+        assert run(generate_with(master, prompt, freeze)) == reference_greedy(tiny_model, prompt, N)
+    assert ("a", "b") in master._no_relay
+    assert "a relay from worker 'a' to 'b' timed out; for the next 30s its output goes to 'b'" in caplog.text
 
 
 def test_stuck_worker_that_stays_stuck_fails_in_time(tiny_model, cluster, prompt):

@@ -51,6 +51,22 @@ async def reply_to(port: int, data: bytes, hello: bool = True, timeout: float = 
         writer.close()
 
 
+async def replies_until_closed(port: int, data: bytes, hello: bool = True, timeout: float = 5.0) -> list:
+    """Send raw bytes; every message the worker sends until it closes the connection (a timeout fails)."""
+    reader, writer = await connect(port, hello)
+    writer.write(data)
+    await writer.drain()
+    got = []
+    try:
+        while True:
+            msg, _ = await asyncio.wait_for(wire.read_message(reader, 1 << 26), timeout)
+            got.append(msg)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return got
+    finally:
+        writer.close()
+
+
 def frame(header: dict, payload: bytes = b"") -> bytes:
     head = msgpack.packb(header, use_bin_type=True)
     return struct.pack(">II", 4 + len(head) + len(payload), len(head)) + head + payload
@@ -83,8 +99,16 @@ CLOSES = {
 @pytest.mark.parametrize("name", list(CLOSES))
 @pytest.mark.parametrize("after_hello", [False, True])
 def test_broken_streams_close_only_that_connection(target, name, after_hello):
+    """A broken byte stream closes its connection; after the handshake the worker first says why."""
     port = target.ports["w"]
-    assert run(reply_to(port, CLOSES[name], hello=after_hello)) is None
+    got = run(replies_until_closed(port, CLOSES[name], hello=after_hello))
+    if after_hello:
+        assert [(type(m), m.code) for m in got] == [(wire.Error, "bad_frame")], got
+        assert got[0].message.startswith("worker 'w' closed the connection: ")
+        if name.endswith("length"):
+            assert "--max-frame-mb" in got[0].message
+    else:
+        assert got == []
     assert_serving(port)
 
 
@@ -132,6 +156,8 @@ ERRORS = {
                                   bytes(4 * 3 * H)), "bad_request"),
     "relay-to-a-worker-not-in-the-topology": (forward(relay_workers=["nobody"], relay_starts=[5], relay_ends=[6],
                                                       relay_conns=["t"]), "relay"),
+    "nan-hidden-states": (forward(data=struct.pack("<f", float("nan")) * (3 * H)), "bad_tensor"),
+    "inf-hidden-states": (forward(shape=(1, 1, H), dtype="f16", data=b"\x00\x7c" * H), "bad_tensor"),
 }
 
 
