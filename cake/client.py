@@ -25,6 +25,8 @@ from cake.topology import Worker, format_layers
 
 log = logging.getLogger("cake.master")
 
+END_TIMEOUT = 5.0  # seconds a master waits for a worker to confirm it freed sessions
+
 
 class RelayFailed(CakeError):
     """A worker could not pass its output on to the next worker; the step goes through the master."""
@@ -326,10 +328,11 @@ class WorkerLink:
         return out, reply.compute_us / 1e6
 
     async def end(self, sessions: list[str]) -> None:
-        """Free sessions on the worker; best effort (a dead worker has freed them already)."""
+        """Free sessions on the worker; best effort (a dead worker has freed them already, and a stuck one
+        must not hold up the end of an answer for --request-timeout: its next request finds it stuck)."""
         if self.writer is None or not sessions:
             return
         try:
-            await self.request(wire.End(sessions))
-        except (CakeError, SessionsLost):
+            await asyncio.wait_for(self.request(wire.End(sessions)), min(END_TIMEOUT, self.opt.request_timeout))
+        except (CakeError, SessionsLost, asyncio.TimeoutError):
             pass

@@ -39,6 +39,9 @@ log = logging.getLogger("cake.worker")
 HANDSHAKE_TIMEOUT = 10.0
 MAX_BATCH = 256
 RELAYS_REMEMBERED = 64  # per next worker: the forwards to tell the master about if that connection breaks
+MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
+MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
+MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 
 
 class RequestError(CakeError):
@@ -56,6 +59,7 @@ class Conn:
     token: str
     writer: asyncio.StreamWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: int = 0  # answers from relaying workers' connections waiting to be written here
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
@@ -90,6 +94,7 @@ class Worker:
         self.max_rows = max(1, (self.max_frame - wire.MAX_HEADER - 64) // (config.hidden_size * 4))
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
+        self._handshaking = 0
 
     # ---- server ------------------------------------------------------------------------------------
 
@@ -106,8 +111,16 @@ class Worker:
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         wire.tune_socket(writer)
+        if self._handshaking >= MAX_HANDSHAKING:  # a flood of connections that say nothing: not served
+            log.warning("refused a connection from %s: %d others are still in their handshake", peer, MAX_HANDSHAKING)
+            writer.close()
+            return
         try:
-            await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
+            self._handshaking += 1
+            try:
+                await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
+            finally:
+                self._handshaking -= 1
             self.conns[conn.token] = conn
             log.info("client connected from %s", peer)
             while True:
@@ -158,6 +171,11 @@ class Worker:
                 await wire.write_message(writer, wire.Error(
                     "auth", f"worker '{self.name}' refused the cluster key; give every node the same --cluster-key"))
                 raise ProtocolError("client failed authentication")
+        if len(self.conns) >= MAX_CONNECTIONS:
+            await wire.write_message(writer, wire.Error(
+                "busy", f"worker '{self.name}' already serves {MAX_CONNECTIONS} connections, the most it takes; "
+                        f"stop masters you no longer use"))
+            raise ProtocolError(f"over {MAX_CONNECTIONS} connections")
         await wire.write_message(writer, self.info(token))
 
     def info(self, token: str = "") -> wire.Info:
@@ -185,8 +203,18 @@ class Worker:
         if dest is conn:
             await conn.send(reply, out)
             return
-        # An answer for a master's connection, from a relaying worker's: sent on its own task, so a slow
-        # master does not hold up the relays to this worker for everyone else (its lock keeps the order).
+        self._answer_later(dest, reply, out)
+
+    def _answer_later(self, dest: Conn, reply: wire.Message, out: torch.Tensor | None) -> None:
+        """An answer for a master's connection from another connection's task (a relaying worker's): sent
+        on its own task, so a slow master does not hold up the relays to this worker for everyone else
+        (its lock keeps the order). A connection that lets answers pile up unread is closed: its master
+        is gone or hostile, and each answer holds its hidden states."""
+        if dest.pending >= MAX_PENDING_ANSWERS:
+            log.warning("closed a connection that left %d relayed answers unread", dest.pending)
+            dest.writer.close()
+            return
+        dest.pending += 1
         task = asyncio.ensure_future(self._answer(dest, reply, out))
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
@@ -196,6 +224,8 @@ class Worker:
             await dest.send(reply, out)
         except (ConnectionError, OSError) as e:  # that master's connection broke; its own task cleans up
             log.warning("could not answer a relayed forward: %s", e)
+        finally:
+            dest.pending -= 1
 
     async def _dispatch(self, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
         """Serve `msg` for the connection `dest` (whose sessions it uses and which gets the answer)."""
@@ -299,11 +329,8 @@ class Worker:
         for rid, token in self._relayed.pop(name, ()):
             dest = self.conns.get(token)
             if dest is not None:
-                reply = wire.Error("relay_lost", f"worker '{self.name}' lost its connection to '{name}' after "
-                                                 f"relaying a forward to it", peer=name, id=rid)
-                task = asyncio.ensure_future(self._answer(dest, reply, None))
-                self._answers.add(task)
-                task.add_done_callback(self._answers.discard)
+                self._answer_later(dest, wire.Error("relay_lost", f"worker '{self.name}' lost its connection to "
+                                                    f"'{name}' after relaying a forward to it", peer=name, id=rid), None)
 
     def _cache(self, conn: int, session: str, pos: int, start: int, end: int,
                batch: set[tuple[int, str]] = frozenset()) -> KVCache:

@@ -146,6 +146,32 @@ def test_stuck_worker_that_stays_stuck_fails_in_time(tiny_model, cluster, prompt
         os.kill(c.procs["a"].pid, signal.SIGCONT)
 
 
+def test_ending_sessions_on_a_stuck_worker_does_not_wait_for_the_request_timeout(tiny_model, cluster, prompt):
+    """The answer is complete; freeing its sessions on a worker that froze meanwhile gives up after
+    END_TIMEOUT (a best effort), not after --request-timeout + --retry-timeout (330 s by default)."""
+    from cake.client import END_TIMEOUT
+
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology))
+
+    async def go():
+        await master.connect()
+        session = master.new_session()
+        await master.step(session, prompt)
+        os.kill(c.procs["b"].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await master.end(session)
+        took = time.monotonic() - t0
+        await master.close()
+        return took
+
+    try:
+        took = run(go())
+    finally:
+        os.kill(c.procs["b"].pid, signal.SIGCONT)
+    assert END_TIMEOUT - 0.5 < took < END_TIMEOUT + 3
+
+
 def test_unreachable_worker_at_start_up_through_the_cli(tiny_model, cluster):
     c = cluster(tiny_model, LAYOUT, start=False)
     t0 = time.monotonic()

@@ -9,6 +9,7 @@ import struct
 
 import msgpack
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,20 +27,20 @@ def target(tiny_model, tmp_path_factory):
     c.stop()
 
 
-async def connect(port: int, hello: bool = True):
+async def connect(port: int, hello: bool = True, layers=(2, 3, 4)):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     if hello:
         await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
         welcome, _ = await wire.read_message(reader, 1 << 20)
         assert isinstance(welcome, wire.Welcome) and not welcome.auth
         info, _ = await wire.read_message(reader, 1 << 20)
-        assert isinstance(info, wire.Info) and info.layers == [2, 3, 4]
+        assert isinstance(info, wire.Info) and info.layers == list(layers)
     return reader, writer
 
 
-async def reply_to(port: int, data: bytes, hello: bool = True, timeout: float = 5.0):
+async def reply_to(port: int, data: bytes, hello: bool = True, timeout: float = 5.0, layers=(2, 3, 4)):
     """Send raw bytes; return the reply message, or None when the worker closed the connection."""
-    reader, writer = await connect(port, hello)
+    reader, writer = await connect(port, hello, layers)
     writer.write(data)
     await writer.drain()
     try:
@@ -81,8 +82,8 @@ def forward(positions=(0,), sessions=("s",), start=2, end=5, shape=(1, 3, H), dt
                   "positions": list(positions), "tensor": {"dtype": dtype, "shape": list(shape)}, **extra}, payload)
 
 
-def assert_serving(port: int) -> None:
-    msg = run(reply_to(port, frame({"type": "ping"})))
+def assert_serving(port: int, layers=(2, 3, 4)) -> None:
+    msg = run(reply_to(port, frame({"type": "ping"}), layers=layers))
     assert isinstance(msg, wire.Ok)
 
 
@@ -258,3 +259,81 @@ def test_port_in_use_is_one_line(tiny_model, tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick " \
                                     f"another --address port"
+
+
+def test_connection_floods_are_capped_and_the_worker_serves_afterwards(target):
+    """Silent connections beyond MAX_HANDSHAKING are closed at once, connections beyond MAX_CONNECTIONS
+    get a 'busy' error naming the cap; once they go, the worker serves as before."""
+    from cake.worker import MAX_CONNECTIONS, MAX_HANDSHAKING
+
+    port = target.ports["w"]
+
+    async def closed_at_once(reader) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), 5) == b""
+        except ConnectionError:
+            return True
+
+    async def go():
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_HANDSHAKING)]
+        await asyncio.sleep(0.2)  # the worker has taken them all
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        over_handshakes = await closed_at_once(reader)
+        writer.close()
+        for _, w in silent:
+            w.close()
+        await asyncio.sleep(0.2)
+        served = [await connect(port) for _ in range(MAX_CONNECTIONS)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+        welcome, _ = await wire.read_message(reader, 1 << 20)
+        busy, _ = await wire.read_message(reader, 1 << 20)
+        writer.close()
+        for _, w in served:
+            w.close()
+        await asyncio.sleep(0.2)
+        return over_handshakes, welcome, busy
+
+    over_handshakes, welcome, busy = run(go())
+    assert over_handshakes
+    assert isinstance(welcome, wire.Welcome)
+    assert (type(busy), busy.code) == (wire.Error, "busy")
+    assert busy.message == (f"worker 'w' already serves {MAX_CONNECTIONS} connections, the most it takes; stop "
+                            f"masters you no longer use")
+    assert_serving(port)
+
+
+def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, tmp_path):
+    """A client names its connection to b as the reply connection of forwards relayed through a, and never
+    reads it: b stops queueing answers (each holds its hidden states) and closes that connection at
+    MAX_PENDING_ANSWERS, and serves everyone else."""
+    from cake.worker import MAX_PENDING_ANSWERS
+
+    c = Cluster(tmp_path, tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
+    try:
+        async def hello(port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+            await wire.read_message(reader, 1 << 20)
+            info, _ = await wire.read_message(reader, 1 << 20)
+            return reader, writer, info
+
+        async def go():
+            _, wa, _ = await hello(c.ports["a"])
+            _, wb, info_b = await hello(c.ports["b"])  # never read
+            x = torch.randn(1, 1000, H)  # 256 kB answers: the socket buffers fill after a few dozen
+            for i in range(1, 301):
+                await wire.write_message(wa, wire.Forward(i, 0, 3, ["s"], [0], ["b"], [3], [6], [info_b.conn]), x)
+                if i % 20 == 0 and "relayed answers unread" in c.log("b").read_text():
+                    break
+                await asyncio.sleep(0.01)
+            wa.close()
+            wb.close()
+
+        run(go())
+        log = c.log("b").read_text()
+        assert f"closed a connection that left {MAX_PENDING_ANSWERS} relayed answers unread" in log
+        assert_serving(c.ports["b"], (3, 4, 5))
+        assert_serving(c.ports["a"], (0, 1, 2))
+    finally:
+        c.stop()
