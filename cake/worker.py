@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -353,19 +353,24 @@ class Worker:
         return entry.cache
 
     def _make_room(self, need: int, batch: set[tuple[int, str]] = frozenset()) -> None:
-        """Evict least recently used sessions until a new cache fits the budget (the caches kept for
-        reuse count: they hold memory). Sessions of the request being served (`batch`) go last, and
-        their caches are never kept for reuse: their rows still use them in this step (the master
-        replays such a session on its next step)."""
+        """Evict sessions until a new cache fits the budget (the caches kept for reuse count: they hold
+        memory). Idle sessions go first: the least recently used of the connection that holds the most
+        caches, so one master (or a hostile client) opening many sessions evicts its own before another
+        master's. Sessions of the request being served (`batch`) go last, and their caches are never kept
+        for reuse: their rows still use them in this step (the master replays such a session on its next
+        step)."""
         if need > self.kv_budget:
             raise RequestError("memory", f"one session needs {need / (1 << 20):.2f} MiB of KV cache, over this "
                                          f"worker's budget of {self.kv_budget / (1 << 20):.2f} MiB; raise "
                                          f"--kv-budget or lower --context")
         used = sum(e.cache.nbytes for e in self.sessions.values()) + sum(c.nbytes for c in self.stack.spares)
-        idle = [k for k in self.sessions if k not in batch]  # least recently used first
-        for key in idle + [k for k in self.sessions if k in batch]:
-            if used + need <= self.kv_budget:
-                return
+        while used + need > self.kv_budget and self.sessions:
+            idle = [k for k in self.sessions if k not in batch]  # least recently used first
+            if idle:
+                held = Counter(conn for conn, _ in self.sessions)
+                key = min(idle, key=lambda k: -held[k[0]])  # the first (LRU) of the heaviest connection's
+            else:
+                key = next(iter(self.sessions))
             used -= self.sessions[key].cache.nbytes
             if key in batch:
                 self.stack.discard(self.sessions.pop(key).cache)

@@ -455,3 +455,20 @@ def test_worker_refuses_to_pass_on_non_finite_hidden_states(tiny_model):
     for params in (SamplingParams(), SamplingParams(temperature=0.7, top_k=40)):
         with pytest.raises(CakeError, match="NaN or inf logits"):
             Sampler(params)(logits.clone(), [1, 2])
+
+
+def test_worker_evicts_from_the_connection_that_holds_the_most_caches(tiny_model):
+    """At its KV budget a worker evicts the least recently used idle session of the connection holding the
+    most caches: a client that opens many sessions evicts its own before another master's."""
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
+    worker = Worker("w", stack, config, kv_budget=3 * stack.new_cache_bytes())
+    worker._cache(2, "x", 0, 0, 2)  # the least recently used of all
+    worker._cache(1, "a", 0, 0, 2)
+    worker._cache(1, "b", 0, 0, 2)
+    worker._cache(2, "y", 0, 0, 2)  # connection 1 holds two, 2 holds one: 1's oldest goes, not x
+    assert set(worker.sessions) == {(2, "x"), (1, "b"), (2, "y")}
+    for s in ("z1", "z2", "z3"):  # connection 2 floods: from now on it evicts its own
+        worker._cache(2, s, 0, 0, 2)
+    assert set(worker.sessions) == {(1, "b"), (2, "z2"), (2, "z3")}
