@@ -21,6 +21,7 @@ import os
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ MAX_BATCH = 256
 RELAYS_REMEMBERED = 64  # per next worker: the forwards to tell the master about if that connection breaks
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
+THREAD_ROWS = 128  # a forward of this many rows (and more than one token each) computes off the event loop
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 
 
@@ -95,6 +97,8 @@ class Worker:
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self._handshaking = 0
+        self._computing = asyncio.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # runs prompts (see _forward)
 
     # ---- server ------------------------------------------------------------------------------------
 
@@ -284,13 +288,20 @@ class Worker:
             raise RequestError("bad_tensor", "hidden states to this worker contain NaN or inf; the node before "
                                              "it overflowed (run it in bf16 or f32) or is faulty")
         eventloop.note_rows(B)  # busy-polling pays for one stream, not for batches
-        batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
-        rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p) for s, p in zip(msg.sessions, msg.positions)]
-        t0 = time.perf_counter()
-        out = self.stack.forward(x, rows, msg.start, msg.end)
-        if out.device.type != "cpu":
-            out = out.cpu()  # also the sync point, so compute_us is real
-        us = int((time.perf_counter() - t0) * 1e6)
+        # One computation at a time; caches are taken and evicted only under the lock, so a cache never
+        # changes hands while a computation on another thread uses it.
+        async with self._computing:
+            batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
+            rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
+                    for s, p in zip(msg.sessions, msg.positions)]
+            t0 = time.perf_counter()
+            if T > 1 and B * T >= THREAD_ROWS:  # a prompt: on a thread, so pings and handshakes are answered
+                with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with that thread
+                    out = await asyncio.get_running_loop().run_in_executor(
+                        self._thread(), self._compute, x, rows, msg.start, msg.end)
+            else:  # a decode step: inline, no thread hand-off on the hot path
+                out = self._compute(x, rows, msg.start, msg.end)
+            us = int((time.perf_counter() - t0) * 1e6)
         if not bool(torch.isfinite(out).all()):
             fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16
                    else "check its model files: a weight may be corrupt")
@@ -300,6 +311,15 @@ class Worker:
             await self._relay(msg, hops, out, us, dest.token)
             return None, None
         return wire.Result(msg.id, us, msg.upstream_us), out
+
+    def _compute(self, x: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
+        out = self.stack.forward(x, rows, start, end)
+        return out.cpu() if out.device.type != "cpu" else out  # also the sync point, so compute_us is real
+
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cake-layers")
+        return self._pool
 
     async def _relay(self, msg: wire.Forward, hops: list[tuple[str, int, int, str]], out: torch.Tensor,
                      us: int, master: str) -> None:

@@ -337,3 +337,32 @@ def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, t
         assert_serving(c.ports["a"], (0, 1, 2))
     finally:
         c.stop()
+
+
+def test_a_long_prompt_does_not_stop_the_worker_answering_others(target):
+    """A 4000-token forward computes off the event loop: another connection's ping is answered before it
+    ends (inline, the ping would wait for the whole computation)."""
+    port = target.ports["w"]
+
+    async def go():
+        r1, w1 = await connect(port)
+        r2, w2 = await connect(port)
+        done = {}
+
+        async def answer(name, reader):
+            msg, _ = await wire.read_message(reader, 1 << 26)
+            done[name] = (asyncio.get_running_loop().time(), msg)
+
+        x = torch.randn(1, 4000, H)
+        await wire.write_message(w1, wire.Forward(1, 2, 5, ["long"], [0]), x)
+        waiting = asyncio.ensure_future(answer("forward", r1))
+        await asyncio.sleep(0.01)  # the worker has started computing
+        await wire.write_message(w2, wire.Ping())
+        await asyncio.gather(waiting, answer("ping", r2))
+        w1.close()
+        w2.close()
+        return done
+
+    done = run(go())
+    assert isinstance(done["forward"][1], wire.Result) and isinstance(done["ping"][1], wire.Ok)
+    assert done["ping"][0] < done["forward"][0], done
