@@ -83,6 +83,12 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
     topology = load_topology(topology_path)
     stages = topology.stages(config.num_hidden_layers)
     statuses = asyncio.run(_probe_all(list(topology.workers.values()), options))
+    for st in statuses:  # what the master would refuse when it connects
+        i = st.info
+        if i is not None and (i.hidden_size, i.num_layers) != (config.hidden_size, config.num_hidden_layers):
+            st.error = (f"runs a different model (hidden {i.hidden_size}, {i.num_layers} layers) from the master's "
+                        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers); give every node the "
+                        f"same model")
     ready = not any(st.error for st in statuses)
     relays = []
     if ready and options.relay:

@@ -41,7 +41,9 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
               help="Topology YAML; without it every layer runs on the master.")
 @click.option("--name", default=None, help="Worker: this worker's name in the topology file.")
-@click.option("--address", default="0.0.0.0:10128", help="Worker: address:port to listen on.")
+@click.option("--address", default=None,
+              help="Worker: address:port to listen on [default: this worker's port in the topology, on every "
+                   "interface (only loopback when the topology's host is loopback)].")
 @click.option("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default="auto",
               help="Compute dtype; auto keeps the checkpoint's where the device handles it.")
@@ -89,7 +91,8 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
               help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
 @click.option("--check", is_flag=True,
-              help="Master: reach every worker, show what each serves and the round trip, then exit.")
+              help="Master: reach every worker, show what each serves and the round trip, test that each relays "
+                   "to the next, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
@@ -97,6 +100,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
          retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
+    check_flags(click.get_current_context(), mode, api, check)
     run_edge(busy_poll_us, "cpu", busy_poll)  # a bad value is one line in every mode, before any loading
     if threads > 0:
         import torch
@@ -107,8 +111,10 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
 
         os.environ[ENV] = "0"
     if mode == "worker":
+        bundled = os.path.join(model_dir, "topology.yml")  # a cake-split-model bundle carries its topology
+        topology = topology or (bundled if os.path.isfile(bundled) else None)
         if not name or not topology:
-            raise click.UsageError("a worker needs --name and --topology")
+            raise click.UsageError("a worker needs --name and --topology (a cake-split-model bundle has its own)")
         from cake.worker import WorkerArgs, run_worker
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
@@ -135,6 +141,38 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         run_edge(run_api, args, api, api_key)
         return
     run_edge(run_master, args)
+
+
+WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb")
+MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "top_k", "top_p", "repeat_penalty",
+               "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "output_ids", "api", "api_key",
+               "check")
+ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
+POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "context")
+AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n")
+
+
+def check_flags(ctx: click.Context, mode: str, api: str | None, check: bool) -> None:
+    """Options typed on the command line that this mode would ignore, and values out of range, are usage
+    errors naming the option: a worker started without --mode worker must not quietly run a master."""
+    def flag(name: str) -> str:
+        return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+    typed = [n for n in ctx.params if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if mode == "master" and (wrong := [n for n in typed if n in WORKER_ONLY]):
+        raise click.UsageError(f"{', '.join(map(flag, wrong))}: worker option(s); add --mode worker to run a worker")
+    if mode == "worker" and (wrong := [n for n in typed if n in MASTER_ONLY]):
+        raise click.UsageError(f"{', '.join(map(flag, wrong))}: master option(s); a worker takes its work from "
+                               f"the master")
+    if api and check:
+        raise click.UsageError("--api and --check: pick one (check the cluster first, then serve)")
+    if (api or check) and (wrong := [n for n in typed if n in ONE_PROMPT]):
+        raise click.UsageError(f"{', '.join(map(flag, wrong))}: for one prompt; with {'--api' if api else '--check'} "
+                               f"{'each request brings its own' if api else 'nothing is generated'}")
+    for name in POSITIVE + AT_LEAST_ZERO:
+        value = ctx.params.get(name)
+        if value is not None and (value <= 0 if name in POSITIVE else value < 0):
+            raise click.UsageError(f"{flag(name)} {value:g} must be {'above' if name in POSITIVE else 'at least'} 0")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ class RelayFailed(CakeError):
 class SessionsLost(Exception):
     """The worker no longer holds (part of) a session's KV cache; replay from `cached`."""
 
-    def __init__(self, worker: str, cached: int = 0):
+    def __init__(self, worker: str, cached: int = 0, timed_out: bool = False):
         super().__init__(worker)
-        self.worker, self.cached = worker, cached
+        self.worker, self.cached, self.timed_out = worker, cached, timed_out
 
 
 class RelayTimedOut(SessionsLost):
@@ -50,7 +50,7 @@ class RelayTimedOut(SessionsLost):
     the worker."""
 
     def __init__(self, worker: str, pairs: list[tuple[str, str]]):
-        super().__init__(worker)
+        super().__init__(worker, timed_out=True)
         self.pairs = pairs
 
 
@@ -218,6 +218,9 @@ class WorkerLink:
                 await self.connect(max(0.5, min(self.opt.connect_timeout, deadline - time.monotonic())))
                 return
             except ConnectionError as e:
+                if not reason and self.generation == 0:  # at start-up: say what is awaited, not 30 s of silence
+                    log.warning("%s: %s; retrying for up to %gs (is it started, at that address?)", self.label, e,
+                                max(0.0, deadline - time.monotonic()))
                 reason = str(e)
             if time.monotonic() + delay > deadline:
                 raise WorkerError(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:g}s; "
@@ -282,7 +285,7 @@ class WorkerLink:
             if waiter is not None:
                 self.forget(rid, waiter)
             await self.recover(generation, e)
-            raise SessionsLost(self.worker.name) from None
+            raise SessionsLost(self.worker.name, timed_out=isinstance(e, asyncio.TimeoutError)) from None
         except BaseException:
             if waiter is not None:
                 self.forget(rid, waiter)  # cancelled: the answer, when it comes, is dropped

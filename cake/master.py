@@ -31,6 +31,7 @@ from cake.topology import Stage, Topology, format_layers
 log = logging.getLogger("cake.master")
 
 MAX_REPLAYS = 20
+MAX_TIMEOUTS = 2  # a step that times out again after a reconnect and a replay is not retried further
 RELAY_RETRY_S = 30.0  # after a worker could not relay to the next: first wait before trying again
 RELAY_RETRY_MAX_S = 3600.0
 
@@ -298,7 +299,7 @@ class Master:
         eventloop.note_rows(len(sessions))  # busy-polling pays for one stream, not for batches
         for s, toks in zip(sessions, new_tokens):
             s.tokens.extend(toks)
-        lost = ""
+        lost, timeouts = "", 0
         for _ in range(MAX_REPLAYS):
             try:
                 return await self._run(sessions)
@@ -308,6 +309,12 @@ class Master:
                 continue
             except SessionsLost as e:
                 lost = e.worker
+                timeouts = timeouts + 1 if e.timed_out else 0
+                if timeouts == MAX_TIMEOUTS:
+                    raise WorkerError(
+                        f"worker '{lost}' did not answer within --request-timeout ({self.options.request_timeout:g}s) "
+                        f"{timeouts} times in a row: a long prompt on a slow node needs a larger --request-timeout; "
+                        f"otherwise check that worker's log") from None
                 if isinstance(e, RelayTimedOut):
                     for pair in e.pairs:
                         self._relay_failed(RelayFailed(f"a relay from worker '{pair[0]}' to '{pair[1]}' timed out", pair))

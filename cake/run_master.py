@@ -69,11 +69,14 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
         int(gen["top_k"] if gen.get("top_k") is not None else TRANSFORMERS_TOP_K) if samples else 0)
     top_p = args.top_p if args.top_p is not None else (float(gen.get("top_p", 1.0)) if samples else 1.0)
     penalty = args.repeat_penalty if args.repeat_penalty is not None else float(gen.get("repetition_penalty") or 1.0)
-    for name, value, ok in (("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0),
-                            ("--top-p", top_p, 0 < top_p <= 1), ("--repeat-penalty", penalty, penalty > 0),
-                            ("--repeat-last-n", args.repeat_last_n, args.repeat_last_n >= 0)):
+    for name, value, ok, want in (
+            ("--temperature", temperature, temperature >= 0, "0 (greedy) or more"),
+            ("--top-k", top_k, top_k >= 0, "0 (off) or more"),
+            ("--top-p", top_p, 0 < top_p <= 1, "above 0 and at most 1 (off)"),
+            ("--repeat-penalty", penalty, penalty > 0, "above 0 (1 is off)"),
+            ("--repeat-last-n", args.repeat_last_n, args.repeat_last_n >= 0, "0 (all) or more")):
         if not ok:
-            raise CakeError(f"{name} {value} is out of range")
+            raise CakeError(f"{name} {value:g} is out of range: it must be {want}")
     return SamplingParams(temperature, top_k, top_p, penalty, args.repeat_last_n, args.seed)
 
 
@@ -90,6 +93,10 @@ def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Mas
 def run_master(args: MasterArgs) -> None:
     if args.max_tokens < 0:
         raise CakeError("--max-tokens must be 0 or more")
+    if args.output_ids:  # before the answer is generated, not after
+        folder = Path(args.output_ids).resolve().parent
+        if not folder.is_dir():
+            raise CakeError(f"--output-ids: folder '{folder}' does not exist; create it or pick another file")
     params = sampling_params(args)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     master, tokenizer, eos = build_master(args)
@@ -115,8 +122,11 @@ async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int],
     finally:
         await master.close()
     if args.output_ids:
-        Path(args.output_ids).write_text(json.dumps({"prompt": prompt_ids, "generated": stats.tokens,
-                                                     "finish_reason": stats.finish_reason}))
+        try:
+            Path(args.output_ids).write_text(json.dumps({"prompt": prompt_ids, "generated": stats.tokens,
+                                                         "finish_reason": stats.finish_reason}))
+        except OSError as e:
+            raise CakeError(f"--output-ids: cannot write '{args.output_ids}': {e.strerror}") from None
     if not args.quiet:
         log.info("%s", stats.summary())
         for line in master.stage_report(stats.generated):

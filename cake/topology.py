@@ -140,20 +140,29 @@ def parse_host(value: object, worker: str) -> tuple[str, int]:
 
 
 def parse_topology(data: object, source: str = "topology") -> Topology:
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise TopologyError(f"{source} names no workers; add one (see examples/topology.yml), or leave out "
+                            f"--topology to run every layer on the master")
     if not isinstance(data, dict):
         raise TopologyError(f"{source}: expected a mapping of worker name -> host/description/layers")
     topo = Topology()
     seen: dict[int, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
     for name, entry in data.items():
         name = str(name)
         if not isinstance(entry, dict):
             raise TopologyError(f"{source}: worker '{name}' must be a mapping with host, description, layers")
         host, port = parse_host(entry.get("host"), name)
+        if (host, port) in addresses:
+            raise TopologyError(f"workers '{addresses[host, port]}' and '{name}' have the same host "
+                                f"'{host}:{port}'; give each worker its own port")
+        addresses[host, port] = name
         specs = entry.get("layers") or []
         if not isinstance(specs, list):
             raise TopologyError(f"worker '{name}': 'layers' must be a list like ['model.layers.0-5']")
+        if not specs:
+            raise TopologyError(f"worker '{name}' lists no layers; give it some, like layers: ['model.layers.0-5'], "
+                                f"or remove it")
         layers: list[int] = []
         for spec in specs:
             for layer in parse_layers(spec, name):
@@ -171,6 +180,27 @@ def parse_topology(data: object, source: str = "topology") -> Topology:
     return topo
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int):
+        super().__init__(str(key))
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not the last one wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # not a name; the parser refuses it with its own message
+            if key in keys:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_topology(path: str | Path | None) -> Topology:
     """None means no topology: every layer runs on the master."""
     if path is None:
@@ -181,7 +211,10 @@ def load_topology(path: str | Path | None) -> Topology:
     except OSError as e:
         raise TopologyError(f"cannot read topology file '{p}': {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, _UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise TopologyError(f"topology file '{p}' has '{e}' twice in one mapping (line {e.line}); name each "
+                            f"worker, and each field of a worker, once") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -424,7 +424,7 @@ class WorkerArgs:
     model_dir: str
     name: str
     topology: str
-    address: str = "0.0.0.0:10128"
+    address: str | None = None  # None: 0.0.0.0 and this worker's port in the topology
     device: str = "auto"
     dtype: str = "auto"
     context: int | None = None
@@ -439,11 +439,17 @@ def run_worker(args: WorkerArgs) -> None:
     me = topo.worker(args.name)
     config = load_config(args.model_dir)
     topo.check_layers(config.num_hidden_layers)
-    parsed = split_address(args.address)
+    # By default: this worker's port from the topology, on every interface, unless the topology puts it on
+    # loopback (then nothing else could reach it anyway, and nothing else should).
+    address = args.address or f"{me.host if auth.is_loopback(me.host) else '0.0.0.0'}:{me.port}"
+    parsed = split_address(address)
     if parsed is None:
-        raise CakeError(f"--address '{args.address}' needs host:port with a port between 1 and 65535, "
-                        f"e.g. 0.0.0.0:10128")
+        raise CakeError(f"--address '{address}' needs host:port with a port between 1 and 65535, "
+                        f"e.g. 0.0.0.0:{me.port}")
     host, port = parsed
+    if port != me.port:
+        log.warning("listening on port %d, but the topology gives worker '%s' %s: the master and other workers "
+                    "will look for it there", port, me.name, me.address)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     max_frame = int(args.max_frame_mb * (1 << 20))
     least = wire.MAX_HEADER + 64 + config.hidden_size * 4  # the header and one row of f32 hidden states
@@ -463,4 +469,4 @@ def run_worker(args: WorkerArgs) -> None:
         eventloop.run(worker.serve(host, port), poll_us)
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
-        raise CakeError(f"cannot listen on {args.address}: {reason}; pick another --address port") from None
+        raise CakeError(f"cannot listen on {address}: {reason}; pick another --address port") from None

@@ -473,3 +473,19 @@ def test_cli_check_reports_every_worker(tiny_model, cluster):
     assert bad.exit_code == 1
     assert f"b (127.0.0.1:{c.ports['b']}): ERROR worker 'b' at 127.0.0.1:{c.ports['b']} is unreachable" in bad.stdout
     assert bad.stderr.strip() == "error: 1 of 2 worker(s) not ready: b; see above"
+
+
+def test_cli_check_refuses_workers_of_another_model(tiny_model, cluster, tmp_path):
+    """--check finds what generation would refuse: the master's model differs from the workers'."""
+    from click.testing import CliRunner
+
+    from cake.cli import main
+    from cake.synthetic import make_model
+
+    c = cluster(tiny_model, SPLITS["two-workers"])
+    other = make_model(tmp_path / "other", hidden=32, intermediate=64, layers=6, heads=4, kv_heads=2, seed=1)
+    bad = CliRunner().invoke(main, ["--model", str(other), "--topology", str(c.topology), "--check"])
+    assert bad.exit_code == 1, bad.output
+    assert (f"a (127.0.0.1:{c.ports['a']}): ERROR runs a different model (hidden 64, 6 layers) from the master's "
+            f"(hidden 32, 6 layers); give every node the same model") in bad.stdout
+    assert bad.stderr.strip() == "error: 2 of 2 worker(s) not ready: a, b; see above"

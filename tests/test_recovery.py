@@ -179,7 +179,11 @@ def test_unreachable_worker_at_start_up_through_the_cli(tiny_model, cluster):
                            "--prompt", "hi", "--retry-timeout", "1", "-q"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: worker '") and "is unreachable" in lines[0], proc.stderr
+    assert lines[-1].startswith("error: worker '") and "is unreachable" in lines[-1], proc.stderr
+    # Before it, at once, one line per worker saying what is awaited (not seconds of silence).
+    waiting = sorted(lines[:-1])
+    assert len(waiting) == 2 and all("retrying for up to" in w and "is it started" in w for w in waiting), proc.stderr
+    assert "worker 'a'" in waiting[0] and "worker 'b'" in waiting[1]
     assert time.monotonic() - t0 < 30
 
 

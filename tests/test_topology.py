@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from cake.cli import main
 from cake.errors import TopologyError
-from cake.topology import Stage, format_layers, parse_layers, parse_topology
+from cake.topology import Stage, format_layers, load_topology, parse_layers, parse_topology
 
 
 def topo(**workers):
@@ -31,7 +31,7 @@ def test_adjacent_ranges_of_one_worker_are_one_stage():
 
 
 def test_no_topology_is_all_master():
-    assert parse_topology(None).stages(3) == [Stage(0, 3, None)]
+    assert load_topology(None).stages(3) == [Stage(0, 3, None)]
 
 
 @pytest.mark.parametrize("data, needle", [
@@ -44,6 +44,12 @@ def test_no_topology_is_all_master():
     ({"a": {"layers": ["model.layers.0"]}}, "worker 'a' has no 'host'"),
     ({"a": {"host": "h:1", "layers": "model.layers.0"}}, "'layers' must be a list"),
     (["a"], "expected a mapping"),
+    (None, "names no workers; add one (see examples/topology.yml), or leave out --topology"),
+    ({}, "names no workers"),
+    ({"a": {"host": "h:1", "layers": ["model.layers.0"]}, "b": {"host": "h:1", "layers": ["model.layers.1"]}},
+     "workers 'a' and 'b' have the same host 'h:1'; give each worker its own port"),
+    ({"a": {"host": "h:1"}}, "worker 'a' lists no layers"),
+    ({"a": {"host": "h:1", "layers": []}}, "worker 'a' lists no layers"),
 ])
 def test_validation_errors(data, needle):
     with pytest.raises(TopologyError, match=None) as e:
@@ -66,6 +72,9 @@ CASES = {
     "unknown-name": ("a:\n  host: '127.0.0.1:1'\n  layers: ['model.layers.0']\n", "zz", "'zz' is not in the topology"),
     "no-port": ("a:\n  host: '127.0.0.1'\n  layers: ['model.layers.0']\n", "a", "needs a port"),
     "bad-yaml": ("a: [\n", "a", "is not valid YAML"),
+    "empty": ("# nothing yet\n", "a", "names no workers"),
+    "same-name-twice": ("a:\n  host: '127.0.0.1:1'\n  layers: ['model.layers.0']\n"
+                        "a:\n  host: '127.0.0.1:2'\n  layers: ['model.layers.1']\n", "a", "has 'a' twice in one mapping (line 4)"),
 }
 
 
@@ -75,8 +84,8 @@ def test_cli_topology_errors_are_one_line(case, mode, tiny_model, tmp_path):
     text, name, needle = CASES[case]
     path = tmp_path / "t.yml"
     path.write_text(text)
-    args = ["--mode", mode, "--model", str(tiny_model), "--topology", str(path), "--name", name,
-            "--address", "127.0.0.1:1", "--prompt", "x", "-n", "1"]
+    args = ["--mode", mode, "--model", str(tiny_model), "--topology", str(path)]
+    args += ["--name", name, "--address", "127.0.0.1:1"] if mode == "worker" else ["--prompt", "x", "-n", "1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()

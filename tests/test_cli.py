@@ -1,0 +1,99 @@
+"""The command line refuses what it would ignore or misread, before loading anything: one line each."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cake import launch
+from cake.cli import main
+from conftest import write_topology
+
+BAD = {
+    "worker-option-on-a-master": (["--name", "w"], "--name: worker option(s); add --mode worker to run a worker"),
+    "worker-options-on-a-master": (["--address", "0.0.0.0:1", "--kv-budget", "10"],
+                                   "--address, --kv-budget: worker option(s); add --mode worker"),
+    "master-option-on-a-worker": (["--mode", "worker", "--name", "w", "-p", "hi"],
+                                  "--prompt: master option(s); a worker takes its work from the master"),
+    "api-and-check": (["--api", "8000", "--check"], "--api and --check: pick one"),
+    "prompt-with-api": (["--api", "8000", "-p", "hi", "--raw"],
+                        "--prompt, --raw: for one prompt; with --api each request brings its own"),
+    "output-ids-with-check": (["--check", "--output-ids", "x.json"], "--output-ids: for one prompt; with --check"),
+    "negative-kv-budget": (["--mode", "worker", "--name", "w", "--kv-budget", "-5"], "--kv-budget -5 must be above 0"),
+    "zero-request-timeout": (["--request-timeout", "0"], "--request-timeout 0 must be above 0"),
+    "negative-threads": (["--threads", "-1"], "--threads -1 must be at least 0"),
+    "zero-context": (["--context", "0"], "--context 0 must be above 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_options_this_mode_would_ignore_are_usage_errors(case, tiny_model):
+    args, needle = BAD[case]
+    result = CliRunner().invoke(main, ["--model", str(tiny_model), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_sampling_range_errors_say_the_range(tiny_model):
+    result = CliRunner().invoke(main, ["--model", str(tiny_model), "--top-p", "1.5", "-n", "1"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --top-p 1.5 is out of range: it must be above 0 and at most 1 (off)"
+
+
+def test_output_ids_into_a_missing_folder_fails_before_generating(tiny_model, tmp_path):
+    result = CliRunner().invoke(main, ["--model", str(tiny_model), "-p", "hi", "-n", "3", "--output-ids",
+                                       str(tmp_path / "nope" / "ids.json")])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"error: --output-ids: folder '{tmp_path / 'nope'}' does not exist; create it " \
+                                    f"or pick another file"
+
+
+def test_a_request_slower_than_the_timeout_names_the_timeout(tiny_model, cluster):
+    """A prompt that cannot finish within --request-timeout is retried once, then the error says so (not
+    that the worker keeps losing sessions)."""
+    from cake.client import Options
+    from cake.errors import WorkerError
+    from cake.generate import generate
+    from cake.master import Master
+    from cake.sampling import SamplingParams
+    from cake.topology import load_topology
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]})
+    master = Master(tiny_model, load_topology(c.topology), options=Options(request_timeout=0.001))
+
+    async def go():
+        await master.connect()
+        try:
+            async for _ in generate(master, list(range(1000, 3000)), SamplingParams(), 2, ()):
+                pass
+        finally:
+            await master.close()
+
+    with pytest.raises(WorkerError) as e:
+        asyncio.run(go())
+    assert str(e.value) == ("worker 'w' did not answer within --request-timeout (0.001s) 2 times in a row: a long "
+                            "prompt on a slow node needs a larger --request-timeout; otherwise check that worker's log")
+
+
+def test_a_worker_listens_on_its_topology_port_and_finds_its_bundles_topology(tiny_model, tmp_path):
+    """Without --address a worker listens on its own port from the topology; started from a
+    cake-split-model bundle it needs no --topology (the bundle carries one)."""
+    from cake.split import split_model
+
+    port = launch.free_port()
+    topology = write_topology(tmp_path / "t.yml", {"w": (port, ["model.layers.0-5"])})
+    (bundle,) = split_model(tiny_model, topology, tmp_path / "bundles", quiet=True)
+    log = tmp_path / "w.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cake", "--mode", "worker", "--model", str(bundle),
+                                 "--name", "w", "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        launch.wait_ready(port, proc)
+        assert f"serving layers 0-5 on 127.0.0.1:{port}" in log.read_text()  # loopback in the topology
+    finally:
+        launch.stop(proc)
