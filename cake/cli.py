@@ -36,7 +36,7 @@ def run_edge(fn, *args, **kwargs):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Llama 3 model folder (or a cake-split-model bundle, for a worker).")
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
               help="Topology YAML; without it every layer runs on the master.")

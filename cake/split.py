@@ -90,13 +90,13 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
     files = WeightFiles(src)
     entries = {w.name: [(n, files.entry(n)) for i in w.layers for n in DecoderLayer.tensor_names(i, config)]
                for w in topology.workers.values()}  # every tensor checked before anything is written
-    total = sum(e.end - e.start for parts in entries.values() for _, e in parts)
-    done, t0, shown = 0, time.monotonic(), 0.0
+    done = total = 0  # bytes of the bundle being written
+    t0 = shown = 0.0
 
     def progress(name: str, size: int) -> None:
         nonlocal done, shown
         done += size
-        if not quiet and (time.monotonic() - shown > 0.25 or done == total):
+        if not quiet and (time.monotonic() - shown > 0.25 or done == total):  # and always its last line
             shown = time.monotonic()
             rate = done / max(time.monotonic() - t0, 1e-6) / (1 << 20)
             sys.stderr.write(f"\r  {100 * done / max(total, 1):5.1f}%  {done >> 20} / {total >> 20} MiB  "
@@ -105,6 +105,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
 
     bundles = []
     for w in topology.workers.values():
+        done, total, t0, shown = 0, sum(e.end - e.start for _, e in entries[w.name]), time.monotonic(), 0.0
         dest = out / w.name
         dest.mkdir(parents=True, exist_ok=True)
         for old in dest.glob("*.safetensors"):
@@ -128,7 +129,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model-path", required=True, type=click.Path(file_okay=False), help="Source model folder.")
+@click.option("--model-path", required=True, type=click.Path(exists=True, file_okay=False), help="Source model folder.")
 @click.option("--topology", required=True, type=click.Path(dir_okay=False), help="Topology YAML.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Where the bundles go.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")

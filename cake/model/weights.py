@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class Entry:
     shape: tuple[int, ...]
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class WeightFiles:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
@@ -80,6 +84,15 @@ class WeightFiles:
             )
         self._headers: dict[str, tuple[dict, int]] = {}
 
+    def holds(self) -> str:
+        """What the folder holds, in words: 'layers 0-11' (a bundle), with 'the embedding and head' if so."""
+        from cake.topology import format_layers
+
+        layers = sorted({int(m.group(1)) for n in self.where if (m := _LAYER.match(n))})
+        head = "model.embed_tokens.weight" in self.where
+        parts = [f"layers {format_layers(layers)}" if layers else "no decoder layers"]
+        return " and ".join(parts + (["the embedding"] if head else []))
+
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
@@ -87,8 +100,9 @@ class WeightFiles:
         fname = self.where.get(name)
         if fname is None:
             raise ModelError(
-                f"tensor '{name}' is not in '{self.dir}'; point --model at the full model or at the bundle "
-                f"cake-split-model built for this node"
+                f"tensor '{name}' is not in '{self.dir}', which holds {self.holds()}; give this node the full "
+                f"model folder (a worker can also take the bundle cake-split-model built for it from the same "
+                f"topology)"
             )
         path = self.dir / fname
         if fname not in self._headers:
