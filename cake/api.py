@@ -117,8 +117,9 @@ def parse_messages(value: object) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", param=where)
         role = m.get("role")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
         if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}",
+            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)} or developer, not {json.dumps(role)}",
                            param=f"{where}.role")
         messages.append({"role": role, "content": _content(m.get("content"), where)})
     return messages
@@ -146,10 +147,20 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
             raise ApiError(400, f"the model's chat template refused these messages: {e}", param="messages") from None
         prompt_param = "messages"
     else:
-        prompt = _field(body, "prompt", (str,), "a string")
+        prompt = body.get("prompt")
         if prompt is None:
             raise ApiError(400, "'prompt' is required", param="prompt")
-        prompt_ids = tokenizer.encode_raw(prompt)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            prompt_ids = tokenizer.encode_raw(prompt)
+        elif (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+              and all(0 <= t < tokenizer.vocab_size for t in prompt)):
+            prompt_ids = list(prompt)  # token ids, as the OpenAI API allows
+        else:
+            raise ApiError(400, f"'prompt' must be a string or an array of token ids (0 to "
+                                f"{tokenizer.vocab_size - 1}); this server takes one prompt per request",
+                           param="prompt")
         if not prompt_ids:
             raise ApiError(400, "'prompt' is empty; give at least one token of text", param="prompt")
         prompt_param = "prompt"
@@ -324,6 +335,7 @@ class ApiServer:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         app.router.add_get("/", self.chat_page)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id:.+}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         return app
@@ -377,7 +389,7 @@ class ApiServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            message = (f"no endpoint {request.method} {request.path}; this server has GET /v1/models, "
+            message = (f"no endpoint {request.method} {request.path}; this server has GET /v1/models[/ID], "
                        f"POST /v1/chat/completions and POST /v1/completions" if e.status in (404, 405)
                        else e.reason)
             return ApiError(e.status, message).response()
@@ -394,9 +406,18 @@ class ApiServer:
     async def chat_page(self, request: web.Request) -> web.Response:
         return web.Response(text=self.page, content_type="text/html")
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "cake"}
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "cake"}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        asked = request.match_info["model_id"]
+        if asked != self.model_id:
+            raise ApiError(404, f"no model '{asked}' here; this server serves '{self.model_id}'", param="model",
+                           code="model_not_found")
+        return web.json_response(self._model_card())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)

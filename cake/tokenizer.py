@@ -40,6 +40,11 @@ class Tokenizer:
         probe = "a . b"
         return self.tok.decode(self.tok.encode(probe, add_special_tokens=False)) != probe
 
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """How many token ids there are, special tokens included."""
+        return len(self.tok)
+
     def encode_raw(self, text: str) -> list[int]:
         """Exactly `tokenizer(text)` in transformers: the tokenizer's own special-token rules."""
         return list(self.tok(text)["input_ids"])

@@ -81,6 +81,14 @@ def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int
         return e.code, json.loads(e.read())
 
 
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def send_request(url: str, body: dict, events: int = 0) -> tuple[socket.socket, bytes]:
     """POST a request on a raw socket (so the test decides when it closes); read until `events` SSE
     events have arrived."""
@@ -150,6 +158,31 @@ def test_models_lists_the_served_model(server, tiny_model):
     models = server.client().models.list().data
     assert [m.id for m in models] == [tiny_model.name]
     assert models[0].object == "model"
+
+
+def test_models_retrieve_names_the_served_model_only(server, tiny_model):
+    assert server.client().models.retrieve(tiny_model.name).id == tiny_model.name
+    status, reply = get(f"{server.url}/v1/models/gpt-5")
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    assert reply["error"]["message"] == f"no model 'gpt-5' here; this server serves '{tiny_model.name}'"
+
+
+def test_developer_messages_are_system_messages_and_prompts_may_be_token_ids(server, tiny_model, hf):
+    """What newer OpenAI clients send: a 'developer' message (the system message's new name), and a
+    completion prompt as token ids (or a batch of one)."""
+    client = server.client()
+    as_system = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=6)
+    as_developer = client.chat.completions.create(
+        model="any", max_tokens=6,
+        messages=[{**m, "role": "developer"} if m["role"] == "system" else m for m in MESSAGES])
+    assert any(m["role"] == "system" for m in MESSAGES)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    ids = hf("Hello there, pipeline")["input_ids"]
+    want = hf.decode(reference_greedy(tiny_model, ids, 6), skip_special_tokens=True)
+    for prompt in (ids, [ids], ["Hello there, pipeline"]):
+        r = client.completions.create(model="any", prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == want and r.usage.prompt_tokens == len(ids)
 
 
 def test_chat_greedy_matches_transformers(server, tiny_model, hf):
@@ -311,6 +344,10 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
     ("completion", {"max_tokens": 3}, "prompt"),
     ("completion", {"prompt": ["a", "b"]}, "prompt"),
+    ("completion", {"prompt": [1, -2]}, "prompt"),
+    ("completion", {"prompt": [1, 128256]}, "prompt"),
+    ("completion", {"prompt": [1, True]}, "prompt"),
+    ("completion", {"prompt": [[1, 2], [3]]}, "prompt"),
     ("completion", {"prompt": ""}, "prompt"),
     ("completion", {"prompt": "word " * 5000}, "prompt"),
 ]
