@@ -103,7 +103,9 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
             continue
         i = st.info
         print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}), "
-              f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms")
+              f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
+              + ("; its topology file differs from this one (it relays to the workers its own file names)"
+                 if i.topology and i.topology != topology.digest() else ""))
     for (a, b), problem in relays:
         if problem:
             print(f"relay {a} -> {b}: FAILED, the master will carry these hidden states itself: {problem}")

@@ -63,7 +63,7 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--max-frame-mb", type=float, default=0,
               help="Worker: largest request it reads, in MiB (0 = a full context of hidden states); masters "
                    "split longer prompts and larger batches to fit.")
-@click.option("--prompt", "-p", default="Why is the sky blue?", help="Master: the prompt.")
+@click.option("--prompt", "-p", default="Why is the sky blue?", help="Master: the prompt ('-' reads it from stdin).")
 @click.option("--system-prompt", default=None, help="Master: a system message for the chat template.")
 @click.option("--raw", is_flag=True, help="Master: tokenize the prompt as is, no chat template.")
 @click.option("--max-tokens", "-n", "--sample-len", type=int, default=256, help="Master: tokens to generate at most.")

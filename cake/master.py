@@ -208,6 +208,7 @@ class Master:
         """`compute_in_thread`: run local layers and the head off the event loop (for servers)."""
         self.config: LlamaConfig = load_config(model_dir)
         self.compute_in_thread = compute_in_thread
+        self.topology = topology
         plan = topology.stages(self.config.num_hidden_layers)
         local_layers = [i for s in plan if s.worker is None for i in range(s.start, s.end)]
         files = WeightFiles(model_dir)
@@ -242,6 +243,9 @@ class Master:
                                   f"layers); give every node the same model")
             self.capacity = min(self.capacity, i.capacity)
             log.info("%s: layers %s on %s (%s)", link.label, format_layers(i.layers), i.device, i.dtype)
+            if i.topology and i.topology != self.topology.digest():
+                log.warning("%s was started with a different topology file from the master's: it relays to the "
+                            "workers its own file names; give every node the same file", link.label)
 
     def new_session(self) -> Session:
         return Session(uuid.uuid4().hex)

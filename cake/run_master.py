@@ -99,8 +99,11 @@ def run_master(args: MasterArgs) -> None:
             raise CakeError(f"--output-ids: folder '{folder}' does not exist; create it or pick another file")
     params = sampling_params(args)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # `-p -`: the prompt from stdin
+    if not prompt.strip():
+        raise CakeError("the prompt is empty; give --prompt TEXT, or --prompt - with text on stdin")
     master, tokenizer, eos = build_master(args)
-    prompt_ids = tokenizer.encode_prompt(args.prompt, args.system_prompt, args.raw)
+    prompt_ids = tokenizer.encode_prompt(prompt, args.system_prompt, args.raw)
     eventloop.run(_generate(master, tokenizer, prompt_ids, params, args, eos),
                   eventloop.busy_poll_us(master.device.type, args.busy_poll))
 

@@ -11,6 +11,8 @@ master. The pipeline sends one request per stage per step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,12 @@ class Stage:
 @dataclass
 class Topology:
     workers: dict[str, Worker] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """A short fingerprint of who serves what where (descriptions aside): nodes started with different
+        topology files can tell, since relays follow each worker's own file."""
+        text = json.dumps(sorted((w.name, w.host, w.port, list(w.layers)) for w in self.workers.values()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def owner_of(self) -> dict[int, Worker]:
         return {layer: w for w in self.workers.values() for layer in w.layers}

@@ -102,6 +102,7 @@ class Info(Message):
     # 0: not said (a worker of an earlier version); the master then sends requests as they come.
     max_rows: int = 0
     max_batch: int = 0
+    topology: str = ""  # the digest of the worker's topology file (cake.topology.Topology.digest)
 
 
 @dataclass

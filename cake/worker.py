@@ -188,6 +188,7 @@ class Worker:
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
             memory=_free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
+            topology=self.topology.digest(),
         )
 
     # ---- requests ----------------------------------------------------------------------------------

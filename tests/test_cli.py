@@ -97,3 +97,21 @@ def test_a_worker_listens_on_its_topology_port_and_finds_its_bundles_topology(ti
         assert f"serving layers 0-5 on 127.0.0.1:{port}" in log.read_text()  # loopback in the topology
     finally:
         launch.stop(proc)
+
+
+def test_the_prompt_can_come_from_stdin(tiny_model, tmp_path):
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    ids = tmp_path / "ids.json"
+    proc = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "-p", "-", "--raw", "-n", "2",
+                           "--output-ids", str(ids), "-q"], input="Hello from stdin", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(ids.read_text())["prompt"] == PreTrainedTokenizerFast.from_pretrained(str(tiny_model))(
+        "Hello from stdin")["input_ids"]
+    empty = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "-p", "-"], input="  \n",
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1
+    assert empty.stderr.strip() == "error: the prompt is empty; give --prompt TEXT, or --prompt - with text on stdin"

@@ -95,9 +95,14 @@ def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
     assert check.exit_code == 0, check.output  # the cluster works, through the master between a and b
     assert "relay a[0-1] -> b[2-3]: FAILED, the master will carry these hidden states itself: worker 'a'" in check.stdout
     assert "relay b[2-3] -> c[4-5]: ok" in check.stdout
+    differs = "its topology file differs from this one (it relays to the workers its own file names)"
+    assert [line.split(" ")[0] for line in check.stdout.splitlines() if differs in line] == ["a"]
     master = Master(tiny_model, load_topology(c.topology), device=test_device())
     with caplog.at_level("WARNING", logger="cake.master"):
         assert run(generate_and_close(master, prompt_ids)) == expected
+    assert [r.getMessage() for r in caplog.records if "different topology file" in r.getMessage()] == [
+        f"worker 'a' at 127.0.0.1:{c.ports['a']} was started with a different topology file from the master's: it "
+        f"relays to the workers its own file names; give every node the same file"]
     assert ("a", "b") in master._no_relay and ("b", "c") not in master._no_relay
     assert master.relayed_steps == len(expected)  # b -> c still relays
     warned = [r.getMessage() for r in caplog.records if "through the master" in r.getMessage()]
