@@ -135,7 +135,7 @@ def parse_stop(body: dict) -> list[str]:
 
 
 def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: SamplingParams, capacity: int,
-                  default_max_tokens: int) -> CompletionRequest:
+                  default_max_tokens: int, vocab_size: int | None = None) -> CompletionRequest:
     """Validate an OpenAI request body; every problem is a 400 naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -152,15 +152,15 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
             raise ApiError(400, "'prompt' is required", param="prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one prompt
+        ids = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)  # the tokenizer's and the model's
         if isinstance(prompt, str):
             prompt_ids = tokenizer.encode_raw(prompt)
         elif (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-              and all(0 <= t < tokenizer.vocab_size for t in prompt)):
+              and all(0 <= t < ids for t in prompt)):
             prompt_ids = list(prompt)  # token ids, as the OpenAI API allows
         else:
-            raise ApiError(400, f"'prompt' must be a string or an array of token ids (0 to "
-                                f"{tokenizer.vocab_size - 1}); this server takes one prompt per request",
-                           param="prompt")
+            raise ApiError(400, f"'prompt' must be a string or an array of token ids (0 to {ids - 1}); this "
+                                f"server takes one prompt per request", param="prompt")
         if not prompt_ids:
             raise ApiError(400, "'prompt' is empty; give at least one token of text", param="prompt")
         prompt_param = "prompt"
@@ -430,7 +430,8 @@ class ApiServer:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        req = parse_request(body, chat, self.tokenizer, self.defaults, self.master.capacity, self.default_max_tokens)
+        req = parse_request(body, chat, self.tokenizer, self.defaults, self.master.capacity, self.default_max_tokens,
+                            self.master.config.vocab_size)
         if self.stopping:
             raise ApiError(503, "the server is shutting down", kind="server_error")
         run = Run(self.master, self.tokenizer, self.eos, req)

@@ -56,7 +56,8 @@ def run_edge(fn, *args, **kwargs):
                    "one stream: skips the wake-up of a process that waited for another node, at the cost of "
                    "a spinning core; auto = 20000 on CUDA nodes, 0 (off) elsewhere.")
 @click.option("--context", type=int, default=None,
-              help="KV-cache capacity in tokens [default: 4096, capped by the model's max_position_embeddings].")
+              help="KV-cache capacity in tokens [default (or 0): 4096, capped by the model's "
+                   "max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
               help="Shared secret: mutual HMAC authentication between master and workers.")
 @click.option("--kv-budget", type=float, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
@@ -148,15 +149,16 @@ MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "t
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "output_ids", "api", "api_key",
                "check")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
-POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "context")
-AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n")
+POSITIVE = ("kv_budget", "retry_timeout", "request_timeout")
+AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")
 
 
 def check_flags(ctx: click.Context, mode: str, api: str | None, check: bool) -> None:
     """Options typed on the command line that this mode would ignore, and values out of range, are usage
     errors naming the option: a worker started without --mode worker must not quietly run a master."""
     def flag(name: str) -> str:
-        return next(p.opts[0] for p in ctx.command.params if p.name == name)
+        param = next(p for p in ctx.command.params if p.name == name)
+        return "/".join(param.opts[:1] + param.secondary_opts[:1])  # --relay/--no-relay: either may be typed
 
     typed = [n for n in ctx.params if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
     if mode == "master" and (wrong := [n for n in typed if n in WORKER_ONLY]):

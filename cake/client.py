@@ -128,6 +128,9 @@ class WorkerLink:
         try:
             while True:
                 reply, out = await wire.read_message(reader, self.opt.max_frame)
+                if isinstance(reply, wire.Error) and reply.code == "bad_frame":  # the close follows
+                    log.warning("%s: %s", self.label, reply.message)
+                    continue
                 rid = getattr(reply, "id", 0)
                 if rid:
                     waiter = self._waiting.pop(rid, None)
@@ -181,7 +184,9 @@ class WorkerLink:
                 raise WorkerError(f"{self.label} runs without a cluster key, so it cannot prove who it is; "
                                   f"start it with the same --cluster-key")
             return await self._expect(reader, wire.Info)
-        except (asyncio.IncompleteReadError, ProtocolError) as e:
+        except asyncio.IncompleteReadError:  # closed on us: restarting, or shedding a flood; try again
+            raise ConnectionError("closed the connection during the handshake") from None
+        except ProtocolError as e:
             raise WorkerError(f"{self.label} broke the handshake ({type(e).__name__}); is it a cake worker "
                               f"of the same version?") from None
 

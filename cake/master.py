@@ -343,7 +343,7 @@ class Master:
         counts = {len(s.tokens) - s.cached for s in sessions}
         n = max(counts)
         if len(sessions) > 1 and (len(counts) > 1 or len(sessions) > max_batch or len(sessions) * n > max_rows):
-            group = 1 if len(counts) > 1 else max(1, min(max_batch, max_rows // n))
+            group = 1 if len(counts) > 1 else max(1, min(max_batch, max_rows // max(n, 1)))
             return torch.cat([await self._run(sessions[i:i + group]) for i in range(0, len(sessions), group)])
         while n > max_rows:  # one session: its first tokens in chunks, each through every stage
             await self._pass(sessions, max_rows, logits=False)

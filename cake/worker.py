@@ -39,7 +39,7 @@ log = logging.getLogger("cake.worker")
 
 HANDSHAKE_TIMEOUT = 10.0
 MAX_BATCH = 256
-RELAYS_REMEMBERED = 64  # per next worker: the forwards to tell the master about if that connection breaks
+RELAYS_REMEMBERED = 8  # per next worker: the last forwards to tell their masters about if that connection breaks
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
 THREAD_ROWS = 128  # a forward of this many rows (and more than one token each) computes off the event loop
@@ -62,6 +62,7 @@ class Conn:
     writer: asyncio.StreamWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: int = 0  # answers from relaying workers' connections waiting to be written here
+    closed: bool = False  # its sessions were freed: nothing may create new ones for it
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
@@ -96,7 +97,7 @@ class Worker:
         self.max_rows = max(1, (self.max_frame - wire.MAX_HEADER - 64) // (config.hidden_size * 4))
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
-        self._handshaking = 0
+        self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
         self._computing = asyncio.Lock()
         self._pool: ThreadPoolExecutor | None = None  # runs prompts (see _forward)
 
@@ -115,16 +116,16 @@ class Worker:
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         wire.tune_socket(writer)
-        if self._handshaking >= MAX_HANDSHAKING:  # a flood of connections that say nothing: not served
-            log.warning("refused a connection from %s: %d others are still in their handshake", peer, MAX_HANDSHAKING)
-            writer.close()
-            return
+        if len(self._handshaking) >= MAX_HANDSHAKING:  # a flood of connections that say nothing: the
+            oldest = next(iter(self._handshaking))     # oldest goes (a real client's handshake takes ms)
+            log.warning("closed a connection still in its handshake: %d are", MAX_HANDSHAKING)
+            self._handshaking.pop(oldest).close()
         try:
-            self._handshaking += 1
+            self._handshaking[conn.id] = writer
             try:
                 await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
             finally:
-                self._handshaking -= 1
+                self._handshaking.pop(conn.id, None)
             self.conns[conn.token] = conn
             log.info("client connected from %s", peer)
             while True:
@@ -151,6 +152,7 @@ class Worker:
         except Exception:  # never let one connection take the worker down
             log.exception("internal error on connection from %s", peer)
         finally:
+            conn.closed = True
             self.conns.pop(conn.token, None)
             freed = self._free_connection(conn.id)
             if freed:
@@ -292,14 +294,21 @@ class Worker:
         # One computation at a time; caches are taken and evicted only under the lock, so a cache never
         # changes hands while a computation on another thread uses it.
         async with self._computing:
+            if dest.closed:  # its master left while this waited (a relayed forward): no caches for the dead
+                raise RequestError("gone", "the connection this forward was for has closed")
             batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
             t0 = time.perf_counter()
             if T > 1 and B * T >= THREAD_ROWS:  # a prompt: on a thread, so pings and handshakes are answered
                 with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with that thread
-                    out = await asyncio.get_running_loop().run_in_executor(
+                    job = asyncio.get_running_loop().run_in_executor(
                         self._thread(), self._compute, x, rows, msg.start, msg.end)
+                    try:
+                        out = await asyncio.shield(job)
+                    except asyncio.CancelledError:  # keep the lock until the thread is done with the caches
+                        await asyncio.wait({job})
+                        raise
             else:  # a decode step: inline, no thread hand-off on the hot path
                 out = self._compute(x, rows, msg.start, msg.end)
             us = int((time.perf_counter() - t0) * 1e6)

@@ -26,7 +26,9 @@ BAD = {
     "negative-kv-budget": (["--mode", "worker", "--name", "w", "--kv-budget", "-5"], "--kv-budget -5 must be above 0"),
     "zero-request-timeout": (["--request-timeout", "0"], "--request-timeout 0 must be above 0"),
     "negative-threads": (["--threads", "-1"], "--threads -1 must be at least 0"),
-    "zero-context": (["--context", "0"], "--context 0 must be above 0"),
+    "negative-context": (["--context", "-1"], "--context -1 must be at least 0"),
+    "no-relay-on-a-worker": (["--mode", "worker", "--name", "w", "--no-relay"],
+                             "--relay/--no-relay: master option(s)"),
 }
 
 

@@ -91,3 +91,13 @@ def test_cli_topology_errors_are_one_line(case, mode, tiny_model, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    """Refusing a worker named twice must not refuse YAML's own `<<: *anchor` (fields given next to it win)."""
+    path = tmp_path / "t.yml"
+    path.write_text("w1: &base\n  description: gpu box\n  host: 10.0.0.1:10128\n  layers: ['model.layers.0-2']\n"
+                    "w2:\n  <<: *base\n  host: 10.0.0.2:10128\n  layers: ['model.layers.3-5']\n")
+    t = load_topology(path)
+    assert (t.workers["w2"].description, t.workers["w2"].host, t.workers["w2"].layers) == ("gpu box", "10.0.0.2",
+                                                                                          (3, 4, 5))

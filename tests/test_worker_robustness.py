@@ -262,13 +262,14 @@ def test_port_in_use_is_one_line(tiny_model, tmp_path):
 
 
 def test_connection_floods_are_capped_and_the_worker_serves_afterwards(target):
-    """Silent connections beyond MAX_HANDSHAKING are closed at once, connections beyond MAX_CONNECTIONS
-    get a 'busy' error naming the cap; once they go, the worker serves as before."""
+    """Silent connections beyond MAX_HANDSHAKING push out the oldest silent one (so they cannot lock a
+    master out); connections beyond MAX_CONNECTIONS get a 'busy' error naming the cap; once they go, the
+    worker serves as before."""
     from cake.worker import MAX_CONNECTIONS, MAX_HANDSHAKING
 
     port = target.ports["w"]
 
-    async def closed_at_once(reader) -> bool:
+    async def closed(reader) -> bool:
         try:
             return await asyncio.wait_for(reader.read(1), 5) == b""
         except ConnectionError:
@@ -277,8 +278,10 @@ def test_connection_floods_are_capped_and_the_worker_serves_afterwards(target):
     async def go():
         silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_HANDSHAKING)]
         await asyncio.sleep(0.2)  # the worker has taken them all
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        over_handshakes = await closed_at_once(reader)
+        reader, writer = await connect(port)  # a master's handshake still goes through
+        await wire.write_message(writer, wire.Ping())
+        ok, _ = await wire.read_message(reader, 1 << 20)
+        oldest_closed = await closed(silent[0][0])
         writer.close()
         for _, w in silent:
             w.close()
@@ -292,15 +295,63 @@ def test_connection_floods_are_capped_and_the_worker_serves_afterwards(target):
         for _, w in served:
             w.close()
         await asyncio.sleep(0.2)
-        return over_handshakes, welcome, busy
+        return ok, oldest_closed, welcome, busy
 
-    over_handshakes, welcome, busy = run(go())
-    assert over_handshakes
+    ok, oldest_closed, welcome, busy = run(go())
+    assert isinstance(ok, wire.Ok) and oldest_closed
     assert isinstance(welcome, wire.Welcome)
     assert (type(busy), busy.code) == (wire.Error, "busy")
     assert busy.message == (f"worker 'w' already serves {MAX_CONNECTIONS} connections, the most it takes; stop "
                             f"masters you no longer use")
     assert_serving(port)
+
+
+def test_a_relayed_forward_for_a_master_that_left_while_it_waited_makes_no_caches(tiny_model):
+    """A relayed forward waits for the compute lock behind a long prompt; its master disconnects meanwhile.
+    It must not create KV caches for that gone connection (nothing would ever free them)."""
+    from cake import launch
+    from cake.model.loader import load_layers
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 4096)
+    worker = Worker("w", stack, config, max_frame=1 << 23)  # room for a 2 x 4000-token prompt
+    port = launch.free_port()
+
+    async def hello():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+        await wire.read_message(reader, 1 << 20)
+        info, _ = await wire.read_message(reader, 1 << 20)
+        return reader, writer, info
+
+    async def go():
+        server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
+        launch_deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                ra, wa, _ = await hello()
+                break
+            except OSError:
+                assert asyncio.get_running_loop().time() < launch_deadline
+                await asyncio.sleep(0.05)
+        _, wm, master = await hello()  # the master whose sessions the relayed forward uses
+        _, wr, _ = await hello()  # a relaying worker
+        await wire.write_message(wa, wire.Forward(1, 0, 6, ["a", "b"], [0, 0]), torch.randn(2, 4000, H))
+        await asyncio.sleep(0.02)  # that prompt computes on the worker's thread
+        await wire.write_message(wr, wire.Forward(2, 0, 6, ["m1", "m2"], [0, 0], reply_conn=master.conn),
+                                  torch.randn(2, 4, H))
+        await asyncio.sleep(0.005)
+        wm.close()  # the master goes while its forward waits its turn
+        reply, _ = await asyncio.wait_for(wire.read_message(ra, 1 << 26), 60)
+        assert isinstance(reply, wire.Result)
+        await asyncio.sleep(0.3)
+        left = {k for k in worker.sessions if k[0] not in {c.id for c in worker.conns.values()}}
+        for w in (wa, wr):
+            w.close()
+        server.cancel()
+        return left
+
+    assert run(go()) == set()
 
 
 def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, tmp_path):
