@@ -56,11 +56,11 @@ class StageStats:
 
 
 async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecutor | None = None):
-    """Run local maths inline, or on a thread so the event loop keeps serving (HTTP clients, other
-    sessions' network I/O) while a long prompt is processed. torch releases the GIL in its kernels.
-    `executor`: a one-thread executor that serializes a GPU master's maths (a CUDA graph capture must
-    not meet this process's other GPU work); None: the loop's default pool."""
-    if not in_thread:
+    """Run local maths inline, or on `executor`, the one thread that serializes a GPU master's maths (a
+    CUDA graph capture must not meet this process's other GPU work) so the event loop keeps serving
+    meanwhile. A CPU master computes inline: see eventloop.run_steps for why not on a thread, and
+    LocalStage for how a long prompt still leaves room for the loop."""
+    if not in_thread or executor is None:
         return fn(*args)
     with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with the maths thread
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -78,14 +78,22 @@ class LocalStage:
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = await compute(self._forward, sessions, positions, hidden, in_thread=self.in_thread,
-                            executor=self.executor)
+        if self.in_thread and self.executor is None:  # a CPU server: a prompt in steps, the loop serving between
+            out = await eventloop.run_steps(self.stack.forward_steps(hidden, self._rows(sessions, positions),
+                                                                     self.stage.start, self.stage.end))
+        else:
+            out = await compute(self._forward, sessions, positions, hidden, in_thread=self.in_thread,
+                                executor=self.executor)
         dt = time.perf_counter() - t0
         self.stats.add(dt, dt)
         return out
 
     def _forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        rows = []  # new caches are allocated here too, on the maths thread with the rest of the GPU work
+        # New caches are allocated here too, on the maths thread with the rest of the GPU work.
+        return self.stack.forward(hidden, self._rows(sessions, positions), self.stage.start, self.stage.end)
+
+    def _rows(self, sessions: list[str], positions: list[int]) -> list[Row]:
+        rows = []
         for s, p in zip(sessions, positions):
             cache = self.caches.get(s)
             if cache is None:
@@ -93,7 +101,7 @@ class LocalStage:
                     raise SessionsLost("master", 0)
                 cache = self.caches[s] = self.stack.new_cache()
             rows.append(Row(cache, p))
-        return self.stack.forward(hidden, rows, self.stage.start, self.stage.end)
+        return rows
 
     async def end(self, sessions: list[str]) -> None:
         caches = [c for c in (self.caches.pop(s, None) for s in sessions) if c is not None]
@@ -205,7 +213,9 @@ class RelayChain:
 class Master:
     def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
                  context: int | None = None, options: Options | None = None, compute_in_thread: bool = False):
-        """`compute_in_thread`: run local layers and the head off the event loop (for servers)."""
+        """`compute_in_thread` (for servers): keep the event loop serving while local maths runs. On a GPU
+        all of it runs on one maths thread; on a CPU it runs inline, a prompt's local layers in steps
+        (LocalStage.forward)."""
         self.config: LlamaConfig = load_config(model_dir)
         self.compute_in_thread = compute_in_thread
         self.topology = topology

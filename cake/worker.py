@@ -21,7 +21,6 @@ import os
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +41,6 @@ MAX_BATCH = 256
 RELAYS_REMEMBERED = 8  # per next worker: the last forwards to tell their masters about if that connection breaks
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
-THREAD_ROWS = 128  # a forward of this many rows (and more than one token each) computes off the event loop
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 
 
@@ -99,7 +97,6 @@ class Worker:
         self._conn_ids = itertools.count(1)
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
         self._computing = asyncio.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # runs prompts (see _forward)
 
     # ---- server ------------------------------------------------------------------------------------
 
@@ -291,8 +288,8 @@ class Worker:
             raise RequestError("bad_tensor", "hidden states to this worker contain NaN or inf; the node before "
                                              "it overflowed (run it in bf16 or f32) or is faulty")
         eventloop.note_rows(B)  # busy-polling pays for one stream, not for batches
-        # One computation at a time; caches are taken and evicted only under the lock, so a cache never
-        # changes hands while a computation on another thread uses it.
+        # One computation at a time (a prompt runs in steps, with the loop serving others in between);
+        # caches are taken and evicted only under the lock, so none changes hands while a prompt uses it.
         async with self._computing:
             if dest.closed:  # its master left while this waited (a relayed forward): no caches for the dead
                 raise RequestError("gone", "the connection this forward was for has closed")
@@ -300,17 +297,10 @@ class Worker:
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
             t0 = time.perf_counter()
-            if T > 1 and B * T >= THREAD_ROWS:  # a prompt: on a thread, so pings and handshakes are answered
-                with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with that thread
-                    job = asyncio.get_running_loop().run_in_executor(
-                        self._thread(), self._compute, x, rows, msg.start, msg.end)
-                    try:
-                        out = await asyncio.shield(job)
-                    except asyncio.CancelledError:  # keep the lock until the thread is done with the caches
-                        await asyncio.wait({job})
-                        raise
-            else:  # a decode step: inline, no thread hand-off on the hot path
-                out = self._compute(x, rows, msg.start, msg.end)
+            # A prompt runs in steps, serving pings, handshakes and relay connections in between.
+            out = await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end))
+            if out.device.type != "cpu":
+                out = out.cpu()  # also the sync point, so compute_us is real
             us = int((time.perf_counter() - t0) * 1e6)
         if not bool(torch.isfinite(out).all()):
             fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16
@@ -321,15 +311,6 @@ class Worker:
             await self._relay(msg, hops, out, us, dest.token)
             return None, None
         return wire.Result(msg.id, us, msg.upstream_us), out
-
-    def _compute(self, x: torch.Tensor, rows: list[Row], start: int, end: int) -> torch.Tensor:
-        out = self.stack.forward(x, rows, start, end)
-        return out.cpu() if out.device.type != "cpu" else out  # also the sync point, so compute_us is real
-
-    def _thread(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cake-layers")
-        return self._pool
 
     async def _relay(self, msg: wire.Forward, hops: list[tuple[str, int, int, str]], out: torch.Tensor,
                      us: int, master: str) -> None:

@@ -472,3 +472,30 @@ def test_worker_evicts_from_the_connection_that_holds_the_most_caches(tiny_model
     for s in ("z1", "z2", "z3"):  # connection 2 floods: from now on it evicts its own
         worker._cache(2, s, 0, 0, 2)
     assert set(worker.sessions) == {(1, "b"), (2, "z2"), (2, "z3")}
+
+
+@pytest.mark.parametrize("batch, tokens, chunk", [(1, 70, 16), (2, 33, 16), (1, 17, 16), (3, 5, 4)])
+def test_a_prompt_in_steps_is_the_prompt_in_one_go(tiny_model, batch, tokens, chunk):
+    """forward_steps (chunks of at most `chunk` rows, one layer a step, as servers run prompts) gives
+    forward()'s output and caches to float rounding, whatever the batch, including a chunk size that
+    leaves a one-token tail (merged into the chunk before it)."""
+    config = load_config(tiny_model)
+    x = torch.randn(batch, tokens, config.hidden_size, generator=torch.Generator().manual_seed(batch * tokens))
+    outs, caches = [], []
+    for steps in (False, True):
+        stack, _ = load_layers(tiny_model, list(range(6)), "cpu", "f32", 128)
+        rows = [Row(stack.new_cache(), 0) for _ in range(batch)]
+        if steps:
+            got = list(stack.forward_steps(x, rows, 0, 6, chunk=chunk))
+            size = max(2, chunk // batch)
+            chunks = -(-tokens // size) - (tokens % size == 1 and tokens > size)
+            assert got[:-1] == [None] * (6 * chunks) and got[-1] is not None
+            out = got[-1]
+        else:
+            out = stack.forward(x, rows, 0, 6)
+        outs.append(out)
+        caches.append([(r.cache.k[:, :, :tokens], r.cache.v[:, :, :tokens], r.cache.lengths) for r in rows])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)  # the same sums, in other blocks
+    for (k0, v0, n0), (k1, v1, n1) in zip(*caches):
+        assert torch.allclose(k0, k1, atol=1e-5, rtol=1e-5) and torch.allclose(v0, v1, atol=1e-5, rtol=1e-5)
+        assert n0 == n1 == [tokens] * 6

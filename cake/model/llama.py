@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -313,6 +314,7 @@ class DecoderLayer:
 
 
 MAX_SPARES = 4
+PREFILL_CHUNK = 512  # rows of a prompt per step of forward_steps
 
 
 class LayerStack:
@@ -398,6 +400,31 @@ class LayerStack:
         for i in range(start, end):
             x = self.layers[i].forward(x, rows, cos, sin)
         return x
+
+    def forward_steps(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int,
+                      chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor | None]:
+        """forward() in steps a server can interleave with other work: a prompt runs in chunks of at most
+        `chunk` rows (batch x tokens), each through one layer at a time, and this yields None after every
+        step, then the output [B, T, H]. A chunk attends to the positions cached before it, so the result
+        is forward()'s to float rounding (the same sums in other blocks), and the activations of a long
+        prompt never exist all at once. A decode step (one token) is one step."""
+        B, T, _ = hidden.shape
+        if T == 1:
+            yield self.forward(hidden, rows, start, end)
+            return
+        size = max(2, chunk // B)  # at least two tokens: a single one would take the decode path
+        starts = list(range(0, T, size))
+        if len(starts) > 1 and T - starts[-1] == 1:
+            starts.pop()  # no one-token tail: it would take the decode path (a CUDA graph of its own)
+        outs = []
+        for a, b in zip(starts, starts[1:] + [T]):
+            x = hidden[:, a:b]
+            at = [Row(r.cache, r.start + a) for r in rows]
+            for i in range(start, end):
+                x = self.forward(x, at, i, i + 1)
+                yield None
+            outs.append(x)
+        yield outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def decode_static(self, x: torch.Tensor, caches: list[KVCache], pos: torch.Tensor, start: int, end: int,
                       span: int) -> torch.Tensor:
