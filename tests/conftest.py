@@ -133,3 +133,16 @@ def cluster(tmp_path):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def handshake(port: int):
+    """A raw client connection to a worker on 127.0.0.1, past the handshake (no key): reader, writer, info."""
+    from cake import auth, wire
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
+    welcome, _ = await wire.read_message(reader, 1 << 20)
+    assert isinstance(welcome, wire.Welcome), welcome
+    info, _ = await wire.read_message(reader, 1 << 20)
+    assert isinstance(info, wire.Info), info
+    return reader, writer, info

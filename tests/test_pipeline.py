@@ -18,7 +18,7 @@ from cake.sampling import SamplingParams
 from cake.split import split_model
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
-from conftest import EOS, reference_greedy, reference_model, run, test_device, write_topology
+from conftest import EOS, handshake, reference_greedy, reference_model, run, test_device, write_topology
 
 N = 24
 SPLITS = {
@@ -112,7 +112,7 @@ def test_relay_goes_through_the_master_where_a_worker_cannot_reach_the_next(
 def test_a_relaying_worker_tells_the_master_when_the_next_one_drops_its_forward(tiny_model, cluster):
     """Worker b closes a's relay connection (a raw client sent a a forward too large for b): a answers the
     client's forward with 'relay_lost' at once, instead of leaving it to wait for --request-timeout."""
-    from cake import auth, wire
+    from cake import wire
 
     c = cluster(tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
     c.extras["b"] = ("--max-frame-mb", "0.3")
@@ -120,16 +120,9 @@ def test_a_relaying_worker_tells_the_master_when_the_next_one_drops_its_forward(
     c.start("b")
     c.wait("b")
 
-    async def hello(port):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
-        assert isinstance((await wire.read_message(reader, 1 << 20))[0], wire.Welcome)
-        info, _ = await wire.read_message(reader, 1 << 20)
-        return reader, writer, info
-
     async def go():
-        ra, wa, _ = await hello(c.ports["a"])
-        _, wb, info_b = await hello(c.ports["b"])
+        ra, wa, _ = await handshake(c.ports["a"])
+        _, wb, info_b = await handshake(c.ports["b"])
         assert info_b.max_rows == 972
         x = torch.randn(1, 1300, 64)  # 333 kB of f32: over b's 0.3 MiB
         await wire.write_message(wa, wire.Forward(7, 0, 3, ["s"], [0], ["b"], [3], [6], [info_b.conn]), x)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cake import auth, wire
-from conftest import Cluster, reference_greedy, run
+from conftest import Cluster, handshake, reference_greedy, run
 from test_pipeline import cake_generate
 
 H = 64
@@ -317,12 +317,8 @@ def test_a_relayed_forward_for_a_master_that_left_while_it_waited_makes_no_cache
     worker = Worker("w", stack, config, max_frame=1 << 23)  # room for a 2 x 4000-token prompt
     port = launch.free_port()
 
-    async def hello():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
-        await wire.read_message(reader, 1 << 20)
-        info, _ = await wire.read_message(reader, 1 << 20)
-        return reader, writer, info
+    def hello():
+        return handshake(port)
 
     async def go():
         server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
@@ -362,16 +358,9 @@ def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, t
 
     c = Cluster(tmp_path, tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
     try:
-        async def hello(port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, auth.nonce()))
-            await wire.read_message(reader, 1 << 20)
-            info, _ = await wire.read_message(reader, 1 << 20)
-            return reader, writer, info
-
         async def go():
-            _, wa, _ = await hello(c.ports["a"])
-            _, wb, info_b = await hello(c.ports["b"])  # never read
+            _, wa, _ = await handshake(c.ports["a"])
+            _, wb, info_b = await handshake(c.ports["b"])  # never read
             x = torch.randn(1, 1000, H)  # 256 kB answers: the socket buffers fill after a few dozen
             for i in range(1, 301):
                 await wire.write_message(wa, wire.Forward(i, 0, 3, ["s"], [0], ["b"], [3], [6], [info_b.conn]), x)
