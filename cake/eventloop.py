@@ -21,7 +21,7 @@ import selectors
 import sys
 import time
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 
 ENV = "CAKE_BUSY_POLL_US"
 AUTO_CUDA_US = 20_000  # a token's round trip on a GPU cluster; past it the node sleeps as usual
@@ -133,16 +133,24 @@ def no_spin() -> Iterator[None]:
 
 # ---- long computations without blocking the loop -------------------------------------------------
 
-async def run_steps(steps: Iterator) -> object:
+class Abandoned(Exception):
+    """run_steps stopped because its `abandon` check said nobody wants the result any more."""
+
+
+async def run_steps(steps: Iterator, abandon: Callable[[], bool] | None = None) -> object:
     """Drive a computation that yields None between its steps (LayerStack.forward_steps) and finally
-    its result, letting the loop serve other connections between steps. Inline, not on a thread:
-    OpenMP gives every thread that computes its own team of helper threads, and while a second team
-    exists libgomp cuts every team's spinning short (more helpers than cores). Measured on a 2-core CPU:
-    4 tiny layers' decode step 0.65 ms, 2.85 ms once a pool thread had run a prompt; a prompt on a
-    fresh thread took 20% longer than inline (8 big layers, 128 tokens: 116 against 95 ms); an API
-    master computing on the loop's default pool decoded at 12.4 ms a token against 7.2 inline."""
+    its result, letting the loop serve other connections between steps; `abandon()` true between two
+    steps stops it (Abandoned). Inline, not on a thread: OpenMP gives every thread that computes its
+    own team of helper threads, and while a second team exists libgomp cuts every team's spinning short
+    (more helpers than cores). Measured on a 2-core CPU: 4 tiny layers' decode step 0.65 ms, 2.85 ms
+    once a pool thread had run a prompt; a prompt on a fresh thread took 20% longer than inline (8 big
+    layers, 128 tokens: 116 against 95 ms); an API master computing on the loop's default pool decoded
+    at 12.4 ms a token against 7.2 inline."""
     for out in steps:
         if out is not None:
             return out
         await asyncio.sleep(0)
+        if abandon is not None and abandon():
+            steps.close()
+            raise Abandoned()
     raise RuntimeError("the computation ended without a result")

@@ -55,12 +55,14 @@ class StageStats:
         self.compute_s += compute_s
 
 
-async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecutor | None = None):
-    """Run local maths inline, or on `executor`, the one thread that serializes a GPU master's maths (a
-    CUDA graph capture must not meet this process's other GPU work) so the event loop keeps serving
-    meanwhile. A CPU master computes inline: see eventloop.run_steps for why not on a thread, and
-    LocalStage for how a long prompt still leaves room for the loop."""
-    if not in_thread or executor is None:
+async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecutor | None = None,
+                  device: str = "cpu"):
+    """Run local maths inline, or (`in_thread`, for servers) off the event loop so it keeps serving
+    meanwhile: on `executor`, the one thread that serializes a CUDA master's maths (a CUDA graph capture
+    must not meet this process's other GPU work), else on the loop's pool. Except on the CPU, which
+    computes inline (see eventloop.run_steps for why not on a thread, and LocalStage for how a long
+    prompt still leaves room for the loop)."""
+    if not in_thread or device == "cpu":
         return fn(*args)
     with eventloop.no_spin():  # a busy-polling loop would contend for the GIL with the maths thread
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -78,12 +80,12 @@ class LocalStage:
 
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        if self.in_thread and self.executor is None:  # a CPU server: a prompt in steps, the loop serving between
+        if self.in_thread and self.stack.device.type == "cpu":  # a CPU server: a prompt in steps
             out = await eventloop.run_steps(self.stack.forward_steps(hidden, self._rows(sessions, positions),
                                                                      self.stage.start, self.stage.end))
         else:
             out = await compute(self._forward, sessions, positions, hidden, in_thread=self.in_thread,
-                                executor=self.executor)
+                                executor=self.executor, device=self.stack.device.type)
         dt = time.perf_counter() - t0
         self.stats.add(dt, dt)
         return out
@@ -110,7 +112,8 @@ class LocalStage:
         try:
             # On the maths thread: a kept cache must not change hands, nor a batched graph be dropped,
             # in the middle of a step running there.
-            await compute(self._release, caches, in_thread=self.in_thread, executor=self.executor)
+            await compute(self._release, caches, in_thread=self.in_thread, executor=self.executor,
+                          device=self.stack.device.type)
         except RuntimeError:
             if self.executor is None:
                 raise
@@ -213,9 +216,9 @@ class RelayChain:
 class Master:
     def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
                  context: int | None = None, options: Options | None = None, compute_in_thread: bool = False):
-        """`compute_in_thread` (for servers): keep the event loop serving while local maths runs. On a GPU
-        all of it runs on one maths thread; on a CPU it runs inline, a prompt's local layers in steps
-        (LocalStage.forward)."""
+        """`compute_in_thread` (for servers): keep the event loop serving while local maths runs. On a CUDA
+        GPU all of it runs on one maths thread (on Metal, on the loop's pool); on a CPU it runs inline, a
+        prompt's local layers in steps (LocalStage.forward)."""
         self.config: LlamaConfig = load_config(model_dir)
         self.compute_in_thread = compute_in_thread
         self.topology = topology
@@ -418,7 +421,8 @@ class Master:
         log.warning("%s; for the next %.0fs its output goes to '%s' through the master", e, backoff, e.pair[1])
 
     async def _compute(self, fn, *args):
-        return await compute(fn, *args, in_thread=self.compute_in_thread, executor=self._math)
+        return await compute(fn, *args, in_thread=self.compute_in_thread, executor=self._math,
+                             device=self.device.type)
 
     def _embed(self, rows: list[list[int]]) -> torch.Tensor:
         return self.head.embed(torch.tensor(rows, device=self.device))

@@ -214,6 +214,8 @@ class Worker:
         on its own task, so a slow master does not hold up the relays to this worker for everyone else
         (its lock keeps the order). A connection that lets answers pile up unread is closed: its master
         is gone or hostile, and each answer holds its hidden states."""
+        if dest.closed:  # its master has gone: nobody to answer
+            return
         if dest.pending >= MAX_PENDING_ANSWERS:
             log.warning("closed a connection that left %d relayed answers unread", dest.pending)
             dest.writer.close()
@@ -297,10 +299,16 @@ class Worker:
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
             t0 = time.perf_counter()
-            # A prompt runs in steps, serving pings, handshakes and relay connections in between.
-            out = await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end))
-            if out.device.type != "cpu":
-                out = out.cpu()  # also the sync point, so compute_us is real
+            if self.stack.device.type == "cpu":
+                # A prompt runs in steps, serving pings, handshakes and relay connections in between, and
+                # stops if the master it is for goes. (A GPU only queues kernels in a step: no point.)
+                try:
+                    out = await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end),
+                                                    lambda: dest.closed)
+                except eventloop.Abandoned:
+                    raise RequestError("gone", "the connection this forward was for has closed") from None
+            else:
+                out = self.stack.forward(x, rows, msg.start, msg.end).cpu()  # also the sync, so compute_us is real
             us = int((time.perf_counter() - t0) * 1e6)
         if not bool(torch.isfinite(out).all()):
             fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16

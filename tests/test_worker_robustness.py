@@ -333,7 +333,7 @@ def test_a_relayed_forward_for_a_master_that_left_while_it_waited_makes_no_cache
         _, wm, master = await hello()  # the master whose sessions the relayed forward uses
         _, wr, _ = await hello()  # a relaying worker
         await wire.write_message(wa, wire.Forward(1, 0, 6, ["a", "b"], [0, 0]), torch.randn(2, 4000, H))
-        await asyncio.sleep(0.02)  # that prompt computes on the worker's thread
+        await asyncio.sleep(0.02)  # that prompt computes, in steps
         await wire.write_message(wr, wire.Forward(2, 0, 6, ["m1", "m2"], [0, 0], reply_conn=master.conn),
                                   torch.randn(2, 4, H))
         await asyncio.sleep(0.005)
@@ -348,6 +348,42 @@ def test_a_relayed_forward_for_a_master_that_left_while_it_waited_makes_no_cache
         return left
 
     assert run(go()) == set()
+
+
+def test_a_prompt_for_a_master_that_leaves_stops_between_steps(tiny_model, caplog):
+    """A relayed 2 x 4000-token prompt computes in steps; its master disconnects meanwhile: the worker
+    stops at the next step (nobody could receive the answer) instead of holding its lock to the end."""
+    import logging
+
+    from cake import launch
+    from cake.model.loader import load_layers
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 4096)
+    worker = Worker("w", stack, config, max_frame=1 << 23)
+    port = launch.free_port()
+
+    async def go():
+        server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
+        for _ in range(200):
+            try:
+                _, wm, master = await handshake(port)  # the master whose sessions the relayed prompt uses
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        _, wr, _ = await handshake(port)  # a relaying worker
+        await wire.write_message(wr, wire.Forward(2, 0, 6, ["m1", "m2"], [0, 0], reply_conn=master.conn),
+                                  torch.randn(2, 4000, H))
+        await asyncio.sleep(0.05)  # computing, in steps
+        wm.close()
+        await asyncio.sleep(1.0)
+        wr.close()
+        server.cancel()
+        return list(worker.sessions)
+
+    with caplog.at_level(logging.INFO, logger="cake.worker"):
+        assert run(go()) == []
+    assert "the connection this forward was for has closed" in caplog.text  # it stopped, rather than finished
 
 
 def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, tmp_path):
@@ -380,8 +416,8 @@ def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, t
 
 
 def test_a_long_prompt_does_not_stop_the_worker_answering_others(target):
-    """A 4000-token forward computes off the event loop: another connection's ping is answered before it
-    ends (inline, the ping would wait for the whole computation)."""
+    """A 4000-token forward computes in steps: another connection's ping is answered between them, before
+    it ends (in one go, the ping would wait for the whole computation)."""
     port = target.ports["w"]
 
     async def go():
