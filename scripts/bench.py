@@ -174,6 +174,7 @@ class Job:
     dtype: str = "f32"
     relay: bool = True  # cake with workers: workers pass hidden states to each other
     busy_poll: str = "auto"  # cake: the master's --busy-poll
+    server: bool = False  # cake: compute as the API server's master does (compute_in_thread)
 
 
 @dataclass
@@ -351,7 +352,8 @@ class Cake(Subject):
         self.loop = eventloop.new_loop(eventloop.busy_poll_us(job.device, job.busy_poll))
         # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
         self.master = Master(job.model_dir, load_topology(job.topology), device=job.device, dtype=job.dtype,
-                             options=Options(retry_timeout=10.0, request_timeout=120.0, relay=job.relay))
+                             options=Options(retry_timeout=10.0, request_timeout=120.0, relay=job.relay),
+                             compute_in_thread=job.server)
         self.loop.run_until_complete(self.master.connect())
         self.prompt = prompt_ids(job.prompt_tokens)
         self.loop.run_until_complete(self._generate(self.prompt, job.tokens))  # warm-up, as measured
@@ -408,6 +410,7 @@ SUBJECTS: dict[str, type[Subject]] = {
     "bandwidth": Bandwidth,
     "transformers": Transformers,
     "cake-local": Cake,
+    "cake-local-server": Cake,
     "cake-workers": Cake,
     "cake-workers-no-relay": Cake,
     "cake-workers-no-poll": Cake,
@@ -662,6 +665,7 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
                 "cake-local": replace(base, kind="cake-local"),
+                "cake-local-server": replace(base, kind="cake-local-server", server=True),
                 "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology)),
                 "cake-workers-no-relay": replace(base, kind="cake-workers-no-relay", topology=str(cluster.topology),
                                                  relay=False)}
@@ -742,6 +746,7 @@ class ModelResult:
     no_poll: Measured | None = None  # 2 workers and master not busy-polling (measured when the others do)
     busy_poll_us: int = 0
     link_delay_ms: float = 0.0  # each way, on every connection to a worker (an emulated network)
+    local_server: Measured | None = None  # all-local, computing as the API server's master does
 
     @property
     def matvec_s(self) -> float:
@@ -794,6 +799,8 @@ class ModelResult:
 
     def to_json(self) -> dict:
         measured = [("transformers", self.transformers), ("cake_local", self.local), ("cake_workers", self.workers)]
+        if self.local_server is not None:
+            measured.append(("cake_local_server", self.local_server))
         if self.no_relay is not None:
             measured.append(("cake_workers_no_relay", self.no_relay))
         if self.no_poll is not None:
@@ -828,7 +835,7 @@ def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int,
                             link_delay_ms, busy_poll_us)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
                        m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"],
-                       m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms)
+                       m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms, m.get("cake-local-server"))
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -880,6 +887,7 @@ def report(r: ModelResult, quick: bool) -> str:
     out += ["", table(["speed", "decode ms/tok", "decode tok/s", "prefill tok/s", "TTFT ms", "peak RSS MB"], [
         speed_row("transformers generate", hf),
         speed_row("cake all-local", local),
+        *([speed_row("cake all-local, API server", r.speed(r.local_server))] if r.local_server else []),
         speed_row("cake 2 workers (master)", workers),
         *([speed_row("cake 2 workers, no relay", r.speed(r.no_relay))] if r.no_relay else []),
         *([speed_row("cake 2 workers, no busy-poll", r.speed(r.no_poll))] if r.no_poll else []),

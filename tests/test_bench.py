@@ -211,3 +211,15 @@ def test_hop_probe_measures_every_layer_of_a_hop():
         if "forward" in line:
             compute = float(re.search(r"compute ([\d.]+) us, rest -?[\d.]+ us", line).group(1))
             assert 0 < compute < median
+
+
+def test_the_api_servers_compute_is_reported_next_to_the_clis():
+    from dataclasses import replace
+
+    r = _fake_result("tiny")
+    runs = [bench.Run(ttft_s=0.1, decode_s=12.4 * 63 / 1e3, decode_tokens=63)] * 3
+    r = replace(r, local_server=bench.Measured(runs=runs, stage_runs=[[]] * 3, peak_rss=900_000_000, threads=2))
+    row = next(line for line in bench.report(r, quick=False).splitlines() if line.startswith("cake all-local, API"))
+    assert row.split()[-5:] == ["12.40", "80.6", "1280", "100.0", "900"]
+    assert r.to_json()["speed"]["cake_local_server"]["decode_ms"] == pytest.approx(12.4)
+    assert "cake all-local, API server" not in bench.report(_fake_result("tiny"), quick=False)
