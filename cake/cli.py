@@ -39,7 +39,8 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Llama 3 model folder (or a cake-split-model bundle, for a worker).")
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
-              help="Topology YAML; without it every layer runs on the master.")
+              help="Topology YAML; without it every layer runs on the master (a worker started from a "
+                   "cake-split-model bundle uses the bundle's).")
 @click.option("--name", default=None, help="Worker: this worker's name in the topology file.")
 @click.option("--address", default=None,
               help="Worker: address:port to listen on [default: this worker's port in the topology, on every "
