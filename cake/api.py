@@ -152,14 +152,14 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
             raise ApiError(400, "'prompt' is required", param="prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one prompt
-        ids = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)  # the tokenizer's and the model's
+        vocab = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)  # the tokenizer's and the model's
         if isinstance(prompt, str):
             prompt_ids = tokenizer.encode_raw(prompt)
         elif (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-              and all(0 <= t < ids for t in prompt)):
+              and all(0 <= t < vocab for t in prompt)):
             prompt_ids = list(prompt)  # token ids, as the OpenAI API allows
         else:
-            raise ApiError(400, f"'prompt' must be a string or an array of token ids (0 to {ids - 1}); this "
+            raise ApiError(400, f"'prompt' must be a string or an array of token ids (0 to {vocab - 1}); this "
                                 f"server takes one prompt per request", param="prompt")
         if not prompt_ids:
             raise ApiError(400, "'prompt' is empty; give at least one token of text", param="prompt")

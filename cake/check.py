@@ -19,7 +19,7 @@ import torch
 from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
-from cake.master import RelayChain, RemoteStage
+from cake.master import RelayChain, RemoteStage, model_mismatch
 from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
@@ -84,11 +84,8 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
     stages = topology.stages(config.num_hidden_layers)
     statuses = asyncio.run(_probe_all(list(topology.workers.values()), options))
     for st in statuses:  # what the master would refuse when it connects
-        i = st.info
-        if i is not None and (i.hidden_size, i.num_layers) != (config.hidden_size, config.num_hidden_layers):
-            st.error = (f"runs a different model (hidden {i.hidden_size}, {i.num_layers} layers) from the master's "
-                        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers); give every node the "
-                        f"same model")
+        if st.info is not None:
+            st.error = model_mismatch(st.info, config)
     ready = not any(st.error for st in statuses)
     relays = []
     if ready and options.relay:
@@ -105,7 +102,7 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
         print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}), "
               f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
               + ("; its topology file differs from this one (it relays to the workers its own file names)"
-                 if i.topology and i.topology != topology.digest() else ""))
+                 if i.topology and i.topology != topology.digest else ""))
     for (a, b), problem in relays:
         if problem:
             print(f"relay {a} -> {b}: FAILED, the master will carry these hidden states itself: {problem}")

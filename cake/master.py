@@ -68,6 +68,14 @@ async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecut
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
+def model_mismatch(info: wire.Info, config: LlamaConfig) -> str:
+    """'' when a worker serves the master's model (by its shape), else what differs and the fix."""
+    if (info.hidden_size, info.num_layers) == (config.hidden_size, config.num_hidden_layers):
+        return ""
+    return (f"runs a different model (hidden {info.hidden_size}, {info.num_layers} layers) from the master's "
+            f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers); give every node the same model")
+
+
 class LocalStage:
     def __init__(self, stage: Stage, stack: LayerStack, in_thread: bool = False,
                  executor: ThreadPoolExecutor | None = None):
@@ -251,12 +259,12 @@ class Master:
         await asyncio.gather(*(link.ensure_connected() for link in self.links.values()))
         for link in self.links.values():
             i = link.info
-            if i.hidden_size != self.config.hidden_size or i.num_layers != self.config.num_hidden_layers:
-                raise WorkerError(f"{link.label} runs a different model (hidden {i.hidden_size}, {i.num_layers} "
-                                  f"layers); give every node the same model")
+            problem = model_mismatch(i, self.config)
+            if problem:
+                raise WorkerError(f"{link.label} {problem}")
             self.capacity = min(self.capacity, i.capacity)
             log.info("%s: layers %s on %s (%s)", link.label, format_layers(i.layers), i.device, i.dtype)
-            if i.topology and i.topology != self.topology.digest():
+            if i.topology and i.topology != self.topology.digest:
                 log.warning("%s was started with a different topology file from the master's: it relays to the "
                             "workers its own file names; give every node the same file", link.label)
 

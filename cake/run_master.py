@@ -13,7 +13,7 @@ from cake.client import Options
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
 from cake.master import Master
-from cake.model.config import load_eos_ids
+from cake.model.config import load_eos_ids, load_generation_config
 from cake.sampling import SamplingParams
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
@@ -53,15 +53,7 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
     """Flags win; otherwise the model folder's generation_config.json as transformers' `generate` reads
     it (its temperature, top_k and top_p when it samples, top_k 50 where it samples and names none, and
     its repetition_penalty whether it samples or not); otherwise greedy with no penalty."""
-    gen = {}
-    path = Path(args.model_dir) / "generation_config.json"
-    if path.exists():
-        try:
-            gen = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            gen = {}
-    if not isinstance(gen, dict):
-        gen = {}
+    gen = load_generation_config(args.model_dir)
     samples = bool(gen.get("do_sample"))
     temperature = args.temperature if args.temperature is not None else (
         float(gen.get("temperature", 1.0)) if samples else 0.0)

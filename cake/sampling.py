@@ -80,11 +80,11 @@ class Sampler:
         if p.temperature <= 0 and p.repeat_penalty == 1.0:
             return greedy(logits)
         x = logits.detach().float().cpu().clone()
-        if bool(torch.isnan(x).any() | torch.isposinf(x).any()):
-            raise CakeError(NON_FINITE)
         x = apply_repeat_penalty(x, history, p.repeat_penalty, p.repeat_last_n)
         if p.temperature <= 0:
-            return greedy(x)
+            return greedy(x)  # which refuses NaN/inf itself
+        if bool(torch.isnan(x).any() | torch.isposinf(x).any()):
+            raise CakeError(NON_FINITE)
         x = top_p_filter(top_k_filter(x / p.temperature, p.top_k), p.top_p)
         probs = torch.softmax(x, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

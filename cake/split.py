@@ -90,9 +90,6 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
     files = WeightFiles(src)
     entries = {w.name: [(n, files.entry(n)) for i in w.layers for n in DecoderLayer.tensor_names(i, config)]
                for w in topology.workers.values()}  # every tensor checked before anything is written
-    done = total = 0  # bytes of the bundle being written
-    t0 = shown = 0.0
-
     def progress(name: str, size: int) -> None:
         nonlocal done, shown
         done += size
@@ -105,6 +102,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
 
     bundles = []
     for w in topology.workers.values():
+        # Progress counts the bytes of the bundle being written.
         done, total, t0, shown = 0, sum(e.end - e.start for _, e in entries[w.name]), time.monotonic(), 0.0
         dest = out / w.name
         dest.mkdir(parents=True, exist_ok=True)

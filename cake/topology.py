@@ -11,6 +11,7 @@ master. The pipeline sends one request per stage per step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -57,6 +58,7 @@ class Stage:
 class Topology:
     workers: dict[str, Worker] = field(default_factory=dict)
 
+    @functools.cached_property
     def digest(self) -> str:
         """A short fingerprint of who serves what where (descriptions aside): nodes started with different
         topology files can tell, since relays follow each worker's own file."""

@@ -26,6 +26,7 @@ from cake.errors import ProtocolError
 PROTOCOL = "cake"
 VERSION = 2  # 2: worker-to-worker relay (forward.relay_* / reply_conn / upstream_us, info.conn)
 MAX_HEADER = 64 * 1024
+FORWARD_OVERHEAD = MAX_HEADER + 64  # a forward frame's bytes besides its hidden states, at most
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_RANK = 4
 _U32 = struct.Struct(">I")

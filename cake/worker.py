@@ -90,9 +90,9 @@ class Worker:
         self.kv_budget = kv_budget
         # A frame never needs more than a full context (or a full batch) of f32 hidden states.
         self.max_frame = max_frame or (
-            max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.MAX_HEADER + 64)
+            max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.FORWARD_OVERHEAD)
         # What a forward may carry under that limit (in f32, the widest wire dtype): masters split larger work.
-        self.max_rows = max(1, (self.max_frame - wire.MAX_HEADER - 64) // (config.hidden_size * 4))
+        self.max_rows = max(1, (self.max_frame - wire.FORWARD_OVERHEAD) // (config.hidden_size * 4))
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
@@ -187,7 +187,7 @@ class Worker:
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
             memory=_free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
-            topology=self.topology.digest(),
+            topology=self.topology.digest,
         )
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ class Worker:
         # caches are taken and evicted only under the lock, so none changes hands while a prompt uses it.
         async with self._computing:
             if dest.closed:  # its master left while this waited (a relayed forward): no caches for the dead
-                raise RequestError("gone", "the connection this forward was for has closed")
+                raise _gone()
             batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
@@ -306,7 +306,7 @@ class Worker:
                     out = await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end),
                                                     lambda: dest.closed)
                 except eventloop.Abandoned:
-                    raise RequestError("gone", "the connection this forward was for has closed") from None
+                    raise _gone() from None
             else:
                 out = self.stack.forward(x, rows, msg.start, msg.end).cpu()  # also the sync, so compute_us is real
             us = int((time.perf_counter() - t0) * 1e6)
@@ -409,6 +409,10 @@ class Worker:
         return entry is not None
 
 
+def _gone() -> RequestError:
+    return RequestError("gone", "the connection this forward was for has closed")
+
+
 def _free_memory(device: torch.device) -> int:
     try:
         if device.type == "cuda":
@@ -423,7 +427,7 @@ class WorkerArgs:
     model_dir: str
     name: str
     topology: str
-    address: str | None = None  # None: 0.0.0.0 and this worker's port in the topology
+    address: str | None = None  # None: this worker's port in the topology (see run_worker)
     device: str = "auto"
     dtype: str = "auto"
     context: int | None = None
@@ -451,7 +455,7 @@ def run_worker(args: WorkerArgs) -> None:
                     "will look for it there", port, me.name, me.address)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     max_frame = int(args.max_frame_mb * (1 << 20))
-    least = wire.MAX_HEADER + 64 + config.hidden_size * 4  # the header and one row of f32 hidden states
+    least = wire.FORWARD_OVERHEAD + config.hidden_size * 4  # the header and one row of f32 hidden states
     if args.max_frame_mb != 0 and max_frame < least:
         raise CakeError(f"--max-frame-mb {args.max_frame_mb:g} cannot hold one token's hidden states; give at "
                         f"least {least / (1 << 20):.3f}, or 0 for a full context")

@@ -92,16 +92,20 @@ def load_config(model_dir: str | Path) -> LlamaConfig:
     return LlamaConfig.from_dict(data)
 
 
+def load_generation_config(model_dir: str | Path) -> dict:
+    """generation_config.json's settings ({} when the folder has none)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"'{path}' is not valid JSON (line {e.lineno})") from None
+    return gen if isinstance(gen, dict) else {}
+
+
 def load_eos_ids(model_dir: str | Path, config: LlamaConfig) -> tuple[int, ...]:
     """The ids that end a generation: generation_config.json's when it names any (as transformers'
     `generate` does: config.json's are then ignored, even where the two files disagree), else config.json's."""
-    path = Path(model_dir) / "generation_config.json"
-    if path.exists():
-        try:
-            gen = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"'{path}' is not valid JSON (line {e.lineno})") from None
-        ids = _id_list(gen.get("eos_token_id")) if isinstance(gen, dict) else []
-        if ids:
-            return tuple(dict.fromkeys(ids))
-    return tuple(config.eos_token_ids)
+    ids = _id_list(load_generation_config(model_dir).get("eos_token_id"))
+    return tuple(dict.fromkeys(ids)) if ids else tuple(config.eos_token_ids)

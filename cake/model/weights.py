@@ -85,7 +85,7 @@ class WeightFiles:
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def holds(self) -> str:
-        """What the folder holds, in words: 'layers 0-11' (a bundle), with 'the embedding and head' if so."""
+        """What the folder holds, in words: 'layers 0-11' (a bundle), and 'the embedding' if it has it."""
         from cake.topology import format_layers
 
         layers = sorted({int(m.group(1)) for n in self.where if (m := _LAYER.match(n))})
