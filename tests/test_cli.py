@@ -117,3 +117,16 @@ def test_the_prompt_can_come_from_stdin(tiny_model, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1
     assert empty.stderr.strip() == "error: the prompt is empty; give --prompt TEXT, or --prompt - with text on stdin"
+
+
+def test_a_broken_generation_config_is_one_line_before_any_loading(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name != "generation_config.json":
+            (folder / f.name).symlink_to(f)
+    (folder / "generation_config.json").write_text("{broken")
+    result = CliRunner().invoke(main, ["--model", str(folder), "-p", "hi", "-n", "2"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: '{folder / 'generation_config.json'}' is not valid JSON (line 1); fix "
+                                     f"or restore that file")

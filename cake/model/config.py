@@ -81,26 +81,26 @@ def _id_list(value: object) -> tuple[int, ...]:
     return (int(value),)
 
 
-def load_config(model_dir: str | Path) -> LlamaConfig:
-    path = Path(model_dir) / "config.json"
+def _read_json(path: Path) -> object:
+    """A model folder's JSON file (FileNotFoundError passes through); broken JSON is one clear error."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"'{path}' is not valid JSON (line {e.lineno}); fix or restore that file") from None
+
+
+def load_config(model_dir: str | Path) -> LlamaConfig:
+    try:
+        data = _read_json(Path(model_dir) / "config.json")
     except FileNotFoundError:
         raise ModelError(f"no config.json in '{model_dir}'; --model must be a Hugging Face Llama 3 folder") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"'{path}' is not valid JSON (line {e.lineno})") from None
     return LlamaConfig.from_dict(data)
 
 
 def load_generation_config(model_dir: str | Path) -> dict:
     """generation_config.json's settings ({} when the folder has none)."""
     path = Path(model_dir) / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        gen = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"'{path}' is not valid JSON (line {e.lineno})") from None
+    gen = _read_json(path) if path.exists() else {}
     return gen if isinstance(gen, dict) else {}
 
 
