@@ -9,6 +9,11 @@ Relay: a forward can ask this worker to pass its output straight on to the next 
 in this worker's topology file) instead of back to the master, which saves the master a round trip
 per worker per token. The next worker answers on the master's own connection, named by the token the
 master got in `info`, so sessions and KV caches stay the master connection's.
+
+Concurrency: a forward that needs the compute lock (a prompt, or a step that makes a new KV cache) runs
+on a task of its own, so its connection goes on reading. A decode step of sessions already cached runs
+at once, between two steps of a prompt in progress: one user's long prompt does not freeze the others'
+streams for its whole length, only for one layer of one chunk.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ RELAYS_REMEMBERED = 8  # per next worker: the last forwards to tell their master
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
+MAX_QUEUED_FORWARDS = 4  # forwards of one connection waiting for (or holding) the compute lock; then it stops reading
 
 
 class RequestError(CakeError):
@@ -61,6 +67,7 @@ class Conn:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: int = 0  # answers from relaying workers' connections waiting to be written here
     closed: bool = False  # its sessions were freed: nothing may create new ones for it
+    queued: set[asyncio.Task] = field(default_factory=set)  # its forwards that wait for the compute lock
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
@@ -72,6 +79,14 @@ class SessionEntry:
     cache: KVCache
     conn: int
     last_used: float
+
+
+@dataclass
+class InUse:
+    """The sessions a computation in steps holds: ending one of them meanwhile stops the computation at
+    its next step, and the session is freed after it (never under it)."""
+
+    ended: set[tuple[int, str]] = field(default_factory=set)
 
 
 class Worker:
@@ -97,6 +112,9 @@ class Worker:
         self._conn_ids = itertools.count(1)
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
         self._computing = asyncio.Lock()
+        self._in_use: dict[tuple[int, str], InUse] = {}  # sessions of the computation in steps, if any
+        self._waiting: Counter[tuple[int, str]] = Counter()  # sessions of queued forwards (_serve)
+        self._ended_waiting: set[tuple[int, str]] = set()  # of those, ended meanwhile: they make no cache
 
     # ---- server ------------------------------------------------------------------------------------
 
@@ -201,6 +219,16 @@ class Worker:
             if dest is None:  # that master disconnected; it replays on its new connection
                 log.warning("relayed forward from %s names a connection that is gone; dropped", peer)
                 return
+        if isinstance(msg, wire.Forward) and not self._runs_now(dest, msg, tensor):
+            while len(conn.queued) >= MAX_QUEUED_FORWARDS:  # then this connection waits, as it used to
+                await asyncio.wait(conn.queued, return_when=asyncio.FIRST_COMPLETED)
+            # Waiting from now: an `end` read next must find these sessions (see _end_session).
+            keys = {(dest.id, s) for s in msg.sessions}
+            self._waiting.update(keys)
+            task = asyncio.ensure_future(self._serve_queued(conn, dest, msg, tensor, peer, keys))
+            conn.queued.add(task)
+            task.add_done_callback(conn.queued.discard)
+            return
         reply, out = await self._dispatch(dest, msg, tensor, peer)
         if reply is None:  # relayed on: the last worker of the chain answers
             return
@@ -208,6 +236,36 @@ class Worker:
             await conn.send(reply, out)
             return
         self._answer_later(dest, reply, out)
+
+    def _runs_now(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None) -> bool:
+        """A decode step of sessions `dest` already holds and nothing else is computing with: it needs
+        no new cache, so no lock, and it runs at once (between two steps of a prompt, if one is running).
+        Anything else (malformed ones too: they get their error in turn) waits for the compute lock."""
+        return (x is not None and x.dim() == 3 and x.shape[1] == 1
+                and all((dest.id, s) in self.sessions and (dest.id, s) not in self._in_use
+                        for s in msg.sessions))
+
+    async def _serve_queued(self, conn: Conn, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None,
+                            peer: str, keys: set[tuple[int, str]]) -> None:
+        """_serve's second half for a forward that waits for the compute lock on a task of its own."""
+        try:
+            reply, out = await self._dispatch(dest, msg, tensor, peer)
+            if reply is None:
+                return
+            if dest is conn:
+                await conn.send(reply, out)
+            else:
+                self._answer_later(dest, reply, out)
+        except (ConnectionError, OSError) as e:  # the connection broke; its own task cleans up
+            log.debug("could not answer %s: %s", peer, e)
+        except Exception:
+            log.exception("internal error serving %s", peer)
+        finally:
+            self._waiting.subtract(keys)
+            for k in keys:
+                if self._waiting[k] <= 0:
+                    del self._waiting[k]
+                    self._ended_waiting.discard(k)
 
     def _answer_later(self, dest: Conn, reply: wire.Message, out: torch.Tensor | None) -> None:
         """An answer for a master's connection from another connection's task (a relaying worker's): sent
@@ -290,23 +348,22 @@ class Worker:
             raise RequestError("bad_tensor", "hidden states to this worker contain NaN or inf; the node before "
                                              "it overflowed (run it in bf16 or f32) or is faulty")
         eventloop.note_rows(B)  # busy-polling pays for one stream, not for batches
-        # One computation at a time (a prompt runs in steps, with the loop serving others in between);
-        # caches are taken and evicted only under the lock, so none changes hands while a prompt uses it.
-        async with self._computing:
+        # One computation in steps at a time (a prompt; the loop serves others in between). Caches are
+        # made and evicted only under the lock, so none changes hands while a prompt uses it. A decode
+        # step of cached sessions (_runs_now) needs none: it runs whole, between two steps of a prompt.
+        now = T == 1 and self._runs_now(dest, msg, x)
+        batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
+        async with contextlib.nullcontext() if now else self._locked(batch):
             if dest.closed:  # its master left while this waited (a relayed forward): no caches for the dead
                 raise _gone()
-            batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
             t0 = time.perf_counter()
-            if self.stack.device.type == "cpu":
-                # A prompt runs in steps, serving pings, handshakes and relay connections in between, and
-                # stops if the master it is for goes. (A GPU only queues kernels in a step: no point.)
-                try:
-                    out = await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end),
-                                                    lambda: dest.closed)
-                except eventloop.Abandoned:
-                    raise _gone() from None
+            if self.stack.device.type == "cpu" and not now:
+                # A prompt runs in steps, serving pings, handshakes, relay connections and other sessions'
+                # decode steps in between, and stops if the master it is for goes or ends one of its
+                # sessions. (A GPU only queues kernels in a step: no point.)
+                out = await self._in_steps(x, rows, msg, batch, dest)
             else:
                 out = self.stack.forward(x, rows, msg.start, msg.end).cpu()  # also the sync, so compute_us is real
             us = int((time.perf_counter() - t0) * 1e6)
@@ -319,6 +376,35 @@ class Worker:
             await self._relay(msg, hops, out, us, dest.token)
             return None, None
         return wire.Result(msg.id, us, msg.upstream_us), out
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, keys: set[tuple[int, str]]):
+        """Hold the compute lock; a session ended while its forward waited for it is refused, not made
+        anew (nothing would free it)."""
+        async with self._computing:
+            ended = keys & self._ended_waiting
+            if ended:
+                self._ended_waiting -= ended
+                raise RequestError("gone", "a session of this forward was ended while it waited")
+            yield
+
+    async def _in_steps(self, x: torch.Tensor, rows: list[Row], msg: wire.Forward, keys: set[tuple[int, str]],
+                        dest: Conn) -> torch.Tensor:
+        use = InUse()
+        for k in keys:
+            self._in_use[k] = use
+        try:
+            return await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end),
+                                             lambda: dest.closed or bool(use.ended))
+        except eventloop.Abandoned:
+            if dest.closed:
+                raise _gone() from None
+            raise RequestError("gone", "a session of this forward was ended while it computed") from None
+        finally:
+            for k in keys:
+                del self._in_use[k]
+            for k in use.ended:
+                self._end_session(k)
 
     async def _relay(self, msg: wire.Forward, hops: list[tuple[str, int, int, str]], out: torch.Tensor,
                      us: int, master: str) -> None:
@@ -402,7 +488,14 @@ class Worker:
         return sum(self._end_session(k) for k in [k for k in self.sessions if k[0] == conn])
 
     def _end_session(self, key: tuple[int, str]) -> bool:
-        """Forget a session; its cache goes back to the stack (kept for another session, or freed)."""
+        """Forget a session; its cache goes back to the stack (kept for another session, or freed). One
+        that a prompt computes with is freed when that stops, at its next step."""
+        use = self._in_use.get(key)
+        if use is not None:
+            use.ended.add(key)
+            return key in self.sessions
+        if key in self._waiting:
+            self._ended_waiting.add(key)
         entry = self.sessions.pop(key, None)
         if entry is not None:
             self.stack.release(entry.cache)

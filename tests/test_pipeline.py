@@ -487,3 +487,48 @@ def test_cli_check_refuses_workers_of_another_model(tiny_model, cluster, tmp_pat
     assert (f"a (127.0.0.1:{c.ports['a']}): ERROR runs a different model (hidden 64, 6 layers) from the master's "
             f"(hidden 32, 6 layers); give every node the same model") in bad.stdout
     assert bad.stderr.strip() == "error: 2 of 2 worker(s) not ready: a, b; see above"
+
+
+def test_a_long_prompt_does_not_stop_another_sessions_stream(tiny_model, cluster):
+    """Session A decodes through two workers while session B's 4000-token prompt computes there: A's
+    steps run between the prompt's steps on each worker, so A goes on producing tokens before B's first
+    one (served in order, none), and both answers are transformers' own."""
+    c = cluster(tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
+    prompt_a = Tokenizer(tiny_model).encode_prompt("Keep talking.")
+    prompt_b = torch.randint(0, 128000, (4000,), generator=torch.Generator().manual_seed(5)).tolist()
+    n_a, n_b = 80, 3
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=4096)
+        await master.connect()
+        events = []
+
+        async def session(name, prompt, n, after=0):
+            while sum(e == "a" for e in events) < after:
+                await asyncio.sleep(0.001)
+            events.append(f"{name} starts")
+            out = []
+            async for t in generate(master, prompt, SamplingParams(), n, ()):
+                out.append(t)
+                events.append(name)
+            return out
+
+        try:
+            outs = await asyncio.gather(session("a", prompt_a, n_a), session("b", prompt_b, n_b, after=3))
+        finally:
+            await master.close()
+        return outs, events
+
+    (out_a, out_b), events = run(go())
+    model = reference_model(tiny_model)
+
+    def reference(prompt, n):
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=EOS[0], attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        return ids[0, len(prompt):].tolist()
+
+    assert out_a == reference(prompt_a, n_a)
+    assert out_b == reference(prompt_b, n_b)
+    during = events[events.index("b starts") + 1:events.index("b")]
+    assert during.count("a") >= 2, events

@@ -442,3 +442,76 @@ def test_a_long_prompt_does_not_stop_the_worker_answering_others(target):
     done = run(go())
     assert isinstance(done["forward"][1], wire.Result) and isinstance(done["ping"][1], wire.Ok)
     assert done["ping"][0] < done["forward"][0], done
+
+
+async def _answers(reader, n: int, timeout: float = 60) -> list:
+    """The next `n` messages on a connection, in the order they came."""
+    got = []
+    for _ in range(n):
+        msg, out = await asyncio.wait_for(wire.read_message(reader, 1 << 26), timeout)
+        got.append((msg, out))
+    return got
+
+
+def test_a_decode_step_runs_between_the_steps_of_a_prompt_on_the_same_connection(target):
+    """A master sends a 4000-token prompt for one session, then a decode step for another (cached)
+    session on the same connection: the decode step is answered first, and exactly as it is without the
+    prompt running. (Served in order, it would wait for the whole prompt.)"""
+    port = target.ports["w"]
+    torch.manual_seed(3)
+    prompt, step = torch.randn(1, 3, H), torch.randn(1, 1, H)
+
+    async def go():
+        r, w = await connect(port)
+        for s in ("a", "alone"):  # the same 3-token prompt in two sessions
+            await wire.write_message(w, wire.Forward(1, 2, 5, [s], [0]), prompt)
+            await _answers(r, 1)
+        await wire.write_message(w, wire.Forward(2, 2, 5, ["alone"], [3]), step)
+        [(_, alone)] = await _answers(r, 1)
+        await wire.write_message(w, wire.Forward(3, 2, 5, ["long"], [0]), torch.randn(1, 4000, H))
+        await asyncio.sleep(0.05)  # computing, in steps
+        await wire.write_message(w, wire.Forward(4, 2, 5, ["a"], [3]), step)
+        got = await _answers(r, 2)
+        w.close()
+        return alone, got
+
+    alone, [(first, out), (second, _)] = run(go())
+    assert (type(first), first.id, type(second), second.id) == (wire.Result, 4, wire.Result, 3)
+    assert torch.equal(out, alone)
+
+
+def test_ending_a_session_stops_its_prompt_and_refuses_a_waiting_one(target):
+    """`end` of a session whose prompt computes stops that prompt at its next step; `end` of a session
+    whose prompt waits for the compute lock means it makes no cache. Neither waits for the computation,
+    and the worker holds neither session afterwards."""
+    port = target.ports["w"]
+
+    async def go():
+        r1, w1 = await connect(port)
+        r2, w2 = await connect(port)
+        await wire.write_message(w1, wire.Forward(1, 2, 5, ["long"], [0]), torch.randn(1, 4000, H))
+        await asyncio.sleep(0.05)  # computing
+        await wire.write_message(w2, wire.Forward(2, 2, 5, ["queued"], [0]), torch.randn(1, 5, H))
+        await wire.write_message(w2, wire.End(["queued"]))
+        await wire.write_message(w1, wire.End(["long"]))
+        ended_long = await _answers(r1, 2)  # the stopped prompt's answer and the end's, in either order
+        ended_queued = await _answers(r2, 2)  # the end first (answered at once), then the refused forward
+        for w, r, s in ((w1, r1, "long"), (w2, r2, "queued")):  # no cache left: a step at 1 is refused
+            await wire.write_message(w, wire.Forward(9, 2, 5, [s], [1]), torch.randn(1, 1, H))
+            [(behind, _)] = await _answers(r, 1)
+            assert isinstance(behind, wire.Error) and (behind.code, behind.cached) == ("cache_behind", 0), (s, behind)
+        w1.close()
+        w2.close()
+        return ended_queued, ended_long
+
+    ended_queued, ended_long = run(go())
+    assert isinstance(ended_queued[0][0], wire.Ok)
+    refused = ended_queued[1][0]
+    assert (refused.code, refused.id, refused.message) == (
+        "gone", 2, "a session of this forward was ended while it waited")
+    by_type = {type(m): m for m, _ in ended_long}
+    assert set(by_type) == {wire.Ok, wire.Error}
+    stopped = by_type[wire.Error]
+    assert (stopped.code, stopped.id, stopped.message) == (
+        "gone", 1, "a session of this forward was ended while it computed")
+    assert_serving(port)
