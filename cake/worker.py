@@ -222,7 +222,7 @@ class Worker:
         if isinstance(msg, wire.Forward) and not self._runs_now(dest, msg, tensor):
             while len(conn.queued) >= MAX_QUEUED_FORWARDS:  # then this connection waits, as it used to
                 await asyncio.wait(conn.queued, return_when=asyncio.FIRST_COMPLETED)
-            # Waiting from now: an `end` read next must find these sessions (see _end_session).
+            # Waiting from now: an `end` read next must find these sessions (see _end).
             keys = {(dest.id, s) for s in msg.sessions}
             self._waiting.update(keys)
             task = asyncio.ensure_future(self._serve_queued(conn, dest, msg, tensor, peer, keys))
@@ -297,7 +297,7 @@ class Worker:
             if isinstance(msg, wire.Forward):
                 return await self._forward(dest, msg, tensor)
             if isinstance(msg, wire.End):
-                ended = sum(self._end_session((dest.id, s)) for s in msg.sessions)
+                ended = sum(self._end(dest.id, s) for s in msg.sessions)
                 log.debug("%s ended %d session(s); %d held", peer, ended, len(self.sessions))
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
@@ -487,6 +487,14 @@ class Worker:
     def _free_connection(self, conn: int) -> int:
         return sum(self._end_session(k) for k in [k for k in self.sessions if k[0] == conn])
 
+    def _end(self, conn: int, session: str) -> bool:
+        """The master ends a session. A forward of it still waiting for the compute lock will make no cache
+        for it (an eviction, by contrast, leaves such a forward to find no cache and the master to replay)."""
+        key = (conn, session)
+        if key in self._waiting:
+            self._ended_waiting.add(key)
+        return self._end_session(key)
+
     def _end_session(self, key: tuple[int, str]) -> bool:
         """Forget a session; its cache goes back to the stack (kept for another session, or freed). One
         that a prompt computes with is freed when that stops, at its next step."""
@@ -494,8 +502,6 @@ class Worker:
         if use is not None:
             use.ended.add(key)
             return key in self.sessions
-        if key in self._waiting:
-            self._ended_waiting.add(key)
         entry = self.sessions.pop(key, None)
         if entry is not None:
             self.stack.release(entry.cache)

@@ -515,3 +515,41 @@ def test_ending_a_session_stops_its_prompt_and_refuses_a_waiting_one(target):
     assert (stopped.code, stopped.id, stopped.message) == (
         "gone", 1, "a session of this forward was ended while it computed")
     assert_serving(port)
+
+
+def test_a_session_evicted_while_its_forward_waits_is_replayed_not_refused(tiny_model):
+    """Eviction is not an `end`: a session evicted (to make room for another) while its next forward
+    waits for the compute lock gets `cache_behind` from 0, so its master replays it."""
+    from cake import launch
+    from cake.model.loader import load_layers
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 4096)
+    worker = Worker("w", stack, config, max_frame=1 << 23, kv_budget=2 * stack.new_cache_bytes() + 1)
+    port = launch.free_port()
+
+    async def go():
+        server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
+        for _ in range(200):
+            try:
+                r1, w1, _ = await handshake(port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        r2, w2, _ = await handshake(port)
+        await wire.write_message(w1, wire.Forward(1, 0, 6, ["s1"], [0]), torch.randn(1, 3, H))
+        await _answers(r1, 1)
+        await wire.write_message(w2, wire.Forward(2, 0, 6, ["long"], [0]), torch.randn(1, 4000, H))
+        await asyncio.sleep(0.05)  # computing; the two below wait, in this order
+        await wire.write_message(w1, wire.Forward(3, 0, 6, ["s2"], [0]), torch.randn(1, 3, H))  # evicts s1
+        await wire.write_message(w1, wire.Forward(4, 0, 6, ["s1"], [3]), torch.randn(1, 3, H))
+        got = {m.id: m for m, _ in await _answers(r1, 2)}
+        await _answers(r2, 1)
+        for w in (w1, w2):
+            w.close()
+        server.cancel()
+        return got
+
+    got = run(go())
+    assert isinstance(got[3], wire.Result)
+    assert (type(got[4]), got[4].code, got[4].cached) == (wire.Error, "cache_behind", 0), got[4]
