@@ -86,6 +86,10 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--relay/--no-relay", default=True, show_default=True,
               help="Master: consecutive workers pass hidden states straight to each other (one message per "
                    "worker per token, not two); each falls back to the master if it cannot reach the next.")
+@click.option("--pipeline", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Master: send a long prompt through the stages in chunks of 256 tokens that follow each other, "
+                   "so each machine computes one chunk while the next computes the one before; auto: when the "
+                   "stages run on more than one machine or GPU.")
 @click.option("--output-ids", type=click.Path(dir_okay=False), default=None,
               help="Master: also write the prompt and generated token ids as JSON to this file.")
 @click.option("--api", default=None, metavar="HOST:PORT",
@@ -99,7 +103,7 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, relay, output_ids, api, api_key, check, verbose, quiet):
+         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     check_flags(click.get_current_context(), mode, api, check)
@@ -134,7 +138,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         model_dir=model_dir, topology=topology, device=device, dtype=dtype, context=context, key=cluster_key,
         prompt=prompt, system_prompt=system_prompt, raw=raw, max_tokens=max_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-        retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, output_ids=output_ids, quiet=quiet,
+        retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, pipeline=pipeline,
+        output_ids=output_ids, quiet=quiet,
         busy_poll=busy_poll,
     )
     if api:
@@ -147,8 +152,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
 
 WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb")
 MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "top_k", "top_p", "repeat_penalty",
-               "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "output_ids", "api", "api_key",
-               "check")
+               "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
+               "api_key", "check")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
 POSITIVE = ("kv_budget", "retry_timeout", "request_timeout")
 AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")

@@ -62,6 +62,7 @@ class Options:
     retry_timeout: float = 30.0
     max_frame: int = 1 << 31
     relay: bool = True  # consecutive workers pass hidden states to each other (see cake.worker)
+    pipeline: str = "auto"  # a long prompt's chunks flow through the stages one behind another (Master)
 
 
 class LinkBroken(ConnectionError):

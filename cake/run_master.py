@@ -44,6 +44,7 @@ class MasterArgs:
     retry_timeout: float = 30.0
     request_timeout: float = 300.0
     relay: bool = True
+    pipeline: str = "auto"  # auto, on, off (Master.pipelines)
     output_ids: str | None = None
     quiet: bool = False
     busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
@@ -77,7 +78,7 @@ def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Mas
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
-                      relay=args.relay)
+                      relay=args.relay, pipeline=args.pipeline)
     master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread)
     return master, tokenizer, load_eos_ids(args.model_dir, master.config)
 

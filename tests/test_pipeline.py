@@ -532,3 +532,68 @@ def test_a_long_prompt_does_not_stop_another_sessions_stream(tiny_model, cluster
     assert out_b == reference(prompt_b, n_b)
     during = events[events.index("b starts") + 1:events.index("b")]
     assert during.count("a") >= 2, events
+
+
+def _pipeline_reference_logits(model_dir, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_model(model_dir)(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_a_long_prompt_in_pipelined_chunks_is_exact_and_survives_a_restart(tiny_model, cluster):
+    """--pipeline on: a 700-token prompt goes through a worker with two ranges and master layers between
+    them in chunks of 256 (stage by stage, one behind another): the logits are transformers', each stage
+    saw 3 chunks. Then worker b restarts: the next 600 tokens find no cache there, and the master replays
+    the whole 1300 in pipelined chunks, with transformers' logits again."""
+    from cake.master import PIPELINE_CHUNK
+
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    ids = torch.randint(0, 128000, (1300,), generator=torch.Generator().manual_seed(9)).tolist()
+    first, then = ids[:700], ids[700:]
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=2048,
+                        options=Options(pipeline="on", retry_timeout=30))
+        await master.connect()
+        try:
+            assert master.pipelines
+            s = master.new_session()
+            one = await master.step(s, first)
+            calls = [st.stats.calls for st in master.stages]
+            c.kill("b")
+            c.start("b")
+            c.wait("b")
+            two = await master.step(s, then)
+            return one, calls, two, [st.stats.calls for st in master.stages]
+        finally:
+            await master.close()
+
+    one, calls, two, calls_after = run(go())
+    chunks = -(-700 // PIPELINE_CHUNK)
+    assert calls == [chunks] * 4  # a 0-1, master 2-3, a 4, b 5
+    assert (one - _pipeline_reference_logits(tiny_model, first)).abs().max() < 1e-4
+    assert (two - _pipeline_reference_logits(tiny_model, ids)).abs().max() < 1e-4
+    assert calls_after[-1] - calls[-1] > -(-600 // PIPELINE_CHUNK)  # b's refused chunk, then the replay
+
+
+def test_pipeline_auto_means_stages_on_more_than_one_machine_or_gpu(tiny_model, tmp_path):
+    """auto pipelines a prompt only where stages can compute at the same time: workers on other hosts, or
+    on distinct GPUs; not loopback CPU workers next to a CPU master (they share its cores)."""
+    from cake import wire
+
+    def master(hosts: dict[str, str], devices: dict[str, str] | None = None, local: bool = False, choice="auto"):
+        layers = {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"] if not local else ["model.layers.3-4"]}
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.yml"
+        path.write_text("".join(f"{n}:\n  host: '{hosts[n]}'\n  layers: {layers[n]}\n" for n in hosts))
+        m = Master(tiny_model, load_topology(path), device="cpu", options=Options(pipeline=choice))
+        for name, device in (devices or {}).items():
+            m.links[name].info = wire.Info(name, [], device, "f32", 64, 6, 2048, 0, "")
+        return m
+
+    assert not master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}).pipelines
+    assert not master({"a": "localhost:9001", "b": "127.0.0.1:9002"}, local=True).pipelines
+    assert master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, choice="on").pipelines
+    assert master({"a": "10.0.0.2:9001", "b": "10.0.0.3:9001"}).pipelines
+    assert not master({"a": "10.0.0.2:9001", "b": "10.0.0.3:9001"}, choice="off").pipelines
+    assert master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cuda:0", "b": "cuda:1"}).pipelines
+    assert not master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cuda:0", "b": "cuda:0"}).pipelines
+    assert master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cpu", "b": "cuda:0"}).pipelines
