@@ -371,8 +371,8 @@ class Master:
         if len(sessions) > 1 and (len(counts) > 1 or len(sessions) > max_batch or len(sessions) * n > max_rows):
             group = 1 if len(counts) > 1 else max(1, min(max_batch, max_rows // max(n, 1)))
             return torch.cat([await self._run(sessions[i:i + group]) for i in range(0, len(sessions), group)])
-        if len(sessions) == 1 and n >= 2 * PIPELINE_CHUNK and self.pipelines:
-            return await self._pipelined(sessions[0], n, min(PIPELINE_CHUNK, max_rows))
+        if len(sessions) == 1 and n >= 2 * PIPELINE_CHUNK and max_rows >= PIPELINE_CHUNK and self.pipelines:
+            return await self._pipelined(sessions[0], n, PIPELINE_CHUNK)
         while n > max_rows:  # one session: its first tokens in chunks, each through every stage
             await self._pass(sessions, max_rows, logits=False)
             n -= max_rows
