@@ -47,7 +47,8 @@ RELAYS_REMEMBERED = 8  # per next worker: the last forwards to tell their master
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
-MAX_QUEUED_FORWARDS = 4  # forwards of one connection waiting for (or holding) the compute lock; then it stops reading
+MAX_QUEUED_FORWARDS = 16  # forwards of one connection on tasks (waiting for the compute lock, computing, answering)
+QUEUED_BYTES = 1 << 30  # their hidden states, all connections together (at least one frame); past it a connection waits
 
 
 class RequestError(CakeError):
@@ -67,7 +68,7 @@ class Conn:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: int = 0  # answers from relaying workers' connections waiting to be written here
     closed: bool = False  # its sessions were freed: nothing may create new ones for it
-    queued: set[asyncio.Task] = field(default_factory=set)  # its forwards that wait for the compute lock
+    queued: set[asyncio.Task] = field(default_factory=set)  # forwards read here that run on tasks (_queue)
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
@@ -83,8 +84,8 @@ class SessionEntry:
 
 @dataclass
 class InUse:
-    """The sessions a computation in steps holds: ending one of them meanwhile stops the computation at
-    its next step, and the session is freed after it (never under it)."""
+    """The sessions a computation in steps holds: one ended meanwhile is freed after it (never under it);
+    once all are ended, the computation stops at its next step."""
 
     ended: set[tuple[int, str]] = field(default_factory=set)
 
@@ -113,8 +114,12 @@ class Worker:
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
         self._computing = asyncio.Lock()
         self._in_use: dict[tuple[int, str], InUse] = {}  # sessions of the computation in steps, if any
-        self._waiting: Counter[tuple[int, str]] = Counter()  # sessions of queued forwards (_serve)
+        self._waiting: Counter[tuple[int, str]] = Counter()  # sessions of queued forwards (_queue)
         self._ended_waiting: set[tuple[int, str]] = set()  # of those, ended meanwhile: they make no cache
+        self._queued: dict[asyncio.Task, Conn] = {}  # every queued forward's task -> the connection it answers
+        self._queued_bytes = 0
+        self.queue_budget = max(QUEUED_BYTES, self.max_frame)
+        self._aside_s = 0.0  # seconds of decode steps run between a prompt's steps (not the prompt's compute)
 
     # ---- server ------------------------------------------------------------------------------------
 
@@ -169,6 +174,11 @@ class Worker:
         finally:
             conn.closed = True
             self.conns.pop(conn.token, None)
+            dropped = [t for t, dest in self._queued.items() if dest is conn and not t.done()]
+            for task in dropped:  # nobody is left to answer: they stop (a prompt at its next step), frames freed
+                task.cancel()
+            if dropped:
+                log.info("connection from %s closed: stopped %d forward(s) for it", peer, len(dropped))
             freed = self._free_connection(conn.id)
             if freed:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
@@ -219,15 +229,10 @@ class Worker:
             if dest is None:  # that master disconnected; it replays on its new connection
                 log.warning("relayed forward from %s names a connection that is gone; dropped", peer)
                 return
-        if isinstance(msg, wire.Forward) and not self._runs_now(dest, msg, tensor):
-            while len(conn.queued) >= MAX_QUEUED_FORWARDS:  # then this connection waits, as it used to
-                await asyncio.wait(conn.queued, return_when=asyncio.FIRST_COMPLETED)
-            # Waiting from now: an `end` read next must find these sessions (see _end).
-            keys = {(dest.id, s) for s in msg.sessions}
-            self._waiting.update(keys)
-            task = asyncio.ensure_future(self._serve_queued(conn, dest, msg, tensor, peer, keys))
-            conn.queued.add(task)
-            task.add_done_callback(conn.queued.discard)
+        # A forward with an id (every master's) that cannot run now goes on a task; one without keeps its
+        # place in the order of answers, as everything else, by being served here.
+        if isinstance(msg, wire.Forward) and msg.id > 0 and not self._runs_now(dest, msg, tensor):
+            await self._queue(conn, dest, msg, tensor, peer)
             return
         reply, out = await self._dispatch(dest, msg, tensor, peer)
         if reply is None:  # relayed on: the last worker of the chain answers
@@ -238,16 +243,56 @@ class Worker:
         self._answer_later(dest, reply, out)
 
     def _runs_now(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None) -> bool:
-        """A decode step of sessions `dest` already holds and nothing else is computing with: it needs
-        no new cache, so no lock, and it runs at once (between two steps of a prompt, if one is running).
-        Anything else (malformed ones too: they get their error in turn) waits for the compute lock."""
+        """A decode step of sessions `dest` already holds, none of them computing or waiting to: it needs
+        no new cache, so no lock, and it runs at once (between two steps of a prompt, if one is running)
+        without overtaking an earlier forward of its sessions. Anything else (malformed ones too: they
+        get their error in turn) waits for the compute lock."""
         return (x is not None and x.dim() == 3 and x.shape[1] == 1
-                and all((dest.id, s) in self.sessions and (dest.id, s) not in self._in_use
+                and all((k := (dest.id, s)) in self.sessions and k not in self._in_use and k not in self._waiting
                         for s in msg.sessions))
 
+    async def _queue(self, conn: Conn, dest: Conn, msg: wire.Forward, tensor: torch.Tensor | None,
+                     peer: str) -> None:
+        """Serve a forward on a task of its own. Its sessions count as waiting from now (an `end` for them
+        must find them, see _end); this connection waits first while it has MAX_QUEUED_FORWARDS on tasks,
+        or the worker's queued hidden states would pass queue_budget."""
+        keys = {(dest.id, s) for s in msg.sessions}
+        size = tensor.nbytes if tensor is not None else 0
+        self._waiting.update(keys)
+        try:
+            while len(conn.queued) >= MAX_QUEUED_FORWARDS or (
+                    self._queued and self._queued_bytes + size > self.queue_budget):
+                mine = conn.queued if len(conn.queued) >= MAX_QUEUED_FORWARDS else set(self._queued)
+                await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this connection closed meanwhile
+            self._unwait(keys)
+            raise
+        task = asyncio.ensure_future(self._serve_queued(conn, dest, msg, tensor, peer))
+        conn.queued.add(task)
+        self._queued[task] = dest
+        self._queued_bytes += size
+
+        def done(t: asyncio.Task) -> None:  # also for a task cancelled before it started
+            conn.queued.discard(t)
+            del self._queued[t]
+            self._queued_bytes -= size
+            self._unwait(keys)
+
+        task.add_done_callback(done)
+
+    def _unwait(self, keys: set[tuple[int, str]]) -> None:
+        """A queued forward is done: a session ended meanwhile that it did not get to free is freed now."""
+        self._waiting.subtract(keys)
+        for k in keys:
+            if self._waiting[k] <= 0:
+                del self._waiting[k]
+                if k in self._ended_waiting:
+                    self._ended_waiting.discard(k)
+                    self._end_session(k)
+
     async def _serve_queued(self, conn: Conn, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None,
-                            peer: str, keys: set[tuple[int, str]]) -> None:
-        """_serve's second half for a forward that waits for the compute lock on a task of its own."""
+                            peer: str) -> None:
+        """_serve's second half for a forward on a task of its own."""
         try:
             reply, out = await self._dispatch(dest, msg, tensor, peer)
             if reply is None:
@@ -260,12 +305,6 @@ class Worker:
             log.debug("could not answer %s: %s", peer, e)
         except Exception:
             log.exception("internal error serving %s", peer)
-        finally:
-            self._waiting.subtract(keys)
-            for k in keys:
-                if self._waiting[k] <= 0:
-                    del self._waiting[k]
-                    self._ended_waiting.discard(k)
 
     def _answer_later(self, dest: Conn, reply: wire.Message, out: torch.Tensor | None) -> None:
         """An answer for a master's connection from another connection's task (a relaying worker's): sent
@@ -358,15 +397,18 @@ class Worker:
                 raise _gone()
             rows = [Row(self._cache(conn, s, p, msg.start, msg.end, batch), p)
                     for s, p in zip(msg.sessions, msg.positions)]
-            t0 = time.perf_counter()
+            t0, aside = time.perf_counter(), self._aside_s
             if self.stack.device.type == "cpu" and not now:
                 # A prompt runs in steps, serving pings, handshakes, relay connections and other sessions'
-                # decode steps in between, and stops if the master it is for goes or ends one of its
-                # sessions. (A GPU only queues kernels in a step: no point.)
+                # decode steps in between, and stops if the master it is for goes or ends its sessions.
+                # (A GPU only queues kernels in a step: no point.)
                 out = await self._in_steps(x, rows, msg, batch, dest)
             else:
                 out = self.stack.forward(x, rows, msg.start, msg.end).cpu()  # also the sync, so compute_us is real
-            us = int((time.perf_counter() - t0) * 1e6)
+            spent = time.perf_counter() - t0
+            if now:
+                self._aside_s += spent
+            us = int((spent - (self._aside_s - aside if not now else 0.0)) * 1e6)
         if not bool(torch.isfinite(out).all()):
             fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16
                    else "check its model files: a weight may be corrupt")
@@ -379,14 +421,19 @@ class Worker:
 
     @contextlib.asynccontextmanager
     async def _locked(self, keys: set[tuple[int, str]]):
-        """Hold the compute lock; a session ended while its forward waited for it is refused, not made
-        anew (nothing would free it)."""
+        """Hold the compute lock. Sessions whose master sent `end` while this forward waited (see _end)
+        are freed when it is done; a forward all of whose sessions were ended is refused instead of
+        computed: nobody wants its answer."""
         async with self._computing:
             ended = keys & self._ended_waiting
-            if ended:
-                self._ended_waiting -= ended
-                raise RequestError("gone", "a session of this forward was ended while it waited")
-            yield
+            self._ended_waiting -= ended
+            try:
+                if ended and ended == keys:
+                    raise RequestError("gone", "the sessions of this forward were ended while it waited")
+                yield
+            finally:
+                for k in ended:
+                    self._end_session(k)
 
     async def _in_steps(self, x: torch.Tensor, rows: list[Row], msg: wire.Forward, keys: set[tuple[int, str]],
                         dest: Conn) -> torch.Tensor:
@@ -395,11 +442,11 @@ class Worker:
             self._in_use[k] = use
         try:
             return await eventloop.run_steps(self.stack.forward_steps(x, rows, msg.start, msg.end),
-                                             lambda: dest.closed or bool(use.ended))
+                                             lambda: dest.closed or use.ended == keys)
         except eventloop.Abandoned:
             if dest.closed:
                 raise _gone() from None
-            raise RequestError("gone", "a session of this forward was ended while it computed") from None
+            raise RequestError("gone", "the sessions of this forward were ended while it computed") from None
         finally:
             for k in keys:
                 del self._in_use[k]
@@ -488,11 +535,14 @@ class Worker:
         return sum(self._end_session(k) for k in [k for k in self.sessions if k[0] == conn])
 
     def _end(self, conn: int, session: str) -> bool:
-        """The master ends a session. A forward of it still waiting for the compute lock will make no cache
-        for it (an eviction, by contrast, leaves such a forward to find no cache and the master to replay)."""
+        """The master ends a session. One with a forward still queued is ended after that forward (which
+        is refused if all its sessions were ended): the master may end a session of a batch in flight,
+        and the batch's other sessions must still get their answer. (An eviction, by contrast, frees the
+        cache at once, and the queued forward finds none: its master replays.)"""
         key = (conn, session)
-        if key in self._waiting:
+        if key in self._waiting and key not in self._in_use:  # (in use: computing now, see _end_session)
             self._ended_waiting.add(key)
+            return key in self.sessions
         return self._end_session(key)
 
     def _end_session(self, key: tuple[int, str]) -> bool:

@@ -153,6 +153,7 @@ def main() -> None:
                   f"prompt {len(d)} gaps, median {statistics.median(d) * 1e3:.0f} ms, longest {max(d) * 1e3:.0f} ms",
                   flush=True)
         loop.run_until_complete(master.close())
+        loop.close()
 
 
 if __name__ == "__main__":

@@ -383,7 +383,7 @@ def test_a_prompt_for_a_master_that_leaves_stops_between_steps(tiny_model, caplo
 
     with caplog.at_level(logging.INFO, logger="cake.worker"):
         assert run(go()) == []
-    assert "the connection this forward was for has closed" in caplog.text  # it stopped, rather than finished
+    assert "closed: stopped 1 forward(s) for it" in caplog.text  # it stopped, rather than finished
 
 
 def test_a_connection_that_leaves_relayed_answers_unread_is_closed(tiny_model, tmp_path):
@@ -508,12 +508,12 @@ def test_ending_a_session_stops_its_prompt_and_refuses_a_waiting_one(target):
     assert isinstance(ended_queued[0][0], wire.Ok)
     refused = ended_queued[1][0]
     assert (refused.code, refused.id, refused.message) == (
-        "gone", 2, "a session of this forward was ended while it waited")
+        "gone", 2, "the sessions of this forward were ended while it waited")
     by_type = {type(m): m for m, _ in ended_long}
     assert set(by_type) == {wire.Ok, wire.Error}
     stopped = by_type[wire.Error]
     assert (stopped.code, stopped.id, stopped.message) == (
-        "gone", 1, "a session of this forward was ended while it computed")
+        "gone", 1, "the sessions of this forward were ended while it computed")
     assert_serving(port)
 
 
@@ -553,3 +553,115 @@ def test_a_session_evicted_while_its_forward_waits_is_replayed_not_refused(tiny_
     got = run(go())
     assert isinstance(got[3], wire.Result)
     assert (type(got[4]), got[4].code, got[4].cached) == (wire.Error, "cache_behind", 0), got[4]
+
+
+async def _in_process_worker(tiny_model, port: int, **kw):
+    """A Worker serving all 6 layers in this process (so a test can look at its queues), and its task."""
+    from cake.model.loader import load_layers
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 4096)
+    worker = Worker("w", stack, config, max_frame=1 << 23, **kw)
+    server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
+    for _ in range(200):
+        try:
+            _, w, _ = await handshake(port)
+            w.close()
+            return worker, server
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the worker did not start")
+
+
+def test_closing_a_connection_drops_its_queued_forwards(tiny_model):
+    """Forwards queued behind a long prompt hold their hidden states; a client that queues some and
+    reconnects, over and over, must not pile them up: a closed connection's forwards are dropped."""
+    from cake import launch
+
+    port = launch.free_port()
+
+    async def go():
+        worker, server = await _in_process_worker(tiny_model, port)
+        r1, w1, _ = await handshake(port)
+        await wire.write_message(w1, wire.Forward(1, 0, 6, ["l1", "l2", "l3", "l4"], [0] * 4), torch.randn(4, 4000, H))
+        await asyncio.sleep(0.05)  # computing
+        async def until(n):  # the worker's queue reaches n forwards (it reads between the prompt's steps)
+            for _ in range(2000):
+                if len(worker._queued) == n:
+                    return True
+                await asyncio.sleep(0.001)
+            return False
+
+        counts = []
+        for i in range(3):
+            _, w, _ = await handshake(port)
+            for j in range(4):
+                await wire.write_message(w, wire.Forward(10 + j, 0, 6, [f"s{j}"], [0]), torch.randn(1, 500, H))
+            counts.append(await until(5))  # the long prompt and these 4
+            w.close()
+            counts.append(await until(1))  # only the long prompt, still computing
+        left = (len(worker._queued), worker._queued_bytes)
+        [(reply, _)] = await _answers(r1, 1)
+        w1.close()
+        server.cancel()
+        return counts, left, reply
+
+    counts, left, reply = run(go())
+    assert counts == [True] * 6, counts
+    assert left == (1, 4 * 4000 * H * 4)  # only the long prompt's, which then finishes
+    assert isinstance(reply, wire.Result)
+
+
+def test_ending_one_session_of_a_waiting_batch_answers_the_batch(tiny_model):
+    """A decode batch of a cached session and a new one waits behind a long prompt; its master ends the
+    cached one meanwhile (its request was cancelled). The batch is still answered, for the other session,
+    and the ended one is freed after it."""
+    from cake import launch
+
+    port = launch.free_port()
+
+    async def go():
+        worker, server = await _in_process_worker(tiny_model, port)
+        r1, w1, _ = await handshake(port)
+        r2, w2, _ = await handshake(port)
+        await wire.write_message(w2, wire.Forward(1, 0, 6, ["a"], [0]), torch.randn(1, 3, H))
+        await _answers(r2, 1)
+        await wire.write_message(w1, wire.Forward(2, 0, 6, ["long"], [0]), torch.randn(1, 4000, H))
+        await asyncio.sleep(0.05)  # computing
+        await wire.write_message(w2, wire.Forward(3, 0, 6, ["a", "b"], [3, 0]), torch.randn(2, 1, H))
+        await wire.write_message(w2, wire.End(["a"]))
+        got = [m for m, _ in await _answers(r2, 2)]
+        await _answers(r1, 1)
+        held = sorted(s for _, s in worker.sessions)
+        for w in (w1, w2):
+            w.close()
+        server.cancel()
+        return got, held
+
+    got, held = run(go())
+    assert [type(m) for m in got] == [wire.Ok, wire.Result], got
+    assert held == ["b", "long"]
+
+
+def test_forwards_of_one_session_and_id_less_requests_keep_their_order(target):
+    """A prompt's next chunk and the decode step after it, sent back to back for one session, are computed
+    in order; a forward without an id (whose answer is matched by order) is answered before a ping sent
+    after it."""
+    port = target.ports["w"]
+
+    async def go():
+        r, w = await connect(port)
+        await wire.write_message(w, wire.Forward(1, 2, 5, ["s"], [0]), torch.randn(1, 3, H))
+        await _answers(r, 1)
+        await wire.write_message(w, wire.Forward(2, 2, 5, ["s"], [3]), torch.randn(1, 4, H))
+        await wire.write_message(w, wire.Forward(3, 2, 5, ["s"], [7]), torch.randn(1, 1, H))
+        ordered = [m for m, _ in await _answers(r, 2)]
+        await wire.write_message(w, wire.Forward(0, 2, 5, ["t"], [0]), torch.randn(1, 2000, H))
+        await wire.write_message(w, wire.Ping())
+        unnumbered = [m for m, _ in await _answers(r, 2)]
+        w.close()
+        return ordered, unnumbered
+
+    ordered, unnumbered = run(go())
+    assert [(type(m), m.id) for m in ordered] == [(wire.Result, 2), (wire.Result, 3)], ordered
+    assert [type(m) for m in unnumbered] == [wire.Result, wire.Ok], unnumbered
