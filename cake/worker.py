@@ -26,6 +26,7 @@ import os
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,7 @@ class Worker:
         self._ended_waiting: set[tuple[int, str]] = set()  # of those, ended meanwhile: they make no cache
         self._queued: dict[asyncio.Task, Conn] = {}  # every queued forward's task -> the connection it answers
         self._queued_bytes = 0
+        self._computed: dict[asyncio.Task, Callable[[asyncio.Task], None]] = {}  # frees a queued forward's slot
         self.queue_budget = max(QUEUED_BYTES, self.max_frame)
         self._aside_s = 0.0  # seconds of decode steps run between a prompt's steps (not the prompt's compute)
 
@@ -254,14 +256,17 @@ class Worker:
     async def _queue(self, conn: Conn, dest: Conn, msg: wire.Forward, tensor: torch.Tensor | None,
                      peer: str) -> None:
         """Serve a forward on a task of its own. Its sessions count as waiting from now (an `end` for them
-        must find them, see _end); this connection waits first while it has MAX_QUEUED_FORWARDS on tasks,
-        or the worker's queued hidden states would pass queue_budget."""
+        must find them, see _end). This connection waits first while it has MAX_QUEUED_FORWARDS waiting
+        or computing, or, for a master's own forward, while the worker's queued hidden states would pass
+        queue_budget. (Not for a relayed one: two workers relaying to each other could then each wait for
+        the other to read. A forward's slot is freed once it has computed, before it relays or answers,
+        for the same reason.)"""
         keys = {(dest.id, s) for s in msg.sessions}
-        size = tensor.nbytes if tensor is not None else 0
+        size = tensor.nbytes if tensor is not None and dest is conn else 0
         self._waiting.update(keys)
         try:
             while len(conn.queued) >= MAX_QUEUED_FORWARDS or (
-                    self._queued and self._queued_bytes + size > self.queue_budget):
+                    size and self._queued_bytes and self._queued_bytes + size > self.queue_budget):
                 mine = conn.queued if len(conn.queued) >= MAX_QUEUED_FORWARDS else set(self._queued)
                 await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # this connection closed meanwhile
@@ -272,13 +277,14 @@ class Worker:
         self._queued[task] = dest
         self._queued_bytes += size
 
-        def done(t: asyncio.Task) -> None:  # also for a task cancelled before it started
-            conn.queued.discard(t)
-            del self._queued[t]
-            self._queued_bytes -= size
-            self._unwait(keys)
+        def computed(t: asyncio.Task) -> None:  # once only; also for a task cancelled before it started
+            if self._queued.pop(t, None) is not None:
+                conn.queued.discard(t)
+                self._queued_bytes -= size
+                self._unwait(keys)
 
-        task.add_done_callback(done)
+        self._computed[task] = computed
+        task.add_done_callback(lambda t: (self._computed.pop(t, computed))(t))
 
     def _unwait(self, keys: set[tuple[int, str]]) -> None:
         """A queued forward is done: a session ended meanwhile that it did not get to free is freed now."""
@@ -409,6 +415,9 @@ class Worker:
             if now:
                 self._aside_s += spent
             us = int((spent - (self._aside_s - aside if not now else 0.0)) * 1e6)
+        task = asyncio.current_task()
+        if task in self._computed:  # a queued forward: its slot goes before it relays or answers
+            self._computed.pop(task)(task)
         if not bool(torch.isfinite(out).all()):
             fix = ("run it with --dtype bf16 or f32" if self.stack.dtype == torch.float16
                    else "check its model files: a weight may be corrupt")
@@ -425,8 +434,7 @@ class Worker:
         are freed when it is done; a forward all of whose sessions were ended is refused instead of
         computed: nobody wants its answer."""
         async with self._computing:
-            ended = keys & self._ended_waiting
-            self._ended_waiting -= ended
+            ended = keys & self._ended_waiting  # the marks stay for any later forward of these (_unwait)
             try:
                 if ended and ended == keys:
                     raise RequestError("gone", "the sessions of this forward were ended while it waited")
@@ -540,10 +548,13 @@ class Worker:
         and the batch's other sessions must still get their answer. (An eviction, by contrast, frees the
         cache at once, and the queued forward finds none: its master replays.)"""
         key = (conn, session)
-        if key in self._waiting and key not in self._in_use:  # (in use: computing now, see _end_session)
-            self._ended_waiting.add(key)
-            return key in self.sessions
-        return self._end_session(key)
+        if key not in self._waiting:
+            return self._end_session(key)
+        self._ended_waiting.add(key)
+        held = key in self.sessions
+        if key in self._in_use:  # computing now: it stops once all its sessions are ended (_end_session)
+            self._end_session(key)
+        return held
 
     def _end_session(self, key: tuple[int, str]) -> bool:
         """Forget a session; its cache goes back to the stack (kept for another session, or freed). One

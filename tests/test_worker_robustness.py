@@ -665,3 +665,99 @@ def test_forwards_of_one_session_and_id_less_requests_keep_their_order(target):
     ordered, unnumbered = run(go())
     assert [(type(m), m.id) for m in ordered] == [(wire.Result, 2), (wire.Result, 3)], ordered
     assert [type(m) for m in unnumbered] == [wire.Result, wire.Ok], unnumbered
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model, tmp_path_factory):
+    """A worker serving every layer, for two-stage requests to one worker (a pipelined master's)."""
+    c = Cluster(tmp_path_factory.mktemp("whole"), tiny_model, {"w": ["model.layers.0-5"]})
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("first", ["computing", "waiting"])
+def test_an_ended_session_with_two_forwards_in_progress_keeps_no_cache(whole, first):
+    """A session has two forwards on one worker (a pipelined master: the next chunk for its first range,
+    the first chunk for its second, at position 0), the first computing or both waiting behind another
+    connection's prompt; its master ends it. Neither leaves a cache behind (the second one used to)."""
+    port = whole.ports["w"]
+
+    async def go():
+        r0, w0, _ = await handshake(port)
+        r, w, _ = await handshake(port)
+        if first == "waiting":
+            await wire.write_message(w0, wire.Forward(1, 0, 6, ["long"], [0]), torch.randn(1, 4000, H))
+            await asyncio.sleep(0.05)
+        await wire.write_message(w, wire.Forward(2, 0, 3, ["s"], [0]), torch.randn(1, 4000 if first == "computing" else 5, H))
+        await asyncio.sleep(0.05)
+        await wire.write_message(w, wire.Forward(3, 3, 6, ["s"], [0]), torch.randn(1, 5, H))
+        await wire.write_message(w, wire.End(["s"]))
+        got = [m for m, _ in await _answers(r, 3)]
+        await wire.write_message(w, wire.Forward(9, 3, 6, ["s"], [5]), torch.randn(1, 1, H))
+        [(probe, _)] = await _answers(r, 1)
+        if first == "waiting":
+            await _answers(r0, 1)
+        w.close()
+        w0.close()
+        return got, probe
+
+    got, probe = run(go())
+    assert sorted((type(m).__name__, getattr(m, "code", "")) for m in got) == [
+        ("Error", "gone"), ("Error", "gone"), ("Ok", "")], got
+    assert (type(probe), probe.code, probe.cached) == (wire.Error, "cache_behind", 0), probe
+
+
+def test_two_workers_relaying_to_each_other_under_load_do_not_deadlock(tiny_model, tmp_path):
+    """Relay chains a -> b and b -> a (each worker holds two ranges), many large forwards each way with a
+    small queue budget: each worker's relays wait for the other to read, so the budget must not stop
+    either from reading the other's relay connection (it did: no answers, ever)."""
+    from cake import launch
+    from cake.model.loader import load_layers
+    from cake.topology import load_topology
+    from cake.worker import Worker
+
+    pa, pb = launch.free_port(), launch.free_port()
+    topo = load_topology(launch.write_topology(tmp_path / "t.yml", {
+        "a": (pa, ["model.layers.0-1", "model.layers.4"]), "b": (pb, ["model.layers.2-3", "model.layers.5"])}))
+    workers = {}
+    for name, layers in (("a", [0, 1, 4]), ("b", [2, 3, 5])):
+        stack, config = load_layers(tiny_model, layers, "cpu", "f32", 4096)
+        workers[name] = Worker(name, stack, config, max_frame=1 << 24, topology=topo, kv_budget=8 << 30)
+        workers[name].queue_budget = 3 << 20  # stands for the 1 GiB default at this test's sizes
+    n = 30
+
+    async def go():
+        servers = [asyncio.ensure_future(workers["a"].serve("127.0.0.1", pa)),
+                   asyncio.ensure_future(workers["b"].serve("127.0.0.1", pb))]
+        for _ in range(200):
+            try:
+                ra, wa, ia = await handshake(pa)
+                rb, wb, ib = await handshake(pb)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        x = torch.randn(1, 4000, H)  # 1 MB of hidden states a frame
+        got = {"a": 0, "b": 0}
+
+        async def read(name, r):
+            while got[name] < n:
+                await wire.read_message(r, 1 << 26)
+                got[name] += 1
+
+        async def send(w, prefix, conn, other, s0, e0, s1, e1):
+            for i in range(n):
+                await wire.write_message(w, wire.Forward(i + 1, s0, e0, [f"{prefix}{i}"], [0], [other], [s1], [e1],
+                                                         [conn]), x)
+
+        readers = [asyncio.ensure_future(read("a", ra)), asyncio.ensure_future(read("b", rb))]
+        senders = [asyncio.ensure_future(send(wa, "x", ib.conn, "b", 0, 2, 2, 4)),
+                   asyncio.ensure_future(send(wb, "y", ia.conn, "a", 2, 4, 4, 5))]
+        await asyncio.wait(readers, timeout=90)
+        for t in readers + senders + servers:
+            t.cancel()
+        await asyncio.gather(*readers, *senders, *servers, return_exceptions=True)
+        for w in (wa, wb):
+            w.close()
+        return got
+
+    assert run(go()) == {"a": n, "b": n}
