@@ -1,6 +1,11 @@
-"""Per-node device and dtype selection."""
+"""Per-node device and dtype selection, and what hardware a node computes on."""
 
 from __future__ import annotations
+
+import functools
+import hashlib
+import socket
+import uuid
 
 import torch
 
@@ -65,3 +70,20 @@ def pick_dtype(spec: str, device: torch.device, checkpoint_dtype: str) -> torch.
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
+@functools.lru_cache(maxsize=1)
+def machine_id() -> str:
+    """A fingerprint of this machine (host name and network hardware address), so nodes can tell which
+    of them share one. Separate containers on one host count as separate machines."""
+    return hashlib.sha256(f"{socket.gethostname()}|{uuid.getnode()}".encode()).hexdigest()[:16]
+
+
+def compute_unit(device: torch.device) -> str:
+    """What a node on `device` computes with, the same name from every process: the GPU's UUID (so
+    'cuda' and 'cuda:0' match, and CUDA_VISIBLE_DEVICES renumbering does not), else 'mps' or 'cpu'."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        unit = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        return f"cuda-{unit}" if unit is not None else f"cuda:{index}"
+    return device.type

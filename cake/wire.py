@@ -104,6 +104,8 @@ class Info(Message):
     max_rows: int = 0
     max_batch: int = 0
     topology: str = ""  # the digest of the worker's topology file (cake.topology.Topology.digest)
+    machine: str = ""  # cake.devices.machine_id() of the worker's machine ("": not said)
+    unit: str = ""  # cake.devices.compute_unit(): its GPU's UUID, or mps or cpu ("": not said)
 
 
 @dataclass

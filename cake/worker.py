@@ -33,7 +33,7 @@ import torch
 
 from cake import auth, eventloop, wire
 from cake.client import Options, WorkerLink
-from cake.devices import dtype_name
+from cake.devices import compute_unit, dtype_name, machine_id
 from cake.errors import CakeError, ProtocolError
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
@@ -217,7 +217,7 @@ class Worker:
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
             memory=_free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
-            topology=self.topology.digest,
+            topology=self.topology.digest, machine=machine_id(), unit=compute_unit(self.stack.device),
         )
 
     # ---- requests ----------------------------------------------------------------------------------

@@ -576,17 +576,23 @@ def test_a_long_prompt_in_pipelined_chunks_is_exact_and_survives_a_restart(tiny_
 
 
 def test_pipeline_auto_means_stages_on_more_than_one_machine_or_gpu(tiny_model, tmp_path):
-    """auto pipelines a prompt only where stages can compute at the same time: workers on other hosts, or
-    on distinct GPUs; not loopback CPU workers next to a CPU master (they share its cores)."""
+    """auto pipelines a prompt only where stages can compute at the same time: workers on other machines,
+    or on distinct GPUs; not CPU workers on the master's machine (they share its cores). A worker says
+    which machine and GPU it runs on; one that does not is judged by its address and device."""
     from cake import wire
+    from cake.devices import machine_id
 
-    def master(hosts: dict[str, str], devices: dict[str, str] | None = None, local: bool = False, choice="auto"):
+    def master(hosts: dict[str, str], devices: dict[str, str] | None = None, local: bool = False, choice="auto",
+               said: dict[str, tuple[str, str]] | None = None):
+        """`devices`: what each worker's info says its device is; `said`: its (machine, compute unit)."""
         layers = {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"] if not local else ["model.layers.3-4"]}
         path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.yml"
         path.write_text("".join(f"{n}:\n  host: '{hosts[n]}'\n  layers: {layers[n]}\n" for n in hosts))
         m = Master(tiny_model, load_topology(path), device="cpu", options=Options(pipeline=choice))
-        for name, device in (devices or {}).items():
-            m.links[name].info = wire.Info(name, [], device, "f32", 64, 6, 2048, 0, "")
+        for name in set(devices or {}) | set(said or {}):
+            machine, unit = (said or {}).get(name, ("", ""))
+            m.links[name].info = wire.Info(name, [], (devices or {}).get(name, "cpu"), "f32", 64, 6, 2048, 0, "",
+                                           machine=machine, unit=unit)
         return m
 
     assert not master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}).pipelines
@@ -597,3 +603,27 @@ def test_pipeline_auto_means_stages_on_more_than_one_machine_or_gpu(tiny_model, 
     assert master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cuda:0", "b": "cuda:1"}).pipelines
     assert not master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cuda:0", "b": "cuda:0"}).pipelines
     assert master({"a": "127.0.0.1:9001", "b": "127.0.0.1:9002"}, {"a": "cpu", "b": "cuda:0"}).pipelines
+    # What the workers say of themselves wins over addresses and device names:
+    here = machine_id()
+    lan = {"a": "192.168.1.20:9001", "b": "192.168.1.20:9002"}
+    assert not master(lan, said={"a": (here, "cpu"), "b": (here, "cpu")}).pipelines  # this machine, by its LAN IP
+    assert master(lan, said={"a": ("box", "cpu"), "b": ("box", "cuda-1f2e")}).pipelines  # its CPU and its GPU
+    assert not master(lan, {"a": "cuda", "b": "cuda:0"}, said={"a": ("box", "cuda-1f2e"), "b": ("box", "cuda-1f2e")}).pipelines
+    assert master(lan, {"a": "cuda:0", "b": "cuda:0"}, said={"a": ("box", "cuda-1f2e"), "b": ("box", "cuda-77aa")}).pipelines
+
+
+def test_workers_say_which_machine_and_compute_unit_they_run_on(tiny_model, cluster):
+    from cake.devices import compute_unit, machine_id
+
+    c = cluster(tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device())
+        await master.connect()
+        await master.close()
+        return master, [(link.info.machine, link.info.unit) for link in master.links.values()]
+
+    master, said = run(go())
+    unit = compute_unit(master.device)
+    assert said == [(machine_id(), unit)] * 2
+    assert not master.pipelines  # both workers on this machine's one CPU (or one GPU): prompts not pipelined
