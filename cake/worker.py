@@ -287,7 +287,8 @@ class Worker:
         task.add_done_callback(lambda t: (self._computed.pop(t, computed))(t))
 
     def _unwait(self, keys: set[tuple[int, str]]) -> None:
-        """A queued forward is done: a session ended meanwhile that it did not get to free is freed now."""
+        """A queued forward has computed, or never will: a session of it ended meanwhile (and not waited on
+        by another forward) is freed now."""
         self._waiting.subtract(keys)
         for k in keys:
             if self._waiting[k] <= 0:
