@@ -19,7 +19,8 @@ import torch
 from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
-from cake.master import RelayChain, RemoteStage, model_mismatch
+from cake.devices import compute_unit, machine_id, pick_device
+from cake.master import RelayChain, RemoteStage, model_mismatch, worker_hardware
 from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
@@ -108,9 +109,22 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
             print(f"relay {a} -> {b}: FAILED, the master will carry these hidden states itself: {problem}")
         else:
             print(f"relay {a} -> {b}: ok")
+    if ready:
+        print(pipeline_line(stages, statuses, options))
     bad = [st.worker.name for st in statuses if st.error]
     if bad:
         raise CakeError(f"{len(bad)} of {len(statuses)} worker(s) not ready: {', '.join(bad)}; see above")
+
+
+def pipeline_line(stages: list[Stage], statuses: list[WorkerStatus], options: Options) -> str:
+    """Whether a master with this topology pipelines long prompts (Master.pipelines), and why."""
+    infos = {st.worker.name: st.info for st in statuses}
+    units = {worker_hardware(s.worker.host, infos[s.worker.name]) if s.worker is not None else
+             (machine_id(), compute_unit(pick_device("auto"))) for s in stages}
+    on = options.pipeline == "on" or (options.pipeline == "auto" and len(units) > 1)
+    why = (f"--pipeline {options.pipeline}" if options.pipeline != "auto" else
+           f"--pipeline auto: the stages compute on {len(units)} machine(s) or GPU(s)")
+    return f"long prompts: {'pipelined across the stages' if on else 'one request per stage'} ({why})"
 
 
 async def _probe_all(workers: list[Worker], options: Options) -> list[WorkerStatus]:

@@ -130,7 +130,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         from cake.check import run_check
         from cake.client import Options
 
-        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay))
+        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay,
+                                                         pipeline=pipeline))
         return
     from cake.run_master import MasterArgs, run_master
 

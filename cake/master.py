@@ -71,6 +71,14 @@ async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecut
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
+def worker_hardware(host: str, info: wire.Info | None) -> tuple[str, str]:
+    """What a worker computes on: (machine, compute unit), as it reports them in `info`; for one that does
+    not say (an earlier version, or not reached yet), its host (loopback: this machine) and device."""
+    if info is not None and info.machine and info.unit:
+        return info.machine, info.unit
+    return machine_id() if auth.is_loopback(host) else host, info.device if info is not None else "cpu"
+
+
 def model_mismatch(info: wire.Info, config: LlamaConfig) -> str:
     """'' when a worker serves the master's model (by its shape), else what differs and the fix."""
     if (info.hidden_size, info.num_layers) == (config.hidden_size, config.num_hidden_layers):
@@ -390,16 +398,9 @@ class Master:
         return choice == "on" or (choice == "auto" and len({self._hardware(st) for st in self.stages}) > 1)
 
     def _hardware(self, st) -> tuple[str, str]:
-        """What a stage computes on: (machine, compute unit), as the node itself reports it. For a worker
-        that does not say (an earlier version, or not reached yet): its host (loopback is the master's
-        machine) and device."""
         if isinstance(st, LocalStage):
             return machine_id(), compute_unit(self.device)
-        info = st.link.info
-        if info is not None and info.machine and info.unit:
-            return info.machine, info.unit
-        host = machine_id() if auth.is_loopback(st.link.worker.host) else st.link.worker.host
-        return host, info.device if info is not None else "cpu"
+        return worker_hardware(st.link.worker.host, st.link.info)
 
     async def _pipelined(self, session: Session, n: int, size: int) -> torch.Tensor:
         """Run a session's next `n` tokens in chunks of about `size` that flow through the stages one

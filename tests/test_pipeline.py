@@ -465,6 +465,11 @@ def test_cli_check_reports_every_worker(tiny_model, cluster):
     assert "master: embedding, head, layers 2-3" in ok.stdout
     assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-1,4 on {test_device()} (f32), context 4096" in ok.stdout
     assert "relay a[4-4] -> b[5-5]: ok" in ok.stdout
+    assert ("long prompts: one request per stage (--pipeline auto: the stages compute on 1 machine(s) or GPU(s))"
+            in ok.stdout)  # every node on this machine's CPU (or GPU)
+    on = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check",
+                                   "--pipeline", "on"])
+    assert "long prompts: pipelined across the stages (--pipeline on)" in on.stdout, on.output
     c.kill("b")
     bad = CliRunner().invoke(main, ["--model", str(tiny_model), "--topology", str(c.topology), "--check",
                                     "--retry-timeout", "0.5"])
