@@ -2,14 +2,15 @@
 # The checks for a machine with a GPU, in one go: what the device is, the end-to-end tests with every
 # master and worker on it (the reference stays on the CPU), where one hop's time goes
 # (scripts/hop_probe.py, also busy-polling), then the benchmark in bf16 (all-local and two workers on
-# loopback; on CUDA busy-polling is on by default, so two workers without it are measured too). Logs and
+# loopback; on CUDA busy-polling is on by default, so two workers without it are measured too), and how
+# long a stream pauses during another session's long prompt (scripts/prompt_bench.py stall). Logs and
 # the benchmark's JSON go to $OUT (default ./gpu-results).
 #
 #   bash scripts/gpu_check.sh                       # cuda, bf16
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
-# Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, BENCH_EAGER_TIMEOUT,
-# seconds) so a hang in one still leaves the others' logs; the script's status is the first failing
+# Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, PROMPT_TIMEOUT,
+# BENCH_EAGER_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the script's status is the first failing
 # step's. On CUDA the big model is measured a second time with CAKE_CUDA_GRAPHS=0, for the figures
 # without CUDA graphs (EAGER=0 skips that).
 set -u
@@ -46,6 +47,8 @@ step tests "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider --devic
 step hop "${HOP_TIMEOUT:-120}" "$PY" scripts/hop_probe.py --device "$DEVICE" --busy-poll "${HOP_BUSY_POLL:-20000}"
 step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" \
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
+step prompt "${PROMPT_TIMEOUT:-180}" "$PY" scripts/prompt_bench.py stall --device "$DEVICE" --dtype "$DTYPE" \
+    --repeats 2 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}"
 if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)
     CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \
         --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}

@@ -35,6 +35,7 @@ from cake import eventloop, launch  # noqa: E402
 from cake.client import Options  # noqa: E402
 from cake.generate import generate  # noqa: E402
 from cake.master import Master  # noqa: E402
+from cake.model.config import load_config  # noqa: E402
 from cake.sampling import SamplingParams  # noqa: E402
 from cake.topology import load_topology  # noqa: E402
 
@@ -114,7 +115,7 @@ def pinned_workers(model: Path, layers: int, logs: Path) -> Iterator[bench.Clust
             launch.stop(proc)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("measure", choices=["stall", "pipeline"])
     p.add_argument("--model", choices=["tiny", "big"], default="big")
@@ -124,20 +125,26 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(bench.ITEMSIZE), default="f32")
     p.add_argument("--workdir", type=Path, default=bench.default_workdir())
-    args = p.parse_args()
+    p.add_argument("--model-dir", type=Path, default=None, help="another model folder instead of a benchmark model")
+    args = p.parse_args(argv)
     tokens = args.prompt_tokens or (1500 if args.measure == "stall" else 1536)
-    spec = bench.SPECS[args.model]
-    model = bench.ensure_model(spec, args.workdir)
+    if args.model_dir is not None:
+        model, name = args.model_dir, args.model_dir.name
+        layers = load_config(model).num_hidden_layers
+    else:
+        spec = bench.SPECS[args.model]
+        model, name, layers = bench.ensure_model(spec, args.workdir), spec.name, spec.layers
+    context = max(8192, 2 * tokens)  # the workers' (4096 by default) bounds it
     with tempfile.TemporaryDirectory() as logs, \
-            (pinned_workers(model, spec.layers, Path(logs)) if args.pin else
-             bench.running_workers(model, spec.layers, Path(logs), args.device, args.dtype)) as cluster:
+            (pinned_workers(model, layers, Path(logs)) if args.pin else
+             bench.running_workers(model, layers, Path(logs), args.device, args.dtype)) as cluster:
         loop = eventloop.new_loop()
         master = Master(model, load_topology(cluster.topology), device=args.device, dtype=args.dtype,
-                        context=max(8192, 2 * tokens), options=Options(request_timeout=600.0),
+                        context=context, options=Options(request_timeout=600.0),
                         compute_in_thread=True)  # as `cake --api` builds it
         loop.run_until_complete(master.connect())
         where = "each worker pinned to a core of its own, 1 thread" if args.pin else "sharing every core"
-        print(f"{spec.name} model, 2 workers on loopback ({where}), {args.device} {args.dtype}, prompt {tokens} tokens")
+        print(f"{name} model, 2 workers on loopback ({where}), {args.device} {args.dtype}, prompt {tokens} tokens")
         if args.measure == "pipeline":
             loop.run_until_complete(first_token(master, bench.prompt_ids(tokens, 99)))  # warm-up
             times = loop.run_until_complete(pipeline_runs(master, tokens, args.repeats))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -195,9 +197,6 @@ def test_link_delay_proxy_delivers_every_byte_in_order_and_late():
 def test_hop_probe_measures_every_layer_of_a_hop():
     """scripts/hop_probe.py end to end (real worker processes, one busy-polling): one line per series,
     each a positive median, and a forward's compute share below its round trip. No timing is asserted."""
-    import re
-    import subprocess
-
     script = Path(__file__).resolve().parent.parent / "scripts" / "hop_probe.py"
     out = subprocess.run([sys.executable, str(script), "--requests", "12", "--busy-poll", "2000"],
                          capture_output=True, text=True, timeout=300)
@@ -223,3 +222,20 @@ def test_the_api_servers_compute_is_reported_next_to_the_clis():
     assert row.split()[-5:] == ["12.40", "80.6", "1280", "100.0", "900"]
     assert r.to_json()["speed"]["cake_local_server"]["decode_ms"] == pytest.approx(12.4)
     assert "cake all-local, API server" not in bench.report(_fake_result("tiny"), quick=False)
+
+
+def test_prompt_bench_measures_stalls_and_pipelining(tiny_model):
+    """scripts/prompt_bench.py end to end on a small model (real worker processes): a line per run."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "prompt_bench.py"
+    for measure in ("stall", "pipeline"):
+        out = subprocess.run([sys.executable, str(script), measure, "--model-dir", str(tiny_model), "--repeats", "1",
+                              "--prompt-tokens", "600"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        assert lines[0] == f"{tiny_model.name} model, 2 workers on loopback (sharing every core), cpu f32, prompt 600 tokens"
+        if measure == "stall":
+            assert re.fullmatch(r"run 1: B's first token alone \d+ ms, with A decoding \d+ ms; A's tokens [\d.]+ ms "
+                                r"apart before, during B's prompt \d+ gaps, median \d+ ms, longest \d+ ms", lines[1]), lines
+        else:
+            assert re.fullmatch(r"time to first token, --pipeline off: \d+ ms \(median \d+\); on: \d+ ms "
+                                r"\(median \d+\); off/on [\d.]+x", lines[1]), lines
