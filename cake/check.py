@@ -79,7 +79,7 @@ async def probe_relay(a: Stage, b: Stage, hidden_size: int, options: Options) ->
             link.shutdown()
 
 
-def run_check(model_dir: str, topology_path: str | None, options: Options) -> None:
+def run_check(model_dir: str, topology_path: str | None, options: Options, device: str = "auto") -> None:
     config = load_config(model_dir)
     topology = load_topology(topology_path)
     stages = topology.stages(config.num_hidden_layers)
@@ -110,17 +110,17 @@ def run_check(model_dir: str, topology_path: str | None, options: Options) -> No
         else:
             print(f"relay {a} -> {b}: ok")
     if ready:
-        print(pipeline_line(stages, statuses, options))
+        print(pipeline_line(stages, statuses, options, device))
     bad = [st.worker.name for st in statuses if st.error]
     if bad:
         raise CakeError(f"{len(bad)} of {len(statuses)} worker(s) not ready: {', '.join(bad)}; see above")
 
 
-def pipeline_line(stages: list[Stage], statuses: list[WorkerStatus], options: Options) -> str:
-    """Whether a master with this topology pipelines long prompts (Master.pipelines), and why."""
+def pipeline_line(stages: list[Stage], statuses: list[WorkerStatus], options: Options, device: str) -> str:
+    """Whether a master with this topology (and --device) pipelines long prompts (Master.pipelines), and why."""
     infos = {st.worker.name: st.info for st in statuses}
     units = {worker_hardware(s.worker.host, infos[s.worker.name]) if s.worker is not None else
-             (machine_id(), compute_unit(pick_device("auto"))) for s in stages}
+             (machine_id(), compute_unit(pick_device(device))) for s in stages}
     on = options.pipeline == "on" or (options.pipeline == "auto" and len(units) > 1)
     why = (f"--pipeline {options.pipeline}" if options.pipeline != "auto" else
            f"--pipeline auto: the stages compute on {len(units)} machine(s) or GPU(s)")

@@ -131,7 +131,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         from cake.client import Options
 
         run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay,
-                                                         pipeline=pipeline))
+                                                         pipeline=pipeline), device)
         return
     from cake.run_master import MasterArgs, run_master
 

@@ -74,16 +74,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=1)
 def machine_id() -> str:
-    """A fingerprint of this machine (host name and network hardware address), so nodes can tell which
-    of them share one. Separate containers on one host count as separate machines."""
-    return hashlib.sha256(f"{socket.gethostname()}|{uuid.getnode()}".encode()).hexdigest()[:16]
+    """A fingerprint of this machine, so nodes can tell which of them share one: its host name, its
+    /etc/machine-id where it has one, and its network hardware address unless it has none (uuid then
+    makes up a random one per process, with the multicast bit set). Separate containers on one host
+    count as separate machines."""
+    try:
+        with open("/etc/machine-id") as f:
+            system = f.read().strip()
+    except OSError:
+        system = ""
+    node = uuid.getnode()
+    hardware = "" if node >> 40 & 1 else str(node)
+    return hashlib.sha256(f"{socket.gethostname()}|{system}|{hardware}".encode()).hexdigest()[:16]
 
 
 def compute_unit(device: torch.device) -> str:
     """What a node on `device` computes with, the same name from every process: the GPU's UUID (so
     'cuda' and 'cuda:0' match, and CUDA_VISIBLE_DEVICES renumbering does not), else 'mps' or 'cpu'."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        unit = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        return f"cuda-{unit}" if unit is not None else f"cuda:{index}"
+        try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            unit = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        except (RuntimeError, AssertionError):  # CUDA would not start: name it as the user did
+            return str(device)
+        return f"cuda-{unit}" if unit else f"cuda:{index}"
     return device.type

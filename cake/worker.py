@@ -49,6 +49,7 @@ MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a 
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 MAX_QUEUED_FORWARDS = 16  # forwards of one connection on tasks (waiting for the compute lock, computing, answering)
+RELAY_BACKLOG = 16  # forwards waiting to be passed on to one next worker; past it they fail over to the master
 QUEUED_BYTES = 1 << 30  # their hidden states, all connections together (at least one frame); past it a connection waits
 
 
@@ -119,7 +120,9 @@ class Worker:
         self._ended_waiting: set[tuple[int, str]] = set()  # of those, ended meanwhile: they make no cache
         self._queued: dict[asyncio.Task, Conn] = {}  # every queued forward's task -> the connection it answers
         self._queued_bytes = 0
-        self._computed: dict[asyncio.Task, Callable[[asyncio.Task], None]] = {}  # frees a queued forward's slot
+        self._computed: dict[asyncio.Task, Callable[[asyncio.Task], None]] = {}  # see _queue
+        self._freed = asyncio.Event()  # set whenever a queued forward frees its slot or its bytes
+        self._relaying: Counter[str] = Counter()  # next worker -> forwards being passed on to it
         self.queue_budget = max(QUEUED_BYTES, self.max_frame)
         self._aside_s = 0.0  # seconds of decode steps run between a prompt's steps (not the prompt's compute)
 
@@ -256,19 +259,22 @@ class Worker:
     async def _queue(self, conn: Conn, dest: Conn, msg: wire.Forward, tensor: torch.Tensor | None,
                      peer: str) -> None:
         """Serve a forward on a task of its own. Its sessions count as waiting from now (an `end` for them
-        must find them, see _end). This connection waits first while it has MAX_QUEUED_FORWARDS waiting
-        or computing, or, for a master's own forward, while the worker's queued hidden states would pass
-        queue_budget. (Not for a relayed one: two workers relaying to each other could then each wait for
-        the other to read. A forward's slot is freed once it has computed, before it relays or answers,
-        for the same reason.)"""
+        must find them, see _end). This connection waits first while it has MAX_QUEUED_FORWARDS on tasks
+        (one answered here holds its place until the answer is written, so a master that does not read
+        stops being read), or, for a master's own forward, while the hidden states of forwards not yet
+        computed would pass queue_budget. A relayed forward (answered elsewhere, or passed on) frees its
+        place once computed: two workers relaying to each other must never wait for each other to read
+        (RELAY_BACKLOG and MAX_PENDING_ANSWERS bound what it holds after)."""
         keys = {(dest.id, s) for s in msg.sessions}
         size = tensor.nbytes if tensor is not None and dest is conn else 0
+        early = dest is not conn or bool(msg.relay_workers)
         self._waiting.update(keys)
         try:
             while len(conn.queued) >= MAX_QUEUED_FORWARDS or (
                     size and self._queued_bytes and self._queued_bytes + size > self.queue_budget):
-                mine = conn.queued if len(conn.queued) >= MAX_QUEUED_FORWARDS else set(self._queued)
-                await asyncio.wait(mine, return_when=asyncio.FIRST_COMPLETED)
+                if self._freed.is_set():
+                    self._freed = asyncio.Event()
+                await self._freed.wait()
         except BaseException:  # this connection closed meanwhile
             self._unwait(keys)
             raise
@@ -279,12 +285,20 @@ class Worker:
 
         def computed(t: asyncio.Task) -> None:  # once only; also for a task cancelled before it started
             if self._queued.pop(t, None) is not None:
-                conn.queued.discard(t)
                 self._queued_bytes -= size
                 self._unwait(keys)
+                if early:
+                    conn.queued.discard(t)
+                self._freed.set()
+
+        def done(t: asyncio.Task) -> None:
+            self._computed.pop(t, computed)(t)
+            if t in conn.queued:
+                conn.queued.discard(t)
+                self._freed.set()
 
         self._computed[task] = computed
-        task.add_done_callback(lambda t: (self._computed.pop(t, computed))(t))
+        task.add_done_callback(done)
 
     def _unwait(self, keys: set[tuple[int, str]]) -> None:
         """A queued forward has computed, or never will: a session of it ended meanwhile (and not waited on
@@ -473,6 +487,10 @@ class Worker:
         if link is None:
             link = self.peers[name] = WorkerLink(self.topology.workers[name], Options(key=self.key, connect_timeout=5.0))
             link.on_drop = lambda: self._relay_lost(name)
+        if self._relaying[name] >= RELAY_BACKLOG:  # it is not reading them: the master carries these instead
+            raise RequestError("relay", f"has {RELAY_BACKLOG} forwards waiting to be passed on to {link.label}, "
+                                        f"which is not taking them", peer=name)
+        self._relaying[name] += 1
         try:
             # The link's reader notices when the next worker goes away (a restart), so this reconnects
             # rather than writing into a dead socket.
@@ -481,6 +499,8 @@ class Worker:
         except (ConnectionError, OSError, CakeError) as e:
             link.close()
             raise RequestError("relay", f"cannot pass hidden states on to {link.label} ({e})", peer=name) from None
+        finally:
+            self._relaying[name] -= 1
         self._relayed.setdefault(name, deque(maxlen=RELAYS_REMEMBERED)).append((msg.id, master))
 
     def _relay_lost(self, name: str) -> None:

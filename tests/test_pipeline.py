@@ -632,3 +632,22 @@ def test_workers_say_which_machine_and_compute_unit_they_run_on(tiny_model, clus
     unit = compute_unit(master.device)
     assert said == [(machine_id(), unit)] * 2
     assert not master.pipelines  # both workers on this machine's one CPU (or one GPU): prompts not pipelined
+
+
+def test_machine_id_ignores_a_made_up_hardware_address(monkeypatch):
+    """Without a network card uuid.getnode() makes up a random address (multicast bit set) per process:
+    the machine fingerprint must not depend on it, or every process would be a machine of its own."""
+    import uuid
+
+    from cake import devices
+
+    ids = []
+    for made_up in ((1 << 40) | 0x1234, (1 << 40) | 0xBEEF):
+        monkeypatch.setattr(uuid, "getnode", lambda v=made_up: v)
+        devices.machine_id.cache_clear()
+        ids.append(devices.machine_id())
+    monkeypatch.setattr(uuid, "getnode", lambda: 0x0242AC110002)  # a real (unicast) address counts
+    devices.machine_id.cache_clear()
+    real = devices.machine_id()
+    devices.machine_id.cache_clear()
+    assert ids[0] == ids[1] != real

@@ -761,3 +761,45 @@ def test_two_workers_relaying_to_each_other_under_load_do_not_deadlock(tiny_mode
         return got
 
     assert run(go()) == {"a": n, "b": n}
+
+
+def test_a_master_that_does_not_read_stalls_only_itself(tiny_model):
+    """Master 1 sends many large forwards and never reads the answers; master 2 sends one while the
+    worker's queued-bytes budget is full. Once master 1's forwards have computed, master 2 is served
+    (it used to wait for ever), and master 1's unread answers stop at MAX_QUEUED_FORWARDS: the worker
+    stops reading it rather than holding answers without bound."""
+    import socket
+
+    from cake import launch
+    from cake.worker import MAX_QUEUED_FORWARDS
+
+    port = launch.free_port()
+
+    async def go():
+        worker, server = await _in_process_worker(tiny_model, port, kv_budget=8 << 30)
+        worker.queue_budget = 1 << 20  # stands for the 1 GiB default at this test's sizes
+        _, w1, _ = await handshake(port)
+        w1.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        x = torch.randn(1, 2000, H)  # 512 KB
+
+        async def flood():
+            for i in range(60):
+                await wire.write_message(w1, wire.Forward(i + 1, 0, 6, [f"m1-{i}"], [0]), x)
+
+        f = asyncio.ensure_future(flood())
+        await asyncio.sleep(0.05)
+        r2, w2, _ = await handshake(port)
+        await wire.write_message(w2, wire.Forward(1, 0, 6, ["m2"], [0]), x)
+        got = await _answers(r2, 1, timeout=60)
+        await asyncio.sleep(1.0)
+        held = sum(1 for t in asyncio.all_tasks() if not t.done()
+                   and t.get_coro().__qualname__.endswith("_serve_queued"))
+        f.cancel()
+        for w in (w1, w2):
+            w.close()
+        server.cancel()
+        return got, held
+
+    [(reply, _)], held = run(go())
+    assert isinstance(reply, wire.Result)
+    assert held <= MAX_QUEUED_FORWARDS, held
