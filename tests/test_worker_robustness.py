@@ -803,3 +803,42 @@ def test_a_master_that_does_not_read_stalls_only_itself(tiny_model):
     [(reply, _)], held = run(go())
     assert isinstance(reply, wire.Result)
     assert held <= MAX_QUEUED_FORWARDS, held
+
+
+def test_relays_to_a_worker_that_takes_none_fail_over_instead_of_piling_up(tiny_model, tmp_path):
+    """Worker b stops reading (SIGSTOP): worker a's forwards to pass on to it queue up to RELAY_BACKLOG,
+    and the ones after that are answered 'relay' at once (the master then carries them itself) instead
+    of each holding its hidden states until b wakes."""
+    import os
+    import signal
+
+    from cake.worker import RELAY_BACKLOG
+
+    c = Cluster(tmp_path, tiny_model, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]})
+    try:
+        async def go():
+            ra, wa, _ = await handshake(c.ports["a"])
+            _, wb, info_b = await handshake(c.ports["b"])
+            os.kill(c.procs["b"].pid, signal.SIGSTOP)
+            try:
+                x = torch.randn(1, 2000, H)  # 512 KB: the socket buffers to b fill after a few
+                n = RELAY_BACKLOG + 24
+                for i in range(1, n + 1):
+                    await wire.write_message(wa, wire.Forward(i, 0, 3, [f"s{i}"], [0], ["b"], [3], [6],
+                                                              [info_b.conn]), x)
+                refused = []
+                while len(refused) < n - RELAY_BACKLOG - 8:  # the last ones, at least
+                    msg, _ = await asyncio.wait_for(wire.read_message(ra, 1 << 26), 60)
+                    refused.append(msg)
+                return refused
+            finally:
+                os.kill(c.procs["b"].pid, signal.SIGCONT)
+                wa.close()
+                wb.close()
+
+        refused = run(go())
+        assert all(isinstance(m, wire.Error) and m.code == "relay" and m.peer == "b" for m in refused), refused
+        assert f"has {RELAY_BACKLOG} forwards waiting to be passed on to worker 'b'" in refused[0].message
+        assert_serving(c.ports["a"], (0, 1, 2))
+    finally:
+        c.stop()
