@@ -24,7 +24,7 @@ from cake.client import Options, RelayFailed, RelayTimedOut, SessionsLost, Worke
 from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import KVCache, LayerStack, Row
+from cake.model.llama import KVCache, LayerStack, Row, chunk_spans
 from cake.model.loader import load_head, load_layers
 from cake.model.weights import WeightFiles
 from cake.topology import Stage, Topology, format_layers
@@ -411,12 +411,8 @@ class Master:
         machines a prompt's time approaches one stage's instead of the sum of all. Logits of the last
         token [1, vocab]."""
         start = session.cached
-        rows = [session.tokens[start:start + n]]
-        h = await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
-        bounds = list(range(0, n, size))
-        if n - bounds[-1] == 1:
-            bounds.pop()  # no one-token chunk: it would take a worker's decode path
-        chunks = list(zip(bounds, bounds[1:] + [n]))
+        h = await self._embed_rows([session.tokens[start:start + n]])
+        chunks = chunk_spans(n, size)
         queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(self.stages) + 1)]
         for a, b in chunks:
             queues[0].put_nowait((a, h[:, a:b]))
@@ -449,9 +445,7 @@ class Master:
     async def _pass(self, sessions: list[Session], n: int, logits: bool = True) -> torch.Tensor | None:
         """Run the next `n` tokens of every session through every stage."""
         starts = [s.cached for s in sessions]
-        rows = [s.tokens[s.cached:s.cached + n] for s in sessions]
-        # On a GPU master even the embedding goes through the maths thread (see compute()).
-        h = await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
+        h = await self._embed_rows([s.tokens[s.cached:s.cached + n] for s in sessions])
         names = [s.id for s in sessions]
         relayed = False
         for hop in self._hops():
@@ -499,6 +493,11 @@ class Master:
     async def _compute(self, fn, *args):
         return await compute(fn, *args, in_thread=self.compute_in_thread, executor=self._math,
                              device=self.device.type)
+
+    async def _embed_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        # On a CUDA master even the embedding goes through the maths thread (see compute()); elsewhere
+        # a lookup is too small to send to a thread.
+        return await self._compute(self._embed, rows) if self._math is not None else self._embed(rows)
 
     def _embed(self, rows: list[list[int]]) -> torch.Tensor:
         return self.head.embed(torch.tensor(rows, device=self.device))

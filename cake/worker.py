@@ -239,6 +239,11 @@ class Worker:
         if isinstance(msg, wire.Forward) and msg.id > 0 and not self._runs_now(dest, msg, tensor):
             await self._queue(conn, dest, msg, tensor, peer)
             return
+        await self._serve_on(conn, dest, msg, tensor, peer)
+
+    async def _serve_on(self, conn: Conn, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None,
+                        peer: str) -> None:
+        """Serve `msg` for `dest` and answer it: here if it came on `dest`, else on `dest` from a task."""
         reply, out = await self._dispatch(dest, msg, tensor, peer)
         if reply is None:  # relayed on: the last worker of the chain answers
             return
@@ -313,15 +318,9 @@ class Worker:
 
     async def _serve_queued(self, conn: Conn, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None,
                             peer: str) -> None:
-        """_serve's second half for a forward on a task of its own."""
+        """_serve_on for a forward on a task of its own."""
         try:
-            reply, out = await self._dispatch(dest, msg, tensor, peer)
-            if reply is None:
-                return
-            if dest is conn:
-                await conn.send(reply, out)
-            else:
-                self._answer_later(dest, reply, out)
+            await self._serve_on(conn, dest, msg, tensor, peer)
         except (ConnectionError, OSError) as e:  # the connection broke; its own task cleans up
             log.debug("could not answer %s: %s", peer, e)
         except Exception:
@@ -411,7 +410,7 @@ class Worker:
         # One computation in steps at a time (a prompt; the loop serves others in between). Caches are
         # made and evicted only under the lock, so none changes hands while a prompt uses it. A decode
         # step of cached sessions (_runs_now) needs none: it runs whole, between two steps of a prompt.
-        now = T == 1 and self._runs_now(dest, msg, x)
+        now = self._runs_now(dest, msg, x)
         batch = {(conn, s) for s in msg.sessions}  # never evicted to make room for each other
         async with contextlib.nullcontext() if now else self._locked(batch):
             if dest.closed:  # its master left while this waited (a relayed forward): no caches for the dead
@@ -427,9 +426,9 @@ class Worker:
             else:
                 out = self.stack.forward(x, rows, msg.start, msg.end).cpu()  # also the sync, so compute_us is real
             spent = time.perf_counter() - t0
+            us = int((spent - (self._aside_s - aside)) * 1e6)  # less the decode steps run in between
             if now:
                 self._aside_s += spent
-            us = int((spent - (self._aside_s - aside if not now else 0.0)) * 1e6)
         task = asyncio.current_task()
         if task in self._computed:  # a queued forward: its slot goes before it relays or answers
             self._computed.pop(task)(task)
@@ -451,7 +450,7 @@ class Worker:
         async with self._computing:
             ended = keys & self._ended_waiting  # the marks stay for any later forward of these (_unwait)
             try:
-                if ended and ended == keys:
+                if ended == keys:
                     raise RequestError("gone", "the sessions of this forward were ended while it waited")
                 yield
             finally:

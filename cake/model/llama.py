@@ -317,6 +317,15 @@ MAX_SPARES = 4
 PREFILL_CHUNK = 512  # rows of a prompt per step of forward_steps
 
 
+def chunk_spans(total: int, size: int) -> list[tuple[int, int]]:
+    """[a, b) spans of at most `size` covering 0..total, except that a one-token tail joins the span
+    before it: a single token would take a node's decode path (and a CUDA graph of its own)."""
+    starts = list(range(0, total, size))
+    if len(starts) > 1 and total - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [total]))
+
+
 class LayerStack:
     """The decoder layers one node holds; runs any contiguous sub-range of them in one call."""
 
@@ -412,12 +421,8 @@ class LayerStack:
         if T == 1:
             yield self.forward(hidden, rows, start, end)
             return
-        size = max(2, chunk // B)  # at least two tokens: a single one would take the decode path
-        starts = list(range(0, T, size))
-        if len(starts) > 1 and T - starts[-1] == 1:
-            starts.pop()  # no one-token tail: it would take the decode path (a CUDA graph of its own)
         outs = []
-        for a, b in zip(starts, starts[1:] + [T]):
+        for a, b in chunk_spans(T, max(2, chunk // B)):  # at least two tokens a chunk (see chunk_spans)
             x = hidden[:, a:b]
             at = [Row(r.cache, r.start + a) for r in rows]
             for i in range(start, end):
