@@ -10,7 +10,10 @@ import torch
 
 from cake.errors import ModelError
 from cake.model.config import LlamaConfig, load_config, load_eos_ids
-from cake.model.llama import KVCache, Row, apply_rope, rope_inv_freq, rope_rotations, rope_swap, rope_table
+import torch.nn.functional as F
+
+from cake.model.llama import (KVCache, Row, add_linear, apply_rope, linear, rope_inv_freq, rope_rotations, rope_swap,
+                              rope_table)
 from cake.model.loader import load_head, load_layers, resolve_context
 from conftest import reference_model
 
@@ -97,6 +100,26 @@ def test_rope_as_rotation_matrix_equals_elementwise_rope(tiny_model, dtype):
     assert torch.allclose(torch.bmm(x, rot).float(), want, atol=tol * want.abs().max(), rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
+def test_one_bf16_row_takes_mv_with_the_same_result(shape, monkeypatch):
+    """A single bf16 row on the CPU goes through torch.mv or addmv (faster there than F.linear), and gets
+    F.linear's and addmm's result bit for bit, with and without a bias or a residual."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).bfloat16()
+    w, b = torch.randn(80, 96, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
+    residual = torch.randn(1, 80, generator=g).bfloat16()
+    calls = []
+    mv, addmv = torch.mv, torch.addmv
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or mv(*a))
+    monkeypatch.setattr(torch, "addmv", lambda *a: calls.append(1) or addmv(*a))
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(add_linear(residual, x.reshape(1, 96), w, None), torch.addmm(residual, x.reshape(1, 96), w.t()))
+    assert len(calls) == 3
+    two = torch.randn(2, 96, generator=g).bfloat16()  # a batch keeps F.linear
+    assert torch.equal(linear(two, w), F.linear(two, w)) and len(calls) == 3
+
+
 def test_eos_ids_from_generation_config(tiny_model):
     assert set(load_eos_ids(tiny_model, load_config(tiny_model))) == {128001, 128009}
 
@@ -129,6 +152,25 @@ def test_missing_tensor_is_named(tiny_model, tmp_path):
     with pytest.raises(ModelError, match="tensor 'model.layers.2.mlp.up_proj.weight' is not in"):
         load_layers(tmp_path, [1, 2], "cpu", "f32", 64)
     load_layers(tmp_path, [1, 3], "cpu", "f32", 64)  # other layers still load
+
+
+def test_conversion_on_load_goes_in_blocks_and_is_exact(tiny_model, monkeypatch):
+    """A tensor stored in another dtype is read and converted a block of rows at a time (so a node never
+    holds a whole stored copy next to the converted one), with torch's own conversion's result."""
+    from safetensors.torch import load_file
+
+    from cake.model import weights
+
+    stored = load_file(tiny_model / "model.safetensors")
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]
+    reads = []
+    read = weights._read_into
+    monkeypatch.setattr(weights, "_read_into", lambda path, start, out: reads.append(out.nbytes) or read(path, start, out))
+    monkeypatch.setattr(weights, "CONVERT_CHUNK", 10_000)
+    got = weights.WeightFiles(tiny_model).load(names, torch.bfloat16, torch.device("cpu"))
+    for n in names:
+        assert got[n].dtype == torch.bfloat16 and torch.equal(got[n], stored[n].to(torch.bfloat16)), n
+    assert max(reads) <= 10_000 and len(reads) > stored[names[0]].nbytes // 10_000
 
 
 def test_bad_model_folder_errors(tmp_path):

@@ -23,6 +23,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_HEADER = 100 << 20
 READ_CHUNK = 256 << 20
+CONVERT_CHUNK = 32 << 20  # bytes of a tensor stored in another dtype read at a time, then converted
 
 DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -139,11 +140,9 @@ class WeightFiles:
             n = e.shape[0] if e.shape else 1
             part = out[offset:offset + n] if e.shape else out
             if e.dtype == dtype:
-                _read_into(e, part)
-            else:  # stored in another dtype: read this part as stored, convert it into place
-                stored = torch.empty(e.shape, dtype=e.dtype)
-                _read_into(e, stored)
-                part.copy_(stored)
+                _read_into(e.path, e.start, part)
+            else:
+                _convert_into(e, part)
             offset += n
         return out.to(device) if device.type != "cpu" else out
 
@@ -158,13 +157,30 @@ class WeightFiles:
             self.entry(n)
 
 
-def _read_into(e: Entry, out: torch.Tensor) -> None:
+def _convert_into(e: Entry, out: torch.Tensor) -> None:
+    """Read a tensor stored in another dtype into `out`, converting a block of rows at a time: the
+    stored copy of a whole embedding (a GB in f32) would otherwise sit next to the converted one."""
+    row_bytes = (e.end - e.start) // max(1, e.shape[0]) if e.shape else e.end - e.start
+    block = max(1, CONVERT_CHUNK // max(1, row_bytes))
+    rows = e.shape[0] if e.shape else 1
+    buf = torch.empty((min(block, rows), *e.shape[1:]), dtype=e.dtype)
+    for r in range(0, rows, block):
+        n = min(block, rows - r)
+        _read_into(e.path, e.start + r * row_bytes, buf[:n])
+        if e.shape:
+            out[r:r + n].copy_(buf[:n])
+        else:
+            out.copy_(buf.reshape(()))
+
+
+def _read_into(path: Path, start: int, out: torch.Tensor) -> None:
+    """Fill `out` (contiguous) with the bytes of `path` from `start`."""
     view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
-    with open(e.path, "rb", buffering=0) as f:
-        f.seek(e.start)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
         got = 0
         while got < len(view):
             n = f.readinto(view[got:got + READ_CHUNK])
             if not n:
-                raise ModelError(f"'{e.path}' ends early; the file is truncated")
+                raise ModelError(f"'{path}' ends early; the file is truncated")
             got += n
