@@ -100,58 +100,26 @@ def test_rope_as_rotation_matrix_equals_elementwise_rope(tiny_model, dtype):
     assert torch.allclose(torch.bmm(x, rot).float(), want, atol=tol * want.abs().max(), rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
-def test_one_bf16_row_takes_mv_with_the_same_result(shape, monkeypatch):
-    """A single bf16 row on the CPU goes through torch.mv or addmv (faster there than F.linear), and gets
-    F.linear's and addmm's result bit for bit, with and without a bias or a residual."""
+@pytest.mark.parametrize("shape, kernel", [((1, 96), "mv"), ((1, 1, 96), "mv"), ((2, 96), "mm"), ((4, 1, 96), "mm"),
+                                           ((24, 96), "mm"), ((40, 96), "")])
+def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, kernel, monkeypatch):
+    """On the CPU, one bf16 row goes through torch.mv or addmv and a few rows through W @ x^T (both faster
+    there than F.linear), with F.linear's and addmm's result bit for bit, with and without a bias or a
+    residual; many rows keep F.linear."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g).bfloat16()
+    rows = x.numel() // 96
     w, b = torch.randn(80, 96, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
-    residual = torch.randn(1, 80, generator=g).bfloat16()
+    residual = torch.randn(rows, 80, generator=g).bfloat16()
+    addmm = torch.addmm
     calls = []
-    mv, addmv = torch.mv, torch.addmv
-    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or mv(*a))
-    monkeypatch.setattr(torch, "addmv", lambda *a: calls.append(1) or addmv(*a))
+    for name in ("mv", "addmv", "mm", "addmm"):
+        fn = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     assert torch.equal(linear(x, w), F.linear(x, w))
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
-    assert torch.equal(add_linear(residual, x.reshape(1, 96), w, None), torch.addmm(residual, x.reshape(1, 96), w.t()))
-    assert len(calls) == 3
-    two = torch.randn(2, 96, generator=g).bfloat16()  # a batch keeps F.linear
-    assert torch.equal(linear(two, w), F.linear(two, w)) and len(calls) == 3
-
-
-def test_eos_ids_from_generation_config(tiny_model):
-    assert set(load_eos_ids(tiny_model, load_config(tiny_model))) == {128001, 128009}
-
-
-def test_generation_config_eos_ids_replace_config_json_ones(tiny_model, tmp_path):
-    """As in transformers' generate: config.json's EOS ids count only where generation_config.json names none."""
-    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()),
-                                                      "eos_token_id": 280}))
-    config = load_config(tmp_path)
-    assert load_eos_ids(tmp_path, config) == (280,)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
-    assert load_eos_ids(tmp_path, config) == (280,)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [425, 500]}))
-    assert load_eos_ids(tmp_path, config) == (425, 500)
-
-
-def test_context_is_capped_by_the_model():
-    c = LlamaConfig(64, 128, 2, 4, 2, 16, 100, max_position_embeddings=1024)
-    assert resolve_context(c, None) == 1024 and resolve_context(c, 100) == 100
-
-
-def test_missing_tensor_is_named(tiny_model, tmp_path):
-    for f in tiny_model.iterdir():
-        shutil.copy2(f, tmp_path / f.name)
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["model.layers.2.mlp.up_proj.weight"]
-    save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ModelError, match="tensor 'model.layers.2.mlp.up_proj.weight' is not in"):
-        load_layers(tmp_path, [1, 2], "cpu", "f32", 64)
-    load_layers(tmp_path, [1, 3], "cpu", "f32", 64)  # other layers still load
+    assert torch.equal(add_linear(residual, x.reshape(rows, 96), w, None), addmm(residual, x.reshape(rows, 96), w.t()))
+    assert calls == {"mv": ["mv", "addmv", "addmv"], "mm": ["mm", "addmm", "addmm"], "": ["addmm"]}[kernel]
 
 
 def test_conversion_on_load_goes_in_blocks_and_is_exact(tiny_model, monkeypatch):

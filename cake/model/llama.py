@@ -46,32 +46,45 @@ def _wants_onednn(x: torch.Tensor) -> bool:
             and x.dtype == torch.float32 and x.device.type == "cpu")
 
 
-def _wants_mv(x: torch.Tensor) -> bool:
-    """One row in bf16 on the CPU (a single session's decode step, the head): torch.mv's kernel reads
-    bf16 weights ~1.5x faster than F.linear's or addmm's for one row (measured on an AVX-512 Xeon: 16
-    big layers' matrices 18.2 against 28.3 ms, a 128256-token head 10.3 against 15.1), with the same
-    result bit for bit (addmv where a bias or residual is added). Not in f16 (mv is slower there) nor f32 (F.linear is faster)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+def _half_cpu_kernel(x: torch.Tensor) -> str:
+    """For bf16 on the CPU, where torch's general kernel (F.linear, addmm, oneDNN's) is slow for a few
+    rows: 'mv' for one row (torch.mv's kernel reads the weights ~1.5x faster: 16 big layers' matrices
+    18.2 against 28.3 ms, a 128256-token head 10.3 against 15.1), 'wx' for 2-24 rows (the product
+    computed as W @ x^T: 22-32 against 29-41 ms for 2-24 rows; from ~32 rows F.linear wins), else ''.
+    Each gives F.linear's result bit for bit (addmv/addmm where a bias or residual is added). Not in
+    f16 (mv is slower there) nor f32 (F.linear and oneDNN are faster). Measured on an AVX-512 Xeon."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return ""
+    rows = x.numel() // x.shape[-1]
+    return "mv" if rows == 1 else "wx" if rows <= 24 else ""
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with another kernel where that one is slow (see _wants_onednn and _wants_mv)."""
+    """F.linear, with another kernel where that one is slow (see _wants_onednn and _half_cpu_kernel)."""
     if _wants_onednn(x):
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
-    if _wants_mv(x):
+    kernel = _half_cpu_kernel(x)
+    if kernel == "mv":
         y = torch.mv(w, x.reshape(-1)) if b is None else torch.addmv(b, w, x.reshape(-1))
         return y.view(*x.shape[:-1], w.shape[0])
+    if kernel == "wx":
+        xt = x.reshape(-1, x.shape[-1]).t()
+        y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
+        return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 
 
 def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """residual + linear(x, w, b) for 2-D [rows, features] tensors; one addmm (the add rides in the
-    matrix product) unless there is a bias or another kernel should take the product."""
-    if b is None and _wants_mv(x):
+    """residual + linear(x, w, b) for 2-D [rows, features] tensors; one addmm or addmv (the add rides in
+    the matrix product) unless there is a bias or oneDNN should take the product."""
+    if b is not None or _wants_onednn(x):
+        return residual + linear(x, w, b)
+    kernel = _half_cpu_kernel(x)
+    if kernel == "mv":
         return torch.addmv(residual.reshape(-1), w, x.reshape(-1)).view(residual.shape)
-    if b is None and not _wants_onednn(x):
-        return torch.addmm(residual, x, w.t())
-    return residual + linear(x, w, b)
+    if kernel == "wx":
+        return torch.addmm(residual.t(), w, x.t()).t().contiguous()
+    return torch.addmm(residual, x, w.t())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
