@@ -122,6 +122,40 @@ def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, kernel, m
     assert calls == {"mv": ["mv", "addmv", "addmv"], "mm": ["mm", "addmm", "addmm"], "": ["addmm"]}[kernel]
 
 
+def test_eos_ids_from_generation_config(tiny_model):
+    assert set(load_eos_ids(tiny_model, load_config(tiny_model))) == {128001, 128009}
+
+
+def test_generation_config_eos_ids_replace_config_json_ones(tiny_model, tmp_path):
+    """As in transformers' generate: config.json's EOS ids count only where generation_config.json names none."""
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tiny_model / "config.json").read_text()),
+                                                      "eos_token_id": 280}))
+    config = load_config(tmp_path)
+    assert load_eos_ids(tmp_path, config) == (280,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert load_eos_ids(tmp_path, config) == (280,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [425, 500]}))
+    assert load_eos_ids(tmp_path, config) == (425, 500)
+
+
+def test_context_is_capped_by_the_model():
+    c = LlamaConfig(64, 128, 2, 4, 2, 16, 100, max_position_embeddings=1024)
+    assert resolve_context(c, None) == 1024 and resolve_context(c, 100) == 100
+
+
+def test_missing_tensor_is_named(tiny_model, tmp_path):
+    for f in tiny_model.iterdir():
+        shutil.copy2(f, tmp_path / f.name)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="tensor 'model.layers.2.mlp.up_proj.weight' is not in"):
+        load_layers(tmp_path, [1, 2], "cpu", "f32", 64)
+    load_layers(tmp_path, [1, 3], "cpu", "f32", 64)  # other layers still load
+
+
 def test_conversion_on_load_goes_in_blocks_and_is_exact(tiny_model, monkeypatch):
     """A tensor stored in another dtype is read and converted a block of rows at a time (so a node never
     holds a whole stored copy next to the converted one), with torch's own conversion's result."""
