@@ -100,17 +100,18 @@ def test_rope_as_rotation_matrix_equals_elementwise_rope(tiny_model, dtype):
     assert torch.allclose(torch.bmm(x, rot).float(), want, atol=tol * want.abs().max(), rtol=0)
 
 
-@pytest.mark.parametrize("shape, kernel", [((1, 96), "mv"), ((1, 1, 96), "mv"), ((2, 96), "mm"), ((4, 1, 96), "mm"),
-                                           ((24, 96), "mm"), ((40, 96), "")])
-def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, kernel, monkeypatch):
-    """On the CPU, one bf16 row goes through torch.mv or addmv and a few rows through W @ x^T (both faster
-    there than F.linear), with F.linear's and addmm's result bit for bit, with and without a bias or a
-    residual; many rows keep F.linear."""
+@pytest.mark.parametrize("shape, out, kernel", [((1, 96), 80, "mv"), ((1, 1, 96), 80, "mv"), ((2, 96), 80, ""),
+                                                ((2, 96), 11000, "mm"), ((4, 1, 96), 11000, "mm"),
+                                                ((24, 96), 11000, "mm"), ((40, 96), 11000, "")])
+def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, out, kernel, monkeypatch):
+    """On the CPU, one bf16 row goes through torch.mv or addmv and a few rows of a large matrix through
+    W @ x^T (both faster there than F.linear), with F.linear's and addmm's result bit for bit, with and
+    without a bias or a residual; many rows, and a few rows of a small matrix, keep F.linear."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g).bfloat16()
     rows = x.numel() // 96
-    w, b = torch.randn(80, 96, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
-    residual = torch.randn(rows, 80, generator=g).bfloat16()
+    w, b = torch.randn(out, 96, generator=g).bfloat16(), torch.randn(out, generator=g).bfloat16()
+    residual = torch.randn(rows, out, generator=g).bfloat16()
     addmm = torch.addmm
     calls = []
     for name in ("mv", "addmv", "mm", "addmm"):

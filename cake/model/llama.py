@@ -46,24 +46,26 @@ def _wants_onednn(x: torch.Tensor) -> bool:
             and x.dtype == torch.float32 and x.device.type == "cpu")
 
 
-def _half_cpu_kernel(x: torch.Tensor) -> str:
+def _half_cpu_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
     """For bf16 on the CPU, where torch's general kernel (F.linear, addmm, oneDNN's) is slow for a few
     rows: 'mv' for one row (torch.mv's kernel reads the weights ~1.5x faster: 16 big layers' matrices
-    18.2 against 28.3 ms, a 128256-token head 10.3 against 15.1), 'wx' for 2-24 rows (the product
-    computed as W @ x^T: 22-32 against 29-41 ms for 2-24 rows; from ~32 rows F.linear wins), else ''.
+    18.2 against 28.3 ms, a 128256-token head 10.3 against 15.1; an 8B layer's 16.5 against 27.1), 'wx'
+    for 2-24 rows of a matrix of a million weights or more (the product computed as W @ x^T: 22-32
+    against 29-41 ms for 2-24 rows; 17 against 20 for an 8B layer; from ~32 rows, or on small matrices,
+    F.linear wins), else ''.
     Each gives F.linear's result bit for bit (addmv/addmm where a bias or residual is added). Not in
     f16 (mv is slower there) nor f32 (F.linear and oneDNN are faster). Measured on an AVX-512 Xeon."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return ""
     rows = x.numel() // x.shape[-1]
-    return "mv" if rows == 1 else "wx" if rows <= 24 else ""
+    return "mv" if rows == 1 else "wx" if rows <= 24 and w.numel() >= 1 << 20 else ""
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with another kernel where that one is slow (see _wants_onednn and _half_cpu_kernel)."""
     if _wants_onednn(x):
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
-    kernel = _half_cpu_kernel(x)
+    kernel = _half_cpu_kernel(x, w)
     if kernel == "mv":
         y = torch.mv(w, x.reshape(-1)) if b is None else torch.addmv(b, w, x.reshape(-1))
         return y.view(*x.shape[:-1], w.shape[0])
@@ -79,7 +81,7 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torc
     the matrix product) unless there is a bias or oneDNN should take the product."""
     if b is not None or _wants_onednn(x):
         return residual + linear(x, w, b)
-    kernel = _half_cpu_kernel(x)
+    kernel = _half_cpu_kernel(x, w)
     if kernel == "mv":
         return torch.addmv(residual.reshape(-1), w, x.reshape(-1)).view(residual.shape)
     if kernel == "wx":
