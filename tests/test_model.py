@@ -105,8 +105,9 @@ def test_rope_as_rotation_matrix_equals_elementwise_rope(tiny_model, dtype):
                                                 ((24, 96), 11000, "mm"), ((40, 96), 11000, "")])
 def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, out, kernel, monkeypatch):
     """On the CPU, one bf16 row goes through torch.mv or addmv and a few rows of a large matrix through
-    W @ x^T (both faster there than F.linear), with F.linear's and addmm's result bit for bit, with and
-    without a bias or a residual; many rows, and a few rows of a small matrix, keep F.linear."""
+    W @ x^T (both faster there than F.linear), with F.linear's and addmm's result, with and without a
+    bias or a residual; many rows, and a few rows of a small matrix, keep F.linear. (Bit for bit on the
+    x86 CPUs measured; other CPUs' kernels may sum in another order, hence one bf16 step of slack.)"""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=g).bfloat16()
     rows = x.numel() // 96
@@ -117,9 +118,14 @@ def test_few_bf16_rows_take_faster_kernels_with_the_same_result(shape, out, kern
     for name in ("mv", "addmv", "mm", "addmm"):
         fn = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    assert torch.equal(linear(x, w), F.linear(x, w))
-    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
-    assert torch.equal(add_linear(residual, x.reshape(rows, 96), w, None), addmm(residual, x.reshape(rows, 96), w.t()))
+
+    def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return got.shape == want.shape and got.dtype == want.dtype and torch.allclose(
+            got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * want.float().abs().max().item())
+
+    assert same(linear(x, w), F.linear(x, w))
+    assert same(linear(x, w, b), F.linear(x, w, b))
+    assert same(add_linear(residual, x.reshape(rows, 96), w, None), addmm(residual, x.reshape(rows, 96), w.t()))
     assert calls == {"mv": ["mv", "addmv", "addmv"], "mm": ["mm", "addmm", "addmm"], "": ["addmm"]}[kernel]
 
 
