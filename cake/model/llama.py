@@ -53,10 +53,10 @@ def _half_cpu_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
     for 2-24 rows of a matrix of a million weights or more (the product computed as W @ x^T: 22-32
     against 29-41 ms for 2-24 rows; 17 against 20 for an 8B layer; from ~32 rows, or on small matrices,
     F.linear wins), else ''.
-    Each gave F.linear's result bit for bit there (addmv/addmm where a bias or residual is added), so a
-    session's logits do not depend on which sessions share its batch. Not in
+    Each gave F.linear's result bit for bit there (addmv/addmm where a bias or residual is added), so up
+    to 24 sessions a session's logits do not depend on which others share its batch. Not in
     f16 (mv is slower there) nor f32 (F.linear and oneDNN are faster). Measured on an AVX-512 Xeon."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.shape[-1]:
         return ""
     rows = x.numel() // x.shape[-1]
     return "mv" if rows == 1 else "wx" if rows <= 24 and w.numel() >= 1 << 20 else ""

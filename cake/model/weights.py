@@ -175,7 +175,7 @@ def _convert_into(e: Entry, out: torch.Tensor) -> None:
 
 def _read_into(path: Path, start: int, out: torch.Tensor) -> None:
     """Fill `out` (contiguous) with the bytes of `path` from `start`."""
-    view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
         got = 0
