@@ -62,19 +62,25 @@ def _half_cpu_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
     return "mv" if rows == 1 else "wx" if rows <= 24 and w.numel() >= 1 << 20 else ""
 
 
+def _half_cpu_product(kernel: str, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """x @ w^T (+ `add`: a bias [out] or a residual [rows, out], added inside the product) through the
+    kernel _half_cpu_kernel chose, computed as w @ x^T."""
+    out = w.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    c = None if add is None else add.reshape(-1, out).t()  # [out, 1] for a bias, [out, rows] for a residual
+    if kernel == "mv":
+        y = torch.mv(w, x2[0]) if c is None else torch.addmv(c.reshape(-1), w, x2[0])
+    else:
+        y = torch.mm(w, x2.t()) if c is None else torch.addmm(c, w, x2.t())
+    return y.reshape(out, -1).t().contiguous().view(*x.shape[:-1], out)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with another kernel where that one is slow (see _wants_onednn and _half_cpu_kernel)."""
     if _wants_onednn(x):
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
     kernel = _half_cpu_kernel(x, w)
-    if kernel == "mv":
-        y = torch.mv(w, x.reshape(-1)) if b is None else torch.addmv(b, w, x.reshape(-1))
-        return y.view(*x.shape[:-1], w.shape[0])
-    if kernel == "wx":
-        xt = x.reshape(-1, x.shape[-1]).t()
-        y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
-        return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w, b)
+    return _half_cpu_product(kernel, x, w, b) if kernel else F.linear(x, w, b)
 
 
 def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -83,11 +89,7 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torc
     if b is not None or _wants_onednn(x):
         return residual + linear(x, w, b)
     kernel = _half_cpu_kernel(x, w)
-    if kernel == "mv":
-        return torch.addmv(residual.reshape(-1), w, x.reshape(-1)).view(residual.shape)
-    if kernel == "wx":
-        return torch.addmm(residual.t(), w, x.t()).t().contiguous()
-    return torch.addmm(residual, x, w.t())
+    return _half_cpu_product(kernel, x, w, residual) if kernel else torch.addmm(residual, x, w.t())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
