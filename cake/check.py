@@ -20,7 +20,7 @@ from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
 from cake.devices import compute_unit, machine_id, pick_device
-from cake.master import RelayChain, RemoteStage, model_mismatch, worker_hardware
+from cake.master import RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, worker_hardware
 from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
@@ -121,7 +121,7 @@ def pipeline_line(stages: list[Stage], statuses: list[WorkerStatus], options: Op
     infos = {st.worker.name: st.info for st in statuses}
     units = {worker_hardware(s.worker.host, infos[s.worker.name]) if s.worker is not None else
              (machine_id(), compute_unit(pick_device(device))) for s in stages}
-    on = options.pipeline == "on" or (options.pipeline == "auto" and len(units) > 1)
+    on = pipelines_long_prompts(options.pipeline, units)
     why = (f"--pipeline {options.pipeline}" if options.pipeline != "auto" else
            f"--pipeline auto: the stages compute on {len(units)} machine(s) or GPU(s)")
     return f"long prompts: {'pipelined across the stages' if on else 'one request per stage'} ({why})"

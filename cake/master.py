@@ -79,6 +79,13 @@ def worker_hardware(host: str, info: wire.Info | None) -> tuple[str, str]:
     return machine_id() if auth.is_loopback(host) else host, info.device if info is not None else "cpu"
 
 
+def pipelines_long_prompts(choice: str, hardware: set[tuple[str, str]]) -> bool:
+    """--pipeline `choice` for stages that compute on `hardware` ((machine, compute unit) each): on, or
+    auto and more than one machine or GPU (on one machine's CPU the stages would only take turns on the
+    same cores: measured 13% slower there)."""
+    return choice == "on" or (choice == "auto" and len(hardware) > 1)
+
+
 def model_mismatch(info: wire.Info, config: LlamaConfig) -> str:
     """'' when a worker serves the master's model (by its shape), else what differs and the fix."""
     if (info.hidden_size, info.num_layers) == (config.hidden_size, config.num_hidden_layers):
@@ -391,11 +398,8 @@ class Master:
 
     @property
     def pipelines(self) -> bool:
-        """Whether long prompts go through the stages in pipelined chunks: --pipeline on, or auto and the
-        stages compute on more than one machine or GPU (on one machine's CPU the stages would only take
-        turns on the same cores: measured 13% slower there)."""
-        choice = self.options.pipeline
-        return choice == "on" or (choice == "auto" and len({self._hardware(st) for st in self.stages}) > 1)
+        """Whether long prompts go through the stages in pipelined chunks (pipelines_long_prompts)."""
+        return pipelines_long_prompts(self.options.pipeline, {self._hardware(st) for st in self.stages})
 
     def _hardware(self, st) -> tuple[str, str]:
         if isinstance(st, LocalStage):
