@@ -277,10 +277,10 @@ class Bandwidth(Subject):
         kernels = {"F.linear": lambda: torch.nn.functional.linear(self.x, self.w),
                    "torch.mv": lambda: torch.mv(self.w, self.x[0])}
         best = {}
-        for name, self.kernel in kernels.items():
+        for name, kernel in kernels.items():
             for _ in range(3):
-                self._matvec()
-            best[name] = min(self._matvec() for _ in range(5))
+                self._matvec(kernel)
+            best[name] = min(self._matvec(kernel) for _ in range(5))
         self.kernel_name = min(best, key=best.get)
         self.kernel = kernels[self.kernel_name]
 
@@ -290,15 +290,16 @@ class Bandwidth(Subject):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _matvec(self) -> float:
+    def _matvec(self, kernel) -> float:
         self._sync()
         t0 = time.perf_counter()
-        self.kernel()
+        kernel()
         self._sync()
         return time.perf_counter() - t0
 
     def run(self) -> dict:
-        return {"matvec_s": statistics.median(self._matvec() for _ in range(MATVEC_ITERS)), "kernel": self.kernel_name}
+        return {"matvec_s": statistics.median(self._matvec(self.kernel) for _ in range(MATVEC_ITERS)),
+                "kernel": self.kernel_name}
 
 
 class Transformers(Subject):
