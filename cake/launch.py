@@ -34,10 +34,11 @@ def worker_command(model: str | Path, name: str, topology: str | Path, port: int
 
 
 def start_worker(model: str | Path, name: str, topology: str | Path, port: int, *extra: str,
-                 log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+                 log: Path | None = None, env: dict | None = None, wrap: list[str] | None = None) -> subprocess.Popen:
+    """`wrap`: a command the worker's command line is appended to (the benchmark's CPU pinning)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen(worker_command(model, name, topology, port, *extra), stdout=out, stderr=out,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen([*(wrap or []), *worker_command(model, name, topology, port, *extra)], stdout=out,
+                            stderr=out, env={**os.environ, **(env or {})})
 
 
 def wait_ready(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:

@@ -3,6 +3,7 @@
 
     python scripts/bench.py --quick            # about a minute: tiny model, few tokens, one run
     python scripts/bench.py --model both       # the real figures: minutes, on a quiet machine
+    python scripts/bench.py --cores-per-node 4 # each node on cores of its own, as on separate machines
 
 Every measured thing runs in its own fresh process (this script re-invoked with `--child`), so one
 measurement's imports and allocations never show in another's timings or peak RSS: the master is
@@ -33,6 +34,21 @@ SCRIPT = Path(__file__).resolve()
 # Measure this checkout's cake, not whichever one is installed: children and workers inherit this.
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+RUN_ON = "--run-on"  # this script as a launcher: pin, then exec the rest of its command line
+
+
+def run_on(cpus: str, command: list[str]) -> None:
+    """Become `command` on the CPUs `cpus` ("0,1"), with one torch/OpenMP thread per CPU. The affinity
+    is set before the command starts, so every thread it ever makes inherits it."""
+    cores = {int(c) for c in cpus.split(",")}
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == RUN_ON:
+    run_on(sys.argv[2], sys.argv[3:])  # before cake is imported: its OpenMP default must not leak into the command
 
 # Importing cake sets its OpenMP spin default (cake/__init__.py) for this process and its children. The
 # processes that are not cake (transformers, the matvec) must run as a user would run them: with the
@@ -445,7 +461,7 @@ def child_main(job_json: str) -> None:
             elif command == "finish":
                 torch = sys.modules.get("torch")
                 answer({**subject.finish(), "peak_rss": peak_rss(),
-                        "threads": torch.get_num_threads() if torch else 0})
+                        "threads": torch.get_num_threads() if torch else 0, "cpus": cpu_list()})
                 return
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -466,7 +482,7 @@ def last_line(path: Path) -> str:
 class Child:
     """A child process serving one Subject; its stderr goes to `<logs>/<kind>.log`."""
 
-    def __init__(self, job: Job, logs: Path):
+    def __init__(self, job: Job, logs: Path, wrap: list[str] | None = None):
         self.kind, self.log = job.kind, logs / f"{job.kind}.log"
         env = dict(os.environ)
         if job.kind in NATIVE_KINDS:
@@ -474,7 +490,7 @@ class Child:
             if USER_GOMP_SPINCOUNT is None:
                 env.pop("GOMP_SPINCOUNT", None)
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "--child", json.dumps(asdict(job))],
+            self.proc = subprocess.Popen([*(wrap or []), sys.executable, str(SCRIPT), "--child", json.dumps(asdict(job))],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                          env=env)
 
@@ -497,8 +513,8 @@ class Child:
 
 
 @contextmanager
-def child(job: Job, logs: Path) -> Iterator[Child]:
-    c = Child(job, logs)
+def child(job: Job, logs: Path, wrap: list[str] | None = None) -> Iterator[Child]:
+    c = Child(job, logs, wrap)
     try:
         yield c
     finally:
@@ -524,10 +540,74 @@ class Cluster:
     def peak_rss(self) -> dict[str, int | None]:
         return {name: peak_rss(p.pid) for name, p in self.procs.items()}
 
+    def cpus(self) -> dict[str, str | None]:
+        return {name: cpu_list(p.pid) for name, p in self.procs.items()}
+
+
+def worker_ranges(layers: int, count: int = 2) -> dict[str, tuple[int, int]]:
+    """The layers of `count` workers (worker-a, worker-b, ...) in contiguous ranges as even as can be."""
+    bounds = [layers * i // count for i in range(count + 1)]
+    return {f"worker-{chr(ord('a') + i)}": (bounds[i], bounds[i + 1]) for i in range(count)}
+
 
 def halves(layers: int) -> dict[str, tuple[int, int]]:
-    half = layers // 2
-    return {"worker-a": (0, half), "worker-b": (half, layers)}
+    return worker_ranges(layers, 2)
+
+
+def core_sets(nodes: int, per_node: int, available: list[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """Disjoint sets of `per_node` CPUs, one per node, from the CPUs this process may use."""
+    if available is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise CakeError("--cores-per-node pins processes to CPUs, which needs Linux")
+        available = sorted(os.sched_getaffinity(0))
+    need = nodes * per_node
+    if need > len(available):
+        raise CakeError(f"--cores-per-node {per_node} needs {need} CPU cores (a master and {nodes - 1} worker(s)), "
+                        f"but this machine lets the benchmark use {len(available)}; lower --cores-per-node or --workers")
+    return tuple(tuple(available[i * per_node:(i + 1) * per_node]) for i in range(nodes))
+
+
+def cpu_list(pid: int | None = None) -> str | None:
+    """The CPUs a process may run on, as the kernel lists them ("0-3"); None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many loopback workers the benchmark runs, and where each node runs. Unpinned (no `cores`),
+    every process shares every core, as on one machine. Pinned, node 0 (the master, and each all-local,
+    transformers and matvec process, which run one at a time) and each worker get CPUs of their own, with
+    a thread per CPU: what separate machines would give each node, but one memory bus for all."""
+    workers: int = 2
+    cores: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.workers} worker{'s' if self.workers != 1 else ''}"
+
+    def ranges(self, layers: int) -> dict[str, tuple[int, int]]:
+        return worker_ranges(layers, self.workers)
+
+    def wrap(self, node: int) -> list[str]:
+        """The launcher that pins node `node` (0: the master's set; i: worker i), or nothing."""
+        if not self.cores:
+            return []
+        return [sys.executable, str(SCRIPT), RUN_ON, ",".join(map(str, self.cores[node]))]
+
+    def describe(self, layers: int) -> str:
+        if not self.cores:
+            return ""
+        show = lambda cpus: ",".join(map(str, cpus))  # noqa: E731
+        workers = "; ".join(f"{name} on {show(cpus)}" for name, cpus in zip(self.ranges(layers), self.cores[1:]))
+        return (f"PINNED: each node on {len(self.cores[0])} CPU core(s) of its own, a thread per core "
+                f"(--cores-per-node): the master and the all-local, transformers and matvec processes on "
+                f"{show(self.cores[0])}; {workers}")
 
 
 def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[str, int]) -> None:
@@ -593,11 +673,13 @@ async def proxy_main(spec: dict) -> None:
 
 @contextmanager
 def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str,
-                    link_delay_ms: float = 0.0, busy_poll_us: int = 0, suffix: str = "") -> Iterator[Cluster]:
-    """Two `cake --mode worker` processes on loopback, each serving half the layers; always stopped.
-    With a link delay, the topology sends everyone (master and workers) through a delaying proxy.
-    `suffix` names a second set's topology and logs."""
-    ranges = halves(layers)
+                    link_delay_ms: float = 0.0, busy_poll_us: int = 0, suffix: str = "",
+                    placement: Placement = Placement()) -> Iterator[Cluster]:
+    """`cake --mode worker` processes on loopback (two unless `placement` says otherwise), each serving
+    a contiguous share of the layers, on the CPUs `placement` gives them; always stopped. With a link
+    delay, the topology sends everyone (master and workers) through a delaying proxy. `suffix` names a
+    second set's topology and logs."""
+    ranges = placement.ranges(layers)
     ports = {name: launch.free_port() for name in ranges}
     reached = {name: launch.free_port() for name in ranges} if link_delay_ms > 0 else ports
     topology = logs / f"topology{suffix}.yml"
@@ -610,11 +692,12 @@ def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype
                                               stdout=subprocess.PIPE, text=True)
             if procs["proxy"].stdout.readline().strip() != "ready":
                 raise CakeError("the --link-delay-ms proxy failed to start")
-        for name in ranges:
+        for node, name in enumerate(ranges, start=1):
             log = logs / f"{name}{suffix}.log"
             log.unlink(missing_ok=True)
             procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", device,
-                                              "--dtype", dtype, "--busy-poll", str(busy_poll_us), log=log)
+                                              "--dtype", dtype, "--busy-poll", str(busy_poll_us), log=log,
+                                              wrap=placement.wrap(node))
         for name in ranges:
             try:
                 launch.wait_ready(ports[name], procs[name], WORKER_START_TIMEOUT)
@@ -637,6 +720,7 @@ class Measured:
     stage_runs: list[list[StageSplit]] = field(default_factory=list)  # each run's split, for cake
     peak_rss: int | None = None
     threads: int = 0
+    cpus: str | None = None  # the CPUs the process could use, as the kernel lists them
 
     def add_run(self, answer: dict) -> None:
         if "matvec_s" in answer:
@@ -656,34 +740,37 @@ class Measured:
         return self.stage_runs[order[(len(order) - 1) // 2]]
 
     def add_finish(self, answer: dict) -> None:
-        self.peak_rss, self.threads = answer["peak_rss"], answer["threads"]
+        self.peak_rss, self.threads, self.cpus = answer["peak_rss"], answer["threads"], answer.get("cpus")
 
 
 def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
-            logs: Path, device: str, dtype: str, link_delay_ms: float = 0.0,
-            busy_poll_us: int = 0) -> tuple[dict[str, Measured], dict[str, int | None]]:
-    """Every figure of one model, in interleaved rounds; returns what each child measured and the
-    workers' peak RSS. With busy-polling on, a second pair of workers and a master without it too."""
+            logs: Path, device: str, dtype: str, link_delay_ms: float = 0.0, busy_poll_us: int = 0,
+            placement: Placement = Placement()) -> tuple[dict[str, Measured], dict[str, int | None], dict]:
+    """Every figure of one model, in interleaved rounds; returns what each child measured, and the
+    workers' peak RSS and CPUs. With busy-polling on, a second set of workers and a master without it
+    too. A master with relay off only where there are two workers or more to relay between."""
     with ExitStack() as stack:
-        pairs = "2 workers (and 2 more without busy-polling)" if busy_poll_us > 0 else "2 workers"
+        label = placement.label
+        pairs = f"{label} (and {placement.workers} more without busy-polling)" if busy_poll_us > 0 else label
         progress(f"{spec.name}: starting {pairs}, then the transformers, cake and matvec processes")
         cluster = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms,
-                                                      busy_poll_us))
+                                                      busy_poll_us, placement=placement))
         base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, dtype=dtype,
                    busy_poll=str(busy_poll_us))
         jobs = {"bandwidth": replace(base, kind="bandwidth", nbytes=weights.decode_step),
                 "transformers": replace(base, kind="transformers"),
                 "cake-local": replace(base, kind="cake-local"),
                 "cake-local-server": replace(base, kind="cake-local-server", server=True),
-                "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology)),
-                "cake-workers-no-relay": replace(base, kind="cake-workers-no-relay", topology=str(cluster.topology),
-                                                 relay=False)}
+                "cake-workers": replace(base, kind="cake-workers", topology=str(cluster.topology))}
+        if placement.workers > 1:
+            jobs["cake-workers-no-relay"] = replace(base, kind="cake-workers-no-relay", topology=str(cluster.topology),
+                                                    relay=False)
         if busy_poll_us > 0:
             plain = stack.enter_context(running_workers(model_dir, spec.layers, logs, device, dtype, link_delay_ms,
-                                                        0, suffix="-no-poll"))
+                                                        0, suffix="-no-poll", placement=placement))
             jobs["cake-workers-no-poll"] = replace(base, kind="cake-workers-no-poll", topology=str(plain.topology),
                                                    busy_poll="0")
-        kids = {kind: stack.enter_context(child(job, logs)) for kind, job in jobs.items()}
+        kids = {kind: stack.enter_context(child(job, logs, placement.wrap(0))) for kind, job in jobs.items()}
         for kid in kids.values():
             kid.ask()  # set up and warmed up
         out = {kind: Measured() for kind in kids}
@@ -696,7 +783,7 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
                     # the big bf16 model), which would fall on whichever master uses them first.
                     kid.ask("run")
                 out[kind].add_run(kid.ask("run"))
-        progress(f"{spec.name}: {', '.join(map(str, SESSIONS))} concurrent sessions on the 2 workers")
+        progress(f"{spec.name}: {', '.join(map(str, SESSIONS))} concurrent sessions on the {label}")
         pipelines = [k for k in ("cake-workers", "cake-workers-no-poll") if k in kids]
         for _ in range(repeats):
             for n in SESSIONS:  # interleaved too, so load drift hits every level alike
@@ -704,7 +791,8 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
                     out[kind].concurrency.setdefault(n, []).append(kids[kind].ask(f"concurrent {n}")["tok_s"])
         for kind, kid in kids.items():
             out[kind].add_finish(kid.ask("finish"))
-        return out, cluster.peak_rss()  # read before the workers stop: /proc forgets a process once it exits
+        # Read before the workers stop: /proc forgets a process once it exits.
+        return out, cluster.peak_rss(), cluster.cpus()
 
 
 # ---- the parent: figures ------------------------------------------------------------------------------
@@ -756,11 +844,13 @@ class ModelResult:
     worker_rss: dict[str, int | None]
     device: str = "cpu"
     dtype: str = "f32"
-    no_relay: Measured | None = None  # 2 workers, every hidden state through the master
-    no_poll: Measured | None = None  # 2 workers and master not busy-polling (measured when the others do)
+    no_relay: Measured | None = None  # the workers, every hidden state through the master
+    no_poll: Measured | None = None  # workers and master not busy-polling (measured when the others do)
     busy_poll_us: int = 0
     link_delay_ms: float = 0.0  # each way, on every connection to a worker (an emulated network)
     local_server: Measured | None = None  # all-local, computing as the API server's master does
+    placement: Placement = Placement()
+    worker_cpus: dict[str, str | None] = field(default_factory=dict)  # as each worker's kernel entry said
 
     @property
     def matvec_s(self) -> float:
@@ -795,10 +885,10 @@ class ModelResult:
         if name in VS_BANDWIDTH:
             ts.append(Target("cake all-local decode / bandwidth limit", local.decode_tps / self.bound_tps,
                              VS_BANDWIDTH[name], "x", True))
-        ts.append(Target("2 workers decode / all-local", workers.decode_tps / local.decode_tps, WORKERS_KEEP[name],
-                         "x", True))
+        ts.append(Target(f"{self.placement.label} decode / all-local", workers.decode_tps / local.decode_tps,
+                         WORKERS_KEEP[name], "x", True))
         ts.append(Target("per-hop overhead", self.hop_overhead_us, MAX_HOP_US, "us", False))
-        for worker, (start, end) in halves(self.spec.layers).items():
+        for worker, (start, end) in self.placement.ranges(self.spec.layers).items():
             rss = self.worker_rss.get(worker)
             if rss is not None:
                 ts.append(Target(f"{worker} peak RSS (layers {start}-{end - 1} + 400 MB)", rss / MB,
@@ -823,6 +913,8 @@ class ModelResult:
         return {
             "spec": asdict(self.spec), "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
             "repeats": self.repeats, "link_delay_ms": self.link_delay_ms, "busy_poll_us": self.busy_poll_us,
+            "workers": self.placement.workers, "cores_per_node": [list(c) for c in self.placement.cores],
+            "cpus": {"worker": self.worker_cpus, "master": self.workers.cpus, "all_local": self.local.cpus},
             "weights": {"total": self.weights.total, "decode_step": self.weights.decode_step,
                         "master": self.weights.master, "layers": self.weights.layers},
             "speed": speeds,
@@ -840,16 +932,17 @@ class ModelResult:
 
 def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int, repeats: int,
                 device: str = "cpu", dtype: str = "f32", link_delay_ms: float = 0.0,
-                busy_poll_us: int = 0) -> ModelResult:
+                busy_poll_us: int = 0, placement: Placement = Placement()) -> ModelResult:
     model_dir = ensure_model(spec, workdir)
     weights = WeightBytes.read(model_dir).in_dtype(dtype)
     logs = workdir / "runs" / spec.name
     logs.mkdir(parents=True, exist_ok=True)
-    m, worker_rss = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device, dtype,
-                            link_delay_ms, busy_poll_us)
+    m, worker_rss, worker_cpus = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device,
+                                         dtype, link_delay_ms, busy_poll_us, placement)
     return ModelResult(spec, weights, prompt_tokens, tokens, repeats, m["bandwidth"], m["transformers"],
-                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m["cake-workers-no-relay"],
-                       m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms, m.get("cake-local-server"))
+                       m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m.get("cake-workers-no-relay"),
+                       m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms, m.get("cake-local-server"),
+                       placement, worker_cpus)
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -884,12 +977,15 @@ def machine() -> str:
 def report(r: ModelResult, quick: bool) -> str:
     s, w = r.spec, r.weights
     hf, local, workers = r.speed(r.transformers), r.speed(r.local), r.speed(r.workers)
+    label = r.placement.label
     out = [f"== {s.name}: {s.describe()}; {w.total / MB:.0f} MB {r.dtype} on {r.device}, a decode step reads "
            f"{w.decode_step / MB:.0f} MB ==",
            f"prompt {r.prompt_tokens} tokens, {r.tokens} decode tokens, median of {r.repeats} run(s) after a "
            f"warm-up; {r.local.threads} torch thread(s) per process; {machine()}"]
     if quick:
         out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
+    if r.placement.cores:
+        out.append(r.placement.describe(s.layers))
     if r.link_delay_ms:
         out.append(f"EMULATED NETWORK: every connection to a worker goes through a local proxy that holds each "
                    f"chunk {r.link_delay_ms:g} ms each way (--link-delay-ms); worker figures include it")
@@ -902,19 +998,19 @@ def report(r: ModelResult, quick: bool) -> str:
         speed_row("transformers generate", hf),
         speed_row("cake all-local", local),
         *([speed_row("cake all-local, API server", r.speed(r.local_server))] if r.local_server else []),
-        speed_row("cake 2 workers (master)", workers),
-        *([speed_row("cake 2 workers, no relay", r.speed(r.no_relay))] if r.no_relay else []),
-        *([speed_row("cake 2 workers, no busy-poll", r.speed(r.no_poll))] if r.no_poll else []),
+        speed_row(f"cake {label} (master)", workers),
+        *([speed_row(f"cake {label}, no relay", r.speed(r.no_relay))] if r.no_relay else []),
+        *([speed_row(f"cake {label}, no busy-poll", r.speed(r.no_poll))] if r.no_poll else []),
         ["bandwidth limit (matvec)", f"{1e3 * r.matvec_s:.2f}", f"{r.bound_tps:.1f}", "-", "-", "-"],
     ])]
     out.append(f"matvec ({r.bandwidth.kernel}) reads {w.decode_step / r.matvec_s / 1e9:.1f} GB/s; "
                f"cake all-local reaches {local.decode_tps / r.bound_tps:.2f} of the limit, "
-               f"2 workers {workers.decode_tps / r.bound_tps:.2f}; "
+               f"{label} {workers.decode_tps / r.bound_tps:.2f}; "
                f"cake all-local / transformers {local.decode_tps / hf.decode_tps:.2f}x")
 
     out += ["", table(["decode time per token", "ms/tok", "compute", "network"],
-                      split_rows("all-local", r.local, local) + split_rows("2 workers", r.workers, workers))]
-    out.append(f"per-hop overhead: ({workers.decode_ms:.2f} - {local.decode_ms:.2f}) ms / {r.hops} hops = "
+                      split_rows("all-local", r.local, local) + split_rows(label, r.workers, workers))]
+    out.append(f"per-hop overhead: ({workers.decode_ms:.2f} - {local.decode_ms:.2f}) ms / {r.hops} hop(s) = "
                f"{r.hop_overhead_us:.0f} us")
     if r.no_poll:
         plain = r.speed(r.no_poll)
@@ -927,7 +1023,7 @@ def report(r: ModelResult, quick: bool) -> str:
                    f"a token saved")
 
     mem = [[f"{name} (layers {a}-{b - 1})", mb(r.worker_rss.get(name)), mb(w.layer_range(a, b)),
-            mb(w.layer_range(a, b) + RSS_SLACK)] for name, (a, b) in halves(s.layers).items()]
+            mb(w.layer_range(a, b) + RSS_SLACK)] for name, (a, b) in r.placement.ranges(s.layers).items()]
     mem.append(["master (no layers)", mb(workers.peak_rss), mb(w.master), mb(w.master + RSS_SLACK)])
     out += ["", table(["peak RSS", "MB", "weights MB", "budget MB"], mem)]
 
@@ -935,7 +1031,7 @@ def report(r: ModelResult, quick: bool) -> str:
         columns = [(r.workers, "aggregate decode tok/s")]
         if r.no_poll is not None and r.no_poll.concurrency:
             columns.append((r.no_poll, "no busy-poll tok/s"))
-        out += ["", table(["concurrent sessions (2 workers)", *(h for _, head in columns for h in (head, "x one session"))],
+        out += ["", table([f"concurrent sessions ({label})", *(h for _, head in columns for h in (head, "x one session"))],
                           [[str(n), *(c for m, _ in columns
                                       for c in (f"{r.aggregate(n, m):.1f}", f"{r.aggregate(n, m) / r.aggregate(1, m):.2f}"))]
                            for n in sorted(r.workers.concurrency)])]
@@ -985,7 +1081,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "local proxy that holds every chunk this long each way (default: 0, direct)")
     p.add_argument("--busy-poll", default=None, metavar="US|auto",
                    help="every cake node's --busy-poll (default: $CAKE_BUSY_POLL_US, else auto: on for cuda); "
-                        "when on, 2 workers without it are measured too")
+                        "when on, the workers without it are measured too")
+    p.add_argument("--workers", type=int, default=2, help="loopback workers, each a contiguous share of the layers "
+                                                           "(default: 2)")
+    p.add_argument("--cores-per-node", type=int, default=0, metavar="N",
+                   help="pin the master and each worker to N CPU cores of their own, a thread per core, as on "
+                        "separate machines (the all-local, transformers and matvec processes run on the master's); "
+                        "needs N x (workers + 1) cores (default: 0, every process shares every core)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--proxy", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -998,13 +1100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tokens must be at least 2, --prompt-tokens and --repeats at least 1")
     if not 0 <= args.link_delay_ms <= 10_000:
         p.error("--link-delay-ms must be between 0 and 10000")
+    if not 1 <= args.workers <= 8:
+        p.error("--workers must be between 1 and 8")
+    if args.cores_per_node < 0:
+        p.error("--cores-per-node must be 0 (off) or more")
     if not args.child:
         from cake import eventloop
 
         try:
             args.busy_poll = eventloop.busy_poll_us(args.device, args.busy_poll)
+            cores = core_sets(args.workers + 1, args.cores_per_node) if args.cores_per_node else ()
         except CakeError as e:
             p.error(str(e))
+        args.placement = Placement(args.workers, cores)
     return args
 
 
@@ -1023,7 +1131,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["tiny", "big"] if args.model == "both" else [args.model]
     try:
         results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats, args.device,
-                               args.dtype, args.link_delay_ms, args.busy_poll) for n in names]
+                               args.dtype, args.link_delay_ms, args.busy_poll, args.placement) for n in names]
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

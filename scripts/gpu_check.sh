@@ -3,13 +3,14 @@
 # master and worker on it (the reference stays on the CPU), where one hop's time goes
 # (scripts/hop_probe.py, also busy-polling), then the benchmark in bf16 (all-local and two workers on
 # loopback; on CUDA busy-polling is on by default, so two workers without it are measured too), and how
-# long a stream pauses during another session's long prompt (scripts/prompt_bench.py stall). Logs and
+# long a stream pauses during another session's long prompt (scripts/prompt_bench.py stall), and the
+# CPU benchmark with every node pinned to cores of its own where the machine has enough. Logs and
 # the benchmark's JSON go to $OUT (default ./gpu-results).
 #
 #   bash scripts/gpu_check.sh                       # cuda, bf16
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
-# Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, PROMPT_TIMEOUT,
+# Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, PROMPT_TIMEOUT, PINNED_TIMEOUT,
 # BENCH_EAGER_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the script's status is the first failing
 # step's. On CUDA the big model is measured a second time with CAKE_CUDA_GRAPHS=0, for the figures
 # without CUDA graphs (EAGER=0 skips that).
@@ -49,6 +50,15 @@ step bench "${BENCH_TIMEOUT:-360}" "$PY" scripts/bench.py --device "$DEVICE" --d
     --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench.json" ${BENCH_ARGS:-}
 step prompt "${PROMPT_TIMEOUT:-180}" "$PY" scripts/prompt_bench.py stall --device "$DEVICE" --dtype "$DTYPE" \
     --repeats 2 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}"
+# The CPU targets with each node on cores of its own (the 2-vCPU development VM cannot give three nodes
+# a core each): the big model in f32, the master and two workers on PINNED_CORES cores apiece, when the
+# machine has them (PINNED=0 skips).
+cores=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))" 2>/dev/null || echo 0)
+per=${PINNED_CORES:-4}
+if [ "${PINNED:-1}" = 1 ] && [ "$cores" -ge $((3 * per)) ]; then
+    step cpu-pinned "${PINNED_TIMEOUT:-300}" "$PY" scripts/bench.py --device cpu --dtype f32 --model big \
+        --cores-per-node "$per" --repeats 2 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-cpu-pinned.json"
+fi
 if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)
     CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \
         --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import subprocess
 import sys
@@ -76,6 +78,69 @@ def test_topology_splits_layers_in_halves(tmp_path):
     stages = load_topology(path).stages(8)
     assert [(s.start, s.end, s.worker.name, s.worker.port) for s in stages] == [
         (0, 4, "worker-a", 1234), (4, 8, "worker-b", 1235)]
+
+
+def test_workers_take_contiguous_ranges_as_even_as_can_be(tmp_path):
+    assert bench.worker_ranges(8, 1) == {"worker-a": (0, 8)}
+    assert bench.worker_ranges(8, 3) == {"worker-a": (0, 2), "worker-b": (2, 5), "worker-c": (5, 8)}
+    assert bench.worker_ranges(16, 2) == bench.halves(16) == {"worker-a": (0, 8), "worker-b": (8, 16)}
+    path = tmp_path / "topology.yml"
+    ranges = bench.worker_ranges(8, 3)
+    bench.write_topology(path, ranges, {name: 2000 + i for i, name in enumerate(ranges)})
+    assert [(s.start, s.end, s.worker.name) for s in load_topology(path).stages(8)] == [
+        (0, 2, "worker-a"), (2, 5, "worker-b"), (5, 8, "worker-c")]
+
+
+def test_pinned_nodes_get_disjoint_cores_or_one_clear_error():
+    assert bench.core_sets(3, 2, list(range(8))) == ((0, 1), (2, 3), (4, 5))
+    assert bench.core_sets(2, 1, [4, 9]) == ((4,), (9,))
+    with pytest.raises(CakeError, match=r"--cores-per-node 1 needs 3 CPU cores \(a master and 2 worker\(s\)\), "
+                                        r"but this machine lets the benchmark use 2; lower"):
+        bench.core_sets(3, 1, [0, 1])
+
+
+def test_bench_refuses_a_pinning_the_machine_cannot_give():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    out = subprocess.run([sys.executable, str(script), "--cores-per-node", "4096"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "--cores-per-node 4096 needs 12288 CPU cores" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU pinning is Linux's")
+def test_a_pinned_process_and_its_torch_threads_stay_on_their_cores():
+    """The launcher the benchmark pins every node with (a real process): the command it becomes runs on
+    the given CPU with one torch thread per CPU, and without the OpenMP default importing cake sets."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    cpu = max(os.sched_getaffinity(0))
+    probe = ("import json, os, torch; print(json.dumps([sorted(os.sched_getaffinity(0)), torch.get_num_threads(), "
+             "os.environ.get('GOMP_SPINCOUNT')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, str(script), "--run-on", str(cpu), sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == [[cpu], 1, None]
+
+
+def test_a_pinned_one_worker_run_is_reported_as_such():
+    from dataclasses import replace
+
+    r = _fake_result("tiny")
+    stages = [bench.StageSplit("worker-a[0-7]", 63, 0.4, 0.36)]
+    runs = [bench.Run(ttft_s=0.1, decode_s=10.2 * 63 / 1e3, decode_tokens=63)] * 3
+    one = bench.Measured(runs=runs, stage_runs=[stages] * 3, peak_rss=900_000_000, threads=1,
+                         concurrency={1: [100.0], 2: [180.0], 4: [300.0]}, cpus="0")
+    r = replace(r, workers=one, worker_rss={"worker-a": 300_000_000}, no_relay=None,
+                placement=bench.Placement(1, ((0,), (1,))), worker_cpus={"worker-a": "1"})
+    text = bench.report(r, quick=False)
+    assert ("PINNED: each node on 1 CPU core(s) of its own, a thread per core (--cores-per-node): the master and "
+            "the all-local, transformers and matvec processes on 0; worker-a on 1") in text
+    assert "cake 1 worker (master)" in text and "no relay" not in text and "worker-b" not in text
+    assert "per-hop overhead: (10.20 - 10.00) ms / 1 hop(s) = 200 us" in text
+    assert [t.check for t in r.targets()][1] == "1 worker decode / all-local"
+    j = r.to_json()
+    assert j["workers"] == 1 and j["cores_per_node"] == [[0], [1]]
+    assert j["cpus"]["worker"] == {"worker-a": "1"} and j["cpus"]["master"] == "0"
 
 
 def test_targets_pass_on_the_right_side_of_the_goal():
