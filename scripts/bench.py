@@ -554,12 +554,33 @@ def halves(layers: int) -> dict[str, tuple[int, int]]:
     return worker_ranges(layers, 2)
 
 
+def physical_order(cpus: list[int], siblings: dict[int, set[int]] | None = None) -> list[int]:
+    """`cpus` with the hardware threads of one physical core side by side (Linux numbers a core's two
+    hyperthreads i and i + n/2, say), so that consecutive slices give nodes whole cores of their own.
+    `siblings`: CPU -> the CPUs of its physical core (default: as /sys lists them)."""
+    if siblings is None:
+        siblings = {}
+        for c in cpus:
+            try:
+                text = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text()
+            except OSError:
+                continue
+            siblings[c] = {int(x) for part in text.strip().split(",") if part
+                           for x in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    order: list[int] = []
+    for c in sorted(cpus):
+        if c not in order:
+            order += sorted(({c} | siblings.get(c, set())) & set(cpus))
+    return order
+
+
 def core_sets(nodes: int, per_node: int, available: list[int] | None = None) -> tuple[tuple[int, ...], ...]:
-    """Disjoint sets of `per_node` CPUs, one per node, from the CPUs this process may use."""
+    """Disjoint sets of `per_node` CPUs, one per node, from the CPUs this process may use (a physical
+    core's hardware threads together: see physical_order)."""
     if available is None:
         if not hasattr(os, "sched_getaffinity"):
             raise CakeError("--cores-per-node pins processes to CPUs, which needs Linux")
-        available = sorted(os.sched_getaffinity(0))
+        available = physical_order(sorted(os.sched_getaffinity(0)))
     need = nodes * per_node
     if need > len(available):
         raise CakeError(f"--cores-per-node {per_node} needs {need} CPU cores (a master and {nodes - 1} worker(s)), "
@@ -607,7 +628,7 @@ class Placement:
         workers = "; ".join(f"{name} on {show(cpus)}" for name, cpus in zip(self.ranges(layers), self.cores[1:]))
         return (f"PINNED: each node on {len(self.cores[0])} CPU core(s) of its own, a thread per core "
                 f"(--cores-per-node): the master and the all-local, transformers and matvec processes on "
-                f"{show(self.cores[0])}; {workers}")
+                f"{show(self.cores[0])}; {workers}; OMP_NUM_THREADS set to match")
 
 
 def write_topology(path: Path, ranges: dict[str, tuple[int, int]], ports: dict[str, int]) -> None:
@@ -788,6 +809,9 @@ def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_token
         for _ in range(repeats):
             for n in SESSIONS:  # interleaved too, so load drift hits every level alike
                 for kind in pipelines:
+                    # The busy-polling set spins for its window after its last message, on the cores the
+                    # other set uses when pinned: let it stop first.
+                    time.sleep(2 * busy_poll_us / 1e6)
                     out[kind].concurrency.setdefault(n, []).append(kids[kind].ask(f"concurrent {n}")["tok_s"])
         for kind, kid in kids.items():
             out[kind].add_finish(kid.ask("finish"))
@@ -988,7 +1012,8 @@ def report(r: ModelResult, quick: bool) -> str:
         out.append(r.placement.describe(s.layers))
     if r.link_delay_ms:
         out.append(f"EMULATED NETWORK: every connection to a worker goes through a local proxy that holds each "
-                   f"chunk {r.link_delay_ms:g} ms each way (--link-delay-ms); worker figures include it")
+                   f"chunk {r.link_delay_ms:g} ms each way (--link-delay-ms); worker figures include it"
+                   + ("; the proxy is not pinned" if r.placement.cores else ""))
 
     def speed_row(label: str, sp: Speed) -> list[str]:
         return [label, f"{sp.decode_ms:.2f}", f"{sp.decode_tps:.1f}", f"{sp.prefill_tps:.0f}", f"{sp.ttft_ms:.1f}",
@@ -1018,7 +1043,8 @@ def report(r: ModelResult, quick: bool) -> str:
                    f"{plain.decode_ms:.2f} without, {1e3 * (plain.decode_ms - workers.decode_ms):.0f} us a token saved")
     if r.no_relay:
         star = r.speed(r.no_relay)
-        out.append(f"relay (a passes its output to b, b answers the master): {workers.decode_ms:.2f} ms/tok against "
+        chain = " -> ".join(name.split("-")[-1] for name in r.placement.ranges(s.layers))
+        out.append(f"relay ({chain}, the last answers the master): {workers.decode_ms:.2f} ms/tok against "
                    f"{star.decode_ms:.2f} through the master, {1e3 * (star.decode_ms - workers.decode_ms):.0f} us "
                    f"a token saved")
 
@@ -1061,7 +1087,7 @@ def default_workdir() -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark cake (all-local and 2 loopback workers) against "
+    p = argparse.ArgumentParser(description="Benchmark cake (all-local and loopback workers) against "
                                             "transformers and the memory-bandwidth limit.")
     p.add_argument("--model", choices=["tiny", "big", "both"], default=None, help="model size (default: both)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default: 64)")
@@ -1082,12 +1108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--busy-poll", default=None, metavar="US|auto",
                    help="every cake node's --busy-poll (default: $CAKE_BUSY_POLL_US, else auto: on for cuda); "
                         "when on, the workers without it are measured too")
-    p.add_argument("--workers", type=int, default=2, help="loopback workers, each a contiguous share of the layers "
-                                                           "(default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="loopback workers, 1 to 8, each a contiguous share of the "
+                                                           "layers (default: 2)")
     p.add_argument("--cores-per-node", type=int, default=0, metavar="N",
                    help="pin the master and each worker to N CPU cores of their own, a thread per core, as on "
-                        "separate machines (the all-local, transformers and matvec processes run on the master's); "
-                        "needs N x (workers + 1) cores (default: 0, every process shares every core)")
+                        "separate machines (the all-local, transformers and matvec processes run on the master's; "
+                        "OMP_NUM_THREADS is set to N for each); needs N x (workers + 1) cores (default: 0, every "
+                        "process shares every core)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--proxy", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

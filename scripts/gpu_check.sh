@@ -55,9 +55,11 @@ step prompt "${PROMPT_TIMEOUT:-180}" "$PY" scripts/prompt_bench.py stall --devic
 # machine has them (PINNED=0 skips).
 cores=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))" 2>/dev/null || echo 0)
 per=${PINNED_CORES:-4}
-if [ "${PINNED:-1}" = 1 ] && [ "$cores" -ge $((3 * per)) ]; then
+case $per in ''|*[!0-9]*) echo "PINNED_CORES must be a number of cores; the pinned step is skipped"; per=0 ;; esac
+if [ "${PINNED:-1}" = 1 ] && [ "$per" -gt 0 ] && [ "$cores" -ge $((3 * per)) ]; then
     step cpu-pinned "${PINNED_TIMEOUT:-300}" "$PY" scripts/bench.py --device cpu --dtype f32 --model big \
-        --cores-per-node "$per" --repeats 2 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-cpu-pinned.json"
+        --cores-per-node "$per" --repeats 2 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" \
+        --json "$OUT/bench-cpu-pinned.json" ${BENCH_ARGS:-}
 fi
 if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)
     CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \

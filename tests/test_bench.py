@@ -97,6 +97,12 @@ def test_pinned_nodes_get_disjoint_cores_or_one_clear_error():
     with pytest.raises(CakeError, match=r"--cores-per-node 1 needs 3 CPU cores \(a master and 2 worker\(s\)\), "
                                         r"but this machine lets the benchmark use 2; lower"):
         bench.core_sets(3, 1, [0, 1])
+    # Hyperthreads numbered i and i + 4: each node gets whole physical cores, not halves of the same ones.
+    siblings = {c: {c % 4, c % 4 + 4} for c in range(8)}
+    order = bench.physical_order(list(range(8)), siblings)
+    assert order == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert bench.core_sets(3, 2, order) == ((0, 4), (1, 5), (2, 6))
+    assert bench.physical_order([0, 1, 2], {}) == [0, 1, 2]  # where /sys says nothing
 
 
 def test_bench_refuses_a_pinning_the_machine_cannot_give():
@@ -136,6 +142,8 @@ def test_a_pinned_one_worker_run_is_reported_as_such():
     assert ("PINNED: each node on 1 CPU core(s) of its own, a thread per core (--cores-per-node): the master and "
             "the all-local, transformers and matvec processes on 0; worker-a on 1") in text
     assert "cake 1 worker (master)" in text and "no relay" not in text and "worker-b" not in text
+    relayed = bench.report(replace(_fake_result("tiny"), no_relay=one), quick=False)
+    assert "relay (a -> b, the last answers the master): 10.20 ms/tok against 10.20 through the master" in relayed
     assert "per-hop overhead: (10.20 - 10.00) ms / 1 hop(s) = 200 us" in text
     assert [t.check for t in r.targets()][1] == "1 worker decode / all-local"
     j = r.to_json()
