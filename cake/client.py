@@ -286,7 +286,11 @@ class WorkerLink:
         waiter = self.expect(rid) if rid else None
         try:
             waiter = await self.send(msg, tensor, generation) or waiter
-            reply, out = await asyncio.wait_for(asyncio.shield(waiter), self.opt.request_timeout)
+            # Not wait_for: before Python 3.12 it returns an answer that came in as its caller was being
+            # cancelled, and the caller never learns of the cancel (a pipelined step then hung).
+            if not (await asyncio.wait([waiter], timeout=self.opt.request_timeout))[0]:
+                raise asyncio.TimeoutError()
+            reply, out = waiter.result()
         except (ConnectionError, asyncio.TimeoutError, ProtocolError) as e:
             if waiter is not None:
                 self.forget(rid, waiter)

@@ -421,10 +421,14 @@ class Master:
         for a, b in chunks:
             queues[0].put_nowait((a, h[:, a:b]))
 
+        stopped = False
+
         async def run_stage(i: int, st) -> None:
             for _ in chunks:
                 a, x = await queues[i].get()
                 out = await st.forward([session.id], [start + a], x)
+                if stopped:  # a cancel that did not reach this stage (one a library swallowed): the
+                    return   # stage before it stopped, so the next chunk would never come
                 if i + 1 < len(self.stages) or a == chunks[-1][0]:  # of the last stage, only the last chunk's
                     queues[i + 1].put_nowait((a, out))
 
@@ -432,6 +436,7 @@ class Master:
         try:
             await asyncio.gather(*tasks)
         finally:  # a stage that failed (or a cancel) stops the others; the step replays from `start`
+            stopped = True
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -580,6 +580,67 @@ def test_a_long_prompt_in_pipelined_chunks_is_exact_and_survives_a_restart(tiny_
     assert calls_after[-1] - calls[-1] > -(-600 // PIPELINE_CHUNK)  # b's refused chunk, then the replay
 
 
+def test_a_pipelined_step_stops_even_where_a_stage_misses_its_cancel(tiny_model, cluster):
+    """Worker b restarts and refuses the first chunk of a pipelined step while worker a's layer-4 stage is
+    in the middle of chunk 2 and a has not yet answered chunk 3 of layers 0-1; the layer-4 stage then
+    finishes its forward as if no cancel had come (what asyncio.wait_for could do before Python 3.12).
+    The step must still stop and replay, not wait forever for chunk 3, which the cancelled stages before
+    it will never send. Real workers and sockets; the test arranges only that order, and the deaf stage."""
+    c = cluster(tiny_model, SPLITS["ranges-with-master-between"])
+    ids = torch.randint(0, 128000, (1300,), generator=torch.Generator().manual_seed(11)).tolist()
+    first, then = ids[:700], ids[700:]
+
+    async def go():
+        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=2048,
+                        options=Options(pipeline="on", retry_timeout=30))
+        await master.connect()
+        try:
+            s = master.new_session()
+            await master.step(s, first)
+            c.kill("b")
+            c.start("b")
+            c.wait("b")
+            a01, a4, b5 = master.stages[0], master.stages[2], master.stages[3]
+            forwards = a01.forward, a4.forward, b5.forward
+            on_chunk_2, refused = asyncio.Event(), asyncio.Event()
+
+            async def a01_late(sessions, positions, x):  # chunk 3 (position 1212) comes after b's refusal
+                if positions[0] == 700 + 512:
+                    await refused.wait()
+                return await forwards[0](sessions, positions, x)
+
+            async def a4_deaf(sessions, positions, x):  # on chunk 2 until b has refused, and deaf to cancels
+                async def chunk():
+                    out = await forwards[1](sessions, positions, x)
+                    if positions[0] == 700 + 256:
+                        await refused.wait()
+                    return out
+
+                if positions[0] == 700 + 256:
+                    on_chunk_2.set()
+                task = asyncio.ensure_future(chunk())
+                while True:
+                    try:
+                        return await asyncio.shield(task)
+                    except asyncio.CancelledError:
+                        pass  # the cancel is dropped; the forward goes on
+
+            async def b5_after(sessions, positions, x):  # b answers chunk 1 once a is on chunk 2
+                await on_chunk_2.wait()
+                try:
+                    return await forwards[2](sessions, positions, x)
+                finally:
+                    refused.set()
+
+            a01.forward, a4.forward, b5.forward = a01_late, a4_deaf, b5_after
+            return await asyncio.wait_for(master.step(s, then), 60)
+        finally:
+            await master.close()
+
+    logits = run(go())
+    assert (logits - _pipeline_reference_logits(tiny_model, ids)).abs().max() < 1e-4
+
+
 def test_pipeline_auto_means_stages_on_more_than_one_machine_or_gpu(tiny_model, tmp_path):
     """auto pipelines a prompt only where stages can compute at the same time: workers on other machines,
     or on distinct GPUs; not CPU workers on the master's machine (they share its cores). A worker says

@@ -309,3 +309,51 @@ def test_a_ping_cancelled_before_it_is_written_keeps_the_answers_in_order(tiny_m
 
     reply, seconds = run(go())
     assert reply.TYPE == "ok" and seconds < 2
+
+
+def test_a_request_cancelled_as_its_answer_comes_in_raises_cancelled(tiny_model, cluster):
+    """The answer has been read off the socket, and before its request resumes the caller is cancelled (a
+    pipelined step stops because another stage failed): the request must raise CancelledError, never
+    return the answer as if no cancel had come, which asyncio.wait_for did before Python 3.12 and which
+    left a pipelined step waiting forever. Real worker, real socket; the test only watches for the
+    moment the answer lands, then cancels 0 to 3 event-loop turns later."""
+    import asyncio
+
+    from cake.client import WorkerLink
+    from cake.model.config import load_config
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]})
+    hidden = load_config(tiny_model).hidden_size
+
+    async def once(turns: int) -> str:
+        link = WorkerLink(load_topology(c.topology).workers["w"], Options(request_timeout=30))
+        await link.ensure_connected()
+        answers = []
+        expect = link.expect
+
+        def watched(rid):
+            answers.append(expect(rid))
+            return answers[-1]
+
+        link.expect = watched
+        task = asyncio.ensure_future(link.forward(0, 6, [f"s{turns}"], [0], torch.zeros(1, 2, hidden)))
+        while not (answers and answers[0].done()):
+            await asyncio.sleep(0)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        outcome = "answered" if task.done() else ""
+        if not outcome:
+            task.cancel()
+            try:
+                await task
+                outcome = "cancel lost"
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+        link.shutdown()
+        return outcome
+
+    async def go():
+        return [await once(turns) for turns in range(4)]
+
+    outcomes = run(go())
+    assert "cancel lost" not in outcomes and "cancelled" in outcomes, outcomes
