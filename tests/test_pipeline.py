@@ -544,6 +544,26 @@ def _pipeline_reference_logits(model_dir, ids: list[int]) -> torch.Tensor:
         return reference_model(model_dir)(torch.tensor([ids])).logits[0, -1].float()
 
 
+async def _pipelined_then_b_restarts(model, c, first: list[int]):
+    """A --pipeline on master that has run `first` through cluster `c` (ranges-with-master-between), after
+    which worker b was killed and restarted: the master, its session, the logits of `first`, and each
+    stage's calls so far. The caller closes the master."""
+    master = Master(model, load_topology(c.topology), device=test_device(), context=2048,
+                    options=Options(pipeline="on", retry_timeout=30))
+    try:
+        await master.connect()
+        s = master.new_session()
+        one = await master.step(s, first)
+        calls = [st.stats.calls for st in master.stages]
+        c.kill("b")
+        c.start("b")
+        c.wait("b")
+    except BaseException:
+        await master.close()
+        raise
+    return master, s, one, calls
+
+
 def test_a_long_prompt_in_pipelined_chunks_is_exact_and_survives_a_restart(tiny_model, cluster):
     """--pipeline on: a 700-token prompt goes through a worker with two ranges and master layers between
     them in chunks of 256 (stage by stage, one behind another): the logits are transformers', each stage
@@ -556,17 +576,9 @@ def test_a_long_prompt_in_pipelined_chunks_is_exact_and_survives_a_restart(tiny_
     first, then = ids[:700], ids[700:]
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=2048,
-                        options=Options(pipeline="on", retry_timeout=30))
-        await master.connect()
+        master, s, one, calls = await _pipelined_then_b_restarts(tiny_model, c, first)
         try:
             assert master.pipelines
-            s = master.new_session()
-            one = await master.step(s, first)
-            calls = [st.stats.calls for st in master.stages]
-            c.kill("b")
-            c.start("b")
-            c.wait("b")
             two = await master.step(s, then)
             return one, calls, two, [st.stats.calls for st in master.stages]
         finally:
@@ -591,15 +603,8 @@ def test_a_pipelined_step_stops_even_where_a_stage_misses_its_cancel(tiny_model,
     first, then = ids[:700], ids[700:]
 
     async def go():
-        master = Master(tiny_model, load_topology(c.topology), device=test_device(), context=2048,
-                        options=Options(pipeline="on", retry_timeout=30))
-        await master.connect()
+        master, s, _, _ = await _pipelined_then_b_restarts(tiny_model, c, first)
         try:
-            s = master.new_session()
-            await master.step(s, first)
-            c.kill("b")
-            c.start("b")
-            c.wait("b")
             a01, a4, b5 = master.stages[0], master.stages[2], master.stages[3]
             forwards = a01.forward, a4.forward, b5.forward
             on_chunk_2, refused = asyncio.Event(), asyncio.Event()
