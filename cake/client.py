@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from cake import auth, wire
+from cake import auth, eventloop, wire
 from cake.errors import CakeError, ProtocolError, WorkerError
 from cake.topology import Worker, format_layers
 
@@ -102,13 +102,13 @@ class WorkerLink:
         w = self.worker
         timeout = timeout or self.opt.connect_timeout
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await eventloop.wait_for(
                 asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionError(f"cannot connect: {getattr(e, 'strerror', None) or type(e).__name__}") from None
         wire.tune_socket(writer)
         try:
-            info = await asyncio.wait_for(self._handshake(reader, writer), timeout)
+            info = await eventloop.wait_for(self._handshake(reader, writer), timeout)
         except asyncio.TimeoutError:
             writer.close()
             raise ConnectionError("no handshake reply (is the worker stuck?)") from None
@@ -286,11 +286,7 @@ class WorkerLink:
         waiter = self.expect(rid) if rid else None
         try:
             waiter = await self.send(msg, tensor, generation) or waiter
-            # Not wait_for: before Python 3.12 it returns an answer that came in as its caller was being
-            # cancelled, and the caller never learns of the cancel (a pipelined step then hung).
-            if not (await asyncio.wait([waiter], timeout=self.opt.request_timeout))[0]:
-                raise asyncio.TimeoutError()
-            reply, out = waiter.result()
+            reply, out = await eventloop.wait_for(waiter, self.opt.request_timeout)  # never loses a cancel
         except (ConnectionError, asyncio.TimeoutError, ProtocolError) as e:
             if waiter is not None:
                 self.forget(rid, waiter)
@@ -346,6 +342,6 @@ class WorkerLink:
         if self.writer is None or not sessions:
             return
         try:
-            await asyncio.wait_for(self.request(wire.End(sessions)), min(END_TIMEOUT, self.opt.request_timeout))
+            await eventloop.wait_for(self.request(wire.End(sessions)), min(END_TIMEOUT, self.opt.request_timeout))
         except (CakeError, SessionsLost, asyncio.TimeoutError):
             pass

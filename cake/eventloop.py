@@ -131,6 +131,24 @@ def no_spin() -> Iterator[None]:
         selector.paused -= 1
 
 
+async def wait_for(aw, timeout: float | None):
+    """asyncio.wait_for without its flaw before Python 3.12: there, an awaitable that finishes as its
+    caller is being cancelled hands back its result and the cancel is lost (cpython gh-86296; a
+    pipelined step hung on it). On a timeout the awaitable is cancelled and TimeoutError raised."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait([task], timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait([task])
+        if task.cancelled():
+            raise asyncio.TimeoutError()
+    return task.result()
+
+
 # ---- long computations without blocking the loop -------------------------------------------------
 
 class Abandoned(Exception):

@@ -169,3 +169,54 @@ async def _no_spin_elsewhere() -> str:
     with eventloop.no_spin():
         await asyncio.sleep(0)
     return "ok"
+
+
+def _cancel_as_it_finishes(wait) -> list[str]:
+    """Await a future through `wait`, set its result, cancel the waiting task 0 to 3 loop turns later: what
+    the task did each time ('answered' before the cancel, 'cancelled', or 'cancel lost': it returned the
+    result as if no cancel had come)."""
+    async def once(turns: int) -> str:
+        fut = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(wait(fut, 10))
+        await asyncio.sleep(0)
+        fut.set_result("answer")
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if task.done():
+            return "answered"
+        task.cancel()
+        try:
+            await task
+            return "cancel lost"
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    async def all_turns():
+        return [await once(turns) for turns in range(4)]
+
+    return asyncio.run(all_turns())
+
+
+def test_wait_for_never_loses_a_cancel_that_comes_as_the_awaitable_finishes():
+    outcomes = _cancel_as_it_finishes(eventloop.wait_for)
+    assert "cancel lost" not in outcomes and "cancelled" in outcomes and outcomes[-1] == "answered", outcomes
+    if sys.version_info < (3, 12):  # what it replaces does lose it there (cpython gh-86296)
+        assert "cancel lost" in _cancel_as_it_finishes(asyncio.wait_for)
+
+
+def test_wait_for_times_out_as_asyncio_does_and_passes_results_and_errors_on():
+    async def go():
+        loop = asyncio.get_running_loop()
+        slow = loop.create_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await eventloop.wait_for(slow, 0.01)
+        assert slow.cancelled()  # what it waited on is cancelled, as asyncio.wait_for does
+
+        async def fails():
+            raise ConnectionResetError("gone")
+
+        with pytest.raises(ConnectionResetError, match="gone"):
+            await eventloop.wait_for(fails(), 1)
+        return await eventloop.wait_for(asyncio.sleep(0, result=7), None)
+
+    assert asyncio.run(go()) == 7
