@@ -221,14 +221,23 @@ class StageSplit:
                           self.compute_s - other.compute_s)
 
 
-def peak_rss(pid: int | None = None) -> int | None:
-    """Peak resident set size in bytes (VmHWM) of a process, or of this one; None where unknown."""
+def proc_status(field: str, pid: int | None = None) -> str | None:
+    """A field of /proc/<pid>/status (of this process by default), as the kernel writes it; None where
+    there is no such file or field."""
     try:
         for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(f"{field}:"):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def peak_rss(pid: int | None = None) -> int | None:
+    """Peak resident set size in bytes (VmHWM) of a process, or of this one; None where unknown."""
+    hwm = proc_status("VmHWM", pid)  # "123456 kB"
+    if hwm is not None:
+        return int(hwm.split()[0]) * 1024
     if pid is None:
         import resource
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -550,10 +559,6 @@ def worker_ranges(layers: int, count: int = 2) -> dict[str, tuple[int, int]]:
     return {f"worker-{chr(ord('a') + i)}": (bounds[i], bounds[i + 1]) for i in range(count)}
 
 
-def halves(layers: int) -> dict[str, tuple[int, int]]:
-    return worker_ranges(layers, 2)
-
-
 def physical_order(cpus: list[int], siblings: dict[int, set[int]] | None = None) -> list[int]:
     """`cpus` with the hardware threads of one physical core side by side (Linux numbers a core's two
     hyperthreads i and i + n/2, say), so that consecutive slices give nodes whole cores of their own.
@@ -590,13 +595,7 @@ def core_sets(nodes: int, per_node: int, available: list[int] | None = None) -> 
 
 def cpu_list(pid: int | None = None) -> str | None:
     """The CPUs a process may run on, as the kernel lists them ("0-3"); None where unknown."""
-    try:
-        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return proc_status("Cpus_allowed_list", pid)
 
 
 @dataclass(frozen=True)
@@ -622,8 +621,7 @@ class Placement:
         return [sys.executable, str(SCRIPT), RUN_ON, ",".join(map(str, self.cores[node]))]
 
     def describe(self, layers: int) -> str:
-        if not self.cores:
-            return ""
+        """The report's line for a pinned run (one with `cores`)."""
         show = lambda cpus: ",".join(map(str, cpus))  # noqa: E731
         workers = "; ".join(f"{name} on {show(cpus)}" for name, cpus in zip(self.ranges(layers), self.cores[1:]))
         return (f"PINNED: each node on {len(self.cores[0])} CPU core(s) of its own, a thread per core "

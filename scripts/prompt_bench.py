@@ -97,7 +97,7 @@ async def pipeline_runs(master: Master, prompt_tokens: int, repeats: int) -> dic
 @contextlib.contextmanager
 def pinned_workers(model: Path, layers: int, logs: Path) -> Iterator[bench.Cluster]:
     """The benchmark's two workers, each on a CPU core of its own with one thread."""
-    ranges = bench.halves(layers)
+    ranges = bench.worker_ranges(layers)
     ports = {name: launch.free_port() for name in ranges}
     topology = logs / "topology.yml"
     bench.write_topology(topology, ranges, ports)

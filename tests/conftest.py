@@ -135,6 +135,21 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def cancel_after(task: asyncio.Task, turns: int) -> str:
+    """Cancel `task` after `turns` event-loop turns, and say what it did: 'answered' (done before the
+    cancel), 'cancelled', or 'cancel lost' (it returned as if no cancel had come)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    if task.done():
+        return "answered"
+    task.cancel()
+    try:
+        await task
+        return "cancel lost"
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
 async def handshake(port: int):
     """A raw client connection to a worker on 127.0.0.1, past the handshake (no key): reader, writer, info."""
     from cake import auth, wire

@@ -74,7 +74,7 @@ def test_corrupt_cached_model_is_one_clear_error(tmp_path):
 
 def test_topology_splits_layers_in_halves(tmp_path):
     path = tmp_path / "topology.yml"
-    bench.write_topology(path, bench.halves(8), {"worker-a": 1234, "worker-b": 1235})
+    bench.write_topology(path, bench.worker_ranges(8), {"worker-a": 1234, "worker-b": 1235})
     stages = load_topology(path).stages(8)
     assert [(s.start, s.end, s.worker.name, s.worker.port) for s in stages] == [
         (0, 4, "worker-a", 1234), (4, 8, "worker-b", 1235)]
@@ -83,7 +83,7 @@ def test_topology_splits_layers_in_halves(tmp_path):
 def test_workers_take_contiguous_ranges_as_even_as_can_be(tmp_path):
     assert bench.worker_ranges(8, 1) == {"worker-a": (0, 8)}
     assert bench.worker_ranges(8, 3) == {"worker-a": (0, 2), "worker-b": (2, 5), "worker-c": (5, 8)}
-    assert bench.worker_ranges(16, 2) == bench.halves(16) == {"worker-a": (0, 8), "worker-b": (8, 16)}
+    assert bench.worker_ranges(16) == bench.worker_ranges(16, 2) == {"worker-a": (0, 8), "worker-b": (8, 16)}
     path = tmp_path / "topology.yml"
     ranges = bench.worker_ranges(8, 3)
     bench.write_topology(path, ranges, {name: 2000 + i for i, name in enumerate(ranges)})

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cake import eventloop
+from conftest import cancel_after
 from cake.errors import CakeError
 
 
@@ -180,16 +181,7 @@ def _cancel_as_it_finishes(wait) -> list[str]:
         task = asyncio.ensure_future(wait(fut, 10))
         await asyncio.sleep(0)
         fut.set_result("answer")
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        if task.done():
-            return "answered"
-        task.cancel()
-        try:
-            await task
-            return "cancel lost"
-        except asyncio.CancelledError:
-            return "cancelled"
+        return await cancel_after(task, turns)
 
     async def all_turns():
         return [await once(turns) for turns in range(4)]

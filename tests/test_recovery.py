@@ -19,7 +19,7 @@ from cake.master import Master
 from cake.sampling import SamplingParams
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
-from conftest import EOS, reference_greedy, reference_model, run
+from conftest import EOS, cancel_after, reference_greedy, reference_model, run
 
 N = 20
 LAYOUT = {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]}
@@ -339,16 +339,7 @@ def test_a_request_cancelled_as_its_answer_comes_in_raises_cancelled(tiny_model,
         task = asyncio.ensure_future(link.forward(0, 6, [f"s{turns}"], [0], torch.zeros(1, 2, hidden)))
         while not (answers and answers[0].done()):
             await asyncio.sleep(0)
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        outcome = "answered" if task.done() else ""
-        if not outcome:
-            task.cancel()
-            try:
-                await task
-                outcome = "cancel lost"
-            except asyncio.CancelledError:
-                outcome = "cancelled"
+        outcome = await cancel_after(task, turns)
         link.shutdown()
         return outcome
 
