@@ -48,6 +48,10 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False), default="auto",
               help="Compute dtype; auto keeps the checkpoint's where the device handles it.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"], case_sensitive=False), default=None,
+              help="Keep this node's matrices quantized (weight-only): int8 per output channel or int4 in groups; "
+                   "[default: as the folder holds them: none for a normal checkpoint]. See docs/quantization.md.")
+@click.option("--group-size", type=int, default=32, help="int4: weights per scale and zero, along a row.")
 @click.option("--threads", type=int, default=0,
               help="CPU threads for this node's maths (0 = torch's choice: all cores).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
@@ -101,7 +105,7 @@ def run_edge(fn, *args, **kwargs):
                    "to the next, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
@@ -124,7 +128,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         from cake.worker import WorkerArgs, run_worker
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
-                                        kv_budget, max_frame_mb, busy_poll))
+                                        kv_budget, max_frame_mb, busy_poll, quantize=quantize,
+                                        group_size=group_size))
         return
     if check:
         from cake.check import run_check
@@ -141,7 +146,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, threads, cuda_
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, pipeline=pipeline,
         output_ids=output_ids, quiet=quiet,
-        busy_poll=busy_poll,
+        busy_poll=busy_poll, quantize=quantize, group_size=group_size,
     )
     if api:
         from cake.api import run_api
@@ -156,7 +161,7 @@ MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "t
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
                "api_key", "check")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
-POSITIVE = ("kv_budget", "retry_timeout", "request_timeout")
+POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size")
 AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")
 
 

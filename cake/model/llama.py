@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cake.model.config import LlamaConfig
+from cake.model.quant import QuantLinear, Quantized
 
 
 def _onednn_linear_op():
@@ -75,18 +76,22 @@ def _half_cpu_product(kernel: str, x: torch.Tensor, w: torch.Tensor, add: torch.
     return y.reshape(out, -1).t().contiguous().view(*x.shape[:-1], out)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with another kernel where that one is slow (see _wants_onednn and _half_cpu_kernel)."""
+def linear(x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with another kernel where that one is slow (see _wants_onednn and _half_cpu_kernel);
+    a quantized matrix multiplies through its own kernel."""
+    if isinstance(w, QuantLinear):
+        return w(x, b)
     if _wants_onednn(x):
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
     kernel = _half_cpu_kernel(x, w)
     return _half_cpu_product(kernel, x, w, b) if kernel else F.linear(x, w, b)
 
 
-def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QuantLinear,
+               b: torch.Tensor | None) -> torch.Tensor:
     """residual + linear(x, w, b) for 2-D [rows, features] tensors; one addmm or addmv (the add rides in
-    the matrix product) unless there is a bias or oneDNN should take the product."""
-    if b is not None or _wants_onednn(x):
+    the matrix product) unless there is a bias, a quantized matrix, or oneDNN should take the product."""
+    if b is not None or isinstance(w, QuantLinear) or _wants_onednn(x):
         return residual + linear(x, w, b)
     kernel = _half_cpu_kernel(x, w)
     return _half_cpu_product(kernel, x, w, residual) if kernel else torch.addmm(residual, x, w.t())
@@ -199,7 +204,9 @@ class Row:
 
 
 class DecoderLayer:
-    def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor]):
+    MATRICES = ("wqkv", "wo", "w13", "w2")  # the weights that may be quantized (QuantLinear); norms never are
+
+    def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor | QuantLinear]):
         self.index = index
         self.c = config
         self.attn_norm, self.mlp_norm = w["attn_norm"], w["mlp_norm"]
@@ -361,9 +368,10 @@ class LayerStack:
     """The decoder layers one node holds; runs any contiguous sub-range of them in one call."""
 
     def __init__(self, config: LlamaConfig, layers: dict[int, DecoderLayer], capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quantization=None):
         self.config = config
         self.layers = layers
+        self.quantization = quantization  # cake.model.loader.Quantization the matrices are kept in (None: none)
         self.capacity = capacity
         self.dtype = dtype
         self.device = device
@@ -381,6 +389,12 @@ class LayerStack:
     @property
     def indices(self) -> list[int]:
         return sorted(self.layers)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the layers' weights take on the device (quantized matrices as kept)."""
+        return sum(weight_nbytes(getattr(layer, n)) for layer in self.layers.values()
+                   for n in ("attn_norm", "mlp_norm", *DecoderLayer.MATRICES, "bqkv", "bo", "b13", "b2"))
 
     def new_cache(self) -> KVCache:
         if self.spares:
@@ -482,10 +496,18 @@ class LayerStack:
                               self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
 
 
-class Head:
-    """What the master always holds: token embedding, final norm, and the output projection."""
+def weight_nbytes(w: torch.Tensor | QuantLinear | Quantized | None) -> int:
+    if w is None:
+        return 0
+    return w.nbytes if isinstance(w, (QuantLinear, Quantized)) else w.numel() * w.element_size()
 
-    def __init__(self, config: LlamaConfig, embed: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor):
+
+class Head:
+    """What the master always holds: token embedding, final norm, and the output projection. Quantized,
+    the embedding is kept as rows of the stored form and the projection is a QuantLinear."""
+
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor | Quantized, norm: torch.Tensor,
+                 lm_head: torch.Tensor | QuantLinear):
         self.config = config
         self.embed_weight = embed
         self.norm = norm
@@ -498,8 +520,15 @@ class Head:
             names.append("lm_head.weight")
         return names
 
+    @property
+    def weight_bytes(self) -> int:
+        shared = self.lm_head is self.embed_weight
+        return sum(weight_nbytes(w) for w in (self.embed_weight, self.norm, None if shared else self.lm_head))
+
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed_weight, Quantized):
+            return self.embed_weight.rows(ids, self.norm.dtype)
         return F.embedding(ids, self.embed_weight)
 
     @torch.inference_mode()

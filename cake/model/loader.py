@@ -1,15 +1,17 @@
-"""Build a node's part of the model from a folder: only the tensors that node needs."""
+"""Build a node's part of the model from a folder: only the tensors that node needs, quantized or not."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cake.devices import dtype_name, pick_device, pick_dtype
 from cake.errors import ModelError
+from cake.model import quant
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import DecoderLayer, Head, LayerStack
 from cake.model.weights import WeightFiles
@@ -17,6 +19,8 @@ from cake.model.weights import WeightFiles
 log = logging.getLogger("cake.model")
 
 DEFAULT_CONTEXT = 4096
+# safetensors metadata of a quantized bundle (docs/quantization.md)
+META_SCHEME, META_GROUP, META_VERSION = "cake.quantization", "cake.group_size", "cake.format_version"
 
 
 def resolve_context(config: LlamaConfig, context: int | None) -> int:
@@ -27,8 +31,103 @@ def resolve_context(config: LlamaConfig, context: int | None) -> int:
     return min(want, config.max_position_embeddings)
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How a node keeps its matrices: 'none', 'int8' or 'int4' (with its group size)."""
+
+    scheme: str = "none"
+    group: int = quant.DEFAULT_GROUP
+
+    def __str__(self) -> str:
+        return f"int4 (group {self.group})" if self.scheme == "int4" else self.scheme
+
+
+def stored_quantization(files: WeightFiles, name: str) -> Quantization | None:
+    """The quantization the folder stores matrix `name` ('...weight') in; None when stored as floats."""
+    base = name.removesuffix(".weight")
+    if base + ".qweight" not in files:
+        return None
+    meta = files.metadata(base + ".qweight")
+    where = f"'{files.dir / files.where[base + '.qweight']}'"
+    if meta.get(META_VERSION) != str(quant.FORMAT_VERSION):
+        raise ModelError(f"{where} is a cake quantized bundle of format version {meta.get(META_VERSION)!r}; this cake "
+                         f"reads version {quant.FORMAT_VERSION}: split the model again with this version")
+    scheme = meta.get(META_SCHEME)
+    try:
+        group = int(meta.get(META_GROUP, 0))
+    except ValueError:
+        group = -1
+    if scheme not in ("int8", "int4") or (scheme == "int4" and (group < 2 or group % 2)):
+        raise ModelError(f"{where} has unreadable quantization metadata ({META_SCHEME}={scheme!r}, "
+                         f"{META_GROUP}={meta.get(META_GROUP)!r}); split the model again")
+    return Quantization(scheme, group if scheme == "int4" else 0)
+
+
+def choose_quantization(files: WeightFiles, probe: str, asked: str | None, group: int) -> Quantization:
+    """What a node runs: the folder's stored quantization, or `asked` applied at load to a float folder.
+    A quantized folder with another --quantize is refused: re-quantizing lossy weights compounds the loss."""
+    stored = stored_quantization(files, probe) if probe else None
+    if stored is not None:
+        if asked not in (None, "none", stored.scheme) or (asked == "int4" and group != stored.group):
+            raise ModelError(f"'{files.dir}' holds {stored} weights, not {asked}"
+                             f"{f' (group {group})' if asked == 'int4' else ''}; leave out --quantize (and "
+                             f"--group-size) to run them as stored, or start from the full-precision model")
+        return stored
+    if asked in (None, "none"):
+        return Quantization()
+    if asked == "int4" and (group < 2 or group % 2):
+        raise ModelError(f"--group-size {group} must be an even number of 2 or more (32 is the default)")
+    return Quantization(asked, group if asked == "int4" else 0)
+
+
+def matrix_shape(name: str, config: LlamaConfig) -> tuple[int, int]:
+    """[out, in] of a checkpoint matrix, from the config (a quantized file no longer says its width)."""
+    c = config
+    q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
+        c.intermediate_size
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
+              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (c.vocab_size, h), "lm_head": (c.vocab_size, h)}
+    return shapes[name.removesuffix(".weight").rsplit(".", 1)[-1]]
+
+
+def read_quantized(files: WeightFiles, name: str, fmt: Quantization, config: LlamaConfig) -> quant.Quantized:
+    """Matrix `name` in the stored form: read as stored, or quantized a block of rows at a time."""
+    out, k = matrix_shape(name, config)
+    base = name.removesuffix(".weight")
+    if base + ".qweight" in files:
+        parts = {p: files.get(f"{base}.{p}", files.entry(f"{base}.{p}").dtype, torch.device("cpu"))
+                 for p in ("qweight", "scales", "zeros") if f"{base}.{p}" in files}
+        q = quant.Quantized(fmt.scheme, parts["qweight"], parts.get("scales"), parts.get("zeros"), k, fmt.group)
+        if q.scales is None:
+            raise ModelError(f"{files.dir}: '{base}.scales' is missing; the bundle is incomplete, split the model again")
+        quant.check_shapes(q, out, k, f"{files.dir}: '{base}'")
+        return q
+    e = files.entry(name)
+    if e.shape != (out, k):
+        raise ModelError(f"tensor '{name}' is {list(e.shape)}, config.json says [{out}, {k}]; the folder is corrupt")
+    return quant.quantize_rows(lambda a, b: files.read_rows(name, a, b), out, k, fmt.scheme, fmt.group)
+
+
+def stored_names(files: WeightFiles, names: list[str]) -> list[str]:
+    """The tensors to read for `names`: a quantized matrix's parts in place of its '.weight'."""
+    out = []
+    for n in names:
+        base = n.removesuffix(".weight")
+        out += [f"{base}.{p}" for p in ("qweight", "scales") ] if base + ".qweight" in files else [n]
+    return out
+
+
+def load_matrix(files: WeightFiles, names: list[str], fmt: Quantization, config: LlamaConfig, dtype: torch.dtype,
+                device: torch.device):
+    """The named matrices stacked along their rows: a tensor, or a quant.QuantLinear."""
+    if fmt.scheme == "none":
+        return files.get_cat(names, dtype, device)
+    return quant.QuantLinear(quant.concat([read_quantized(files, n, fmt, config) for n in names]), device, dtype)
+
+
 def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: str, context: int | None,
-                config: LlamaConfig | None = None, files: WeightFiles | None = None) -> tuple[LayerStack, LlamaConfig]:
+                config: LlamaConfig | None = None, files: WeightFiles | None = None, quantize: str | None = None,
+                group: int = quant.DEFAULT_GROUP) -> tuple[LayerStack, LlamaConfig]:
     config = config or load_config(model_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, config.torch_dtype)
@@ -36,25 +135,38 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
     bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
     if bad:
         raise ModelError(f"layer {bad[0]} is outside the model's {config.num_hidden_layers} layers")
-    files.check([n for i in layers for n in DecoderLayer.tensor_names(i, config)])
+    probe = f"model.layers.{layers[0]}.self_attn.q_proj.weight" if layers else ""
+    fmt = choose_quantization(files, probe, quantize, group)
+    files.check(stored_names(files, [n for i in layers for n in DecoderLayer.tensor_names(i, config)]))
     t0 = shown = time.perf_counter()
     built = {}
     for k, i in enumerate(layers):
         prefix = f"model.layers.{i}."
-        w = {key: files.get_cat([prefix + n for n in names], dt, dev)
+        w = {key: (load_matrix(files, [prefix + n for n in names], fmt, config, dt, dev) if key in DecoderLayer.MATRICES
+                   else files.get_cat([prefix + n for n in names], dt, dev))
              for key, names in DecoderLayer.parts(config).items()}
         built[i] = DecoderLayer(i, config, w)
         if time.perf_counter() - shown > 5:  # a 70B share takes minutes: show it is moving
             shown = time.perf_counter()
             log.info("loading layers: %d of %d done", k + 1, len(layers))
+    stack = LayerStack(config, built, resolve_context(config, context), dt, dev, fmt)
     if layers:
-        log.info("loaded %d layer(s) on %s as %s in %.1fs", len(layers), dev, dtype_name(dt), time.perf_counter() - t0)
-    return LayerStack(config, built, resolve_context(config, context), dt, dev), config
+        log.info("loaded %d layer(s) on %s as %s, weights %s, %.2f GB in %.1fs", len(layers), dev, dtype_name(dt),
+                 fmt, stack.weight_bytes / 1e9, time.perf_counter() - t0)
+    return stack, config
 
 
 def load_head(model_dir: str | Path, config: LlamaConfig, device: torch.device, dtype: torch.dtype,
-              files: WeightFiles | None = None) -> Head:
+              files: WeightFiles | None = None, fmt: Quantization = Quantization()) -> Head:
+    """Embedding, final norm and output head; quantized, the embedding stays in rows of the stored form
+    (a lookup dequantizes the rows it reads) and the head is a QuantLinear."""
     files = files or WeightFiles(model_dir)
-    w = files.load(Head.tensor_names(config), dtype, device)
-    embed = w["model.embed_tokens.weight"]
-    return Head(config, embed, w["model.norm.weight"], w.get("lm_head.weight", embed))
+    norm = files.get("model.norm.weight", dtype, device)
+    if fmt.scheme == "none":
+        w = files.load(Head.tensor_names(config), dtype, device)
+        embed = w["model.embed_tokens.weight"]
+        return Head(config, embed, norm, w.get("lm_head.weight", embed))
+    files.check(stored_names(files, Head.tensor_names(config)))
+    embed_q = read_quantized(files, "model.embed_tokens.weight", fmt, config).to(device)
+    head_q = embed_q if config.tie_word_embeddings else read_quantized(files, "lm_head.weight", fmt, config)
+    return Head(config, embed_q, norm, quant.QuantLinear(head_q, device, dtype))

@@ -33,7 +33,8 @@ DTYPES = {
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header and the offset where its tensor data starts."""
+    """A safetensors file's JSON header and the offset where its tensor data starts (the file's
+    `__metadata__`, a dict of strings, stays in the header under that key)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -49,7 +50,6 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise ModelError(f"cannot read '{path}': {e.strerror}") from None
     if not isinstance(header, dict):
         raise ModelError(f"'{path}' has a corrupt safetensors header")
-    header.pop("__metadata__", None)
     return header, 8 + n
 
 
@@ -77,7 +77,7 @@ class WeightFiles:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ModelError(f"'{index}' is not a valid safetensors index (needs 'weight_map')") from None
         elif (self.dir / SINGLE).exists():
-            self.where = {name: SINGLE for name in read_header(self.dir / SINGLE)[0]}
+            self.where = {name: SINGLE for name in read_header(self.dir / SINGLE)[0] if name != "__metadata__"}
         else:
             raise ModelError(
                 f"no {SINGLE} or {INDEX} in '{self.dir}'; --model must point at a Llama 3 folder "
@@ -97,6 +97,20 @@ class WeightFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def metadata(self, name: str) -> dict:
+        """The `__metadata__` of the file that holds tensor `name` ({} when it has none)."""
+        self.entry(name)
+        meta = self._headers[self.where[name]][0].get("__metadata__")
+        return meta if isinstance(meta, dict) else {}
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of a 2-D tensor, as stored (a block at a time, for quantizing at load)."""
+        e = self.entry(name)
+        row_bytes = (e.end - e.start) // max(1, e.shape[0])
+        out = torch.empty((end - start, *e.shape[1:]), dtype=e.dtype)
+        _read_into(e.path, e.start + start * row_bytes, out)
+        return out
+
     def entry(self, name: str) -> Entry:
         fname = self.where.get(name)
         if fname is None:
@@ -111,7 +125,7 @@ class WeightFiles:
                 raise ModelError(f"'{path}' (listed in {INDEX} for '{name}') is missing; copy the whole model folder")
             self._headers[fname] = read_header(path)
         header, base = self._headers[fname]
-        meta = header.get(name)
+        meta = header.get(name) if name != "__metadata__" else None
         try:
             dtype = DTYPES[meta["dtype"]]
             shape = tuple(int(d) for d in meta["shape"])
