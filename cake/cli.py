@@ -52,6 +52,9 @@ def run_edge(fn, *args, **kwargs):
               help="Keep this node's matrices quantized (weight-only): int8 per output channel or int4 in groups; "
                    "[default: as the folder holds them: none for a normal checkpoint]. See docs/quantization.md.")
 @click.option("--group-size", type=int, default=32, help="int4: weights per scale and zero, along a row.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Most this node's decoder layers may take (8GB, 500MB, 12GiB); a share over it, or over the "
+                   "device's free memory, is refused before loading [default: the free memory].")
 @click.option("--threads", type=int, default=0,
               help="CPU threads for this node's maths (0 = torch's choice: all cores).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
@@ -105,13 +108,17 @@ def run_edge(fn, *args, **kwargs):
                    "to the next, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     check_flags(click.get_current_context(), mode, api, check)
     run_edge(busy_poll_us, "cpu", busy_poll)  # a bad value is one line in every mode, before any loading
+    if max_memory is not None:
+        from cake.memory import parse_size
+
+        max_memory = run_edge(parse_size, max_memory)
     if threads > 0:
         import torch
 
@@ -129,7 +136,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
                                         kv_budget, max_frame_mb, busy_poll, quantize=quantize,
-                                        group_size=group_size))
+                                        group_size=group_size, max_memory=max_memory))
         return
     if check:
         from cake.check import run_check
@@ -146,7 +153,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, pipeline=pipeline,
         output_ids=output_ids, quiet=quiet,
-        busy_poll=busy_poll, quantize=quantize, group_size=group_size,
+        busy_poll=busy_poll, quantize=quantize, group_size=group_size, max_memory=max_memory,
     )
     if api:
         from cake.api import run_api

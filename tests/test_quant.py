@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cake.errors import ModelError
+from cake.errors import CakeError, ModelError
 from cake.master import Master
+from cake.memory import parse_size
 from cake.model import quant
 from cake.model.llama import Row
 from cake.model.loader import load_layers
@@ -270,3 +271,44 @@ def test_a_corrupt_quantized_bundle_is_one_error_naming_file_and_tensor(damage, 
         load_layers(bundle, [0, 1], "cpu", "f32", 64)
     assert message in str(e.value) and (str(fname) in str(e.value) or str(bundle) in str(e.value))
     assert "\n" not in str(e.value)
+
+
+# ---- what a node says, and what it refuses before loading ---------------------------------------------
+
+def test_check_shows_each_workers_quantization_and_weight_bytes(model, cluster):
+    from click.testing import CliRunner
+
+    from cake.cli import main
+
+    c = cluster(model, LAYOUTS["two-workers"], extra=quant_args("int8"))
+    c.extras = {}
+    ok = CliRunner().invoke(main, ["--model", str(model), "--topology", str(c.topology), "--check"])
+    assert ok.exit_code == 0, ok.output
+    # 3 layers of int8 matrices (43008 weights and a bf16 scale per row) and f32 norms (2 x 64 x 4 bytes)
+    layer = 43008 + 2 * (64 + 32 + 32 + 64 + 160 + 160 + 64) + 2 * 64 * 4
+    assert f"a (127.0.0.1:{c.ports['a']}): ok, layers 0-2 on {test_device()} (f32, int8), context" in ok.stdout
+    assert f"weights {3 * layer / 1e6:.1f} MB" in ok.stdout
+
+
+@pytest.mark.parametrize("cap,fix", [("100KB", "--quantize int8 would fit (0.1 MB)"),
+                                     ("60KB", "--quantize int4 would fit (0.1 MB)"),
+                                     ("1KB", "give this node fewer layers, or more memory")])
+def test_a_share_over_max_memory_is_refused_before_loading(cap, fix, model, tmp_path):
+    from cake import launch
+
+    topo = tmp_path / "t.yml"
+    topo.write_text(f"a:\n  host: '127.0.0.1:{launch.free_port()}'\n  layers:\n    - 'model.layers.0-1'\n")
+    r = subprocess.run([sys.executable, "-m", "cake", "--mode", "worker", "--model", str(model), "--name", "a",
+                        "--topology", str(topo), "--max-memory", cap], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "loaded" not in r.stderr
+    # 2 layers of 43008 f32 weights and two norms of 64: 0.345 MB
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: this node's decoder layers (2 layer(s)) need 0.3 MB as f32, but only "
+        f"{parse_size(cap) / 1e6:.1f} MB is allowed by --max-memory; {fix}")
+
+
+def test_sizes_people_type():
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("500MB") == 500 * 10**6 and parse_size("12mb") == 12 * 10**6
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("0") == 0 and parse_size("64 MiB") == 64 * 2**20
+    with pytest.raises(CakeError, match="--max-memory 'lots' is not a size; write it like 8GB"):
+        parse_size("lots")

@@ -11,6 +11,7 @@ import torch
 
 from cake.devices import dtype_name, pick_device, pick_dtype
 from cake.errors import ModelError
+from cake.memory import check_room, free_memory
 from cake.model import quant
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import DecoderLayer, Head, LayerStack
@@ -125,9 +126,45 @@ def load_matrix(files: WeightFiles, names: list[str], fmt: Quantization, config:
     return quant.QuantLinear(quant.concat([read_quantized(files, n, fmt, config) for n in names]), device, dtype)
 
 
+def share_bytes(config: LlamaConfig, layers: list[int], fmt: Quantization, dtype: torch.dtype,
+                head: bool = False) -> int:
+    """Bytes a node's weights take: its layers (and the embedding, norm and head where `head`)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    matrices = [n for names in DecoderLayer.parts(config).values() for n in names if n.endswith("_proj.weight")]
+    per_layer = sum(quant.stored_bytes(fmt.scheme, *matrix_shape(n, config), fmt.group, size) for n in matrices)
+    per_layer += 2 * config.hidden_size * size  # the two norms (biases, where a model has them, are not counted)
+    total = per_layer * len(layers)
+    if head:
+        table = quant.stored_bytes(fmt.scheme, config.vocab_size, config.hidden_size, fmt.group, size)
+        total += table * (1 if config.tie_word_embeddings else 2) + config.hidden_size * size
+    return total
+
+
+def check_share(config: LlamaConfig, layers: list[int], head: bool, fmt: Quantization, stored: bool,
+                dtype: torch.dtype, device: torch.device, max_memory: int | None) -> None:
+    """One line before anything loads where this node's share does not fit its memory (all of it) or
+    --max-memory (its decoder layers), naming the formats that would."""
+    int4 = Quantization("int4", fmt.group or quant.DEFAULT_GROUP)
+    formats = [fmt] if stored else [Quantization(), Quantization("int8", 0), int4]
+    if fmt not in formats:
+        formats.append(fmt)
+    label = (lambda f: dtype_name(dtype) if f.scheme == "none" else f.scheme)
+    what = f"{len(layers)} layer(s)"
+    free = free_memory(device)
+    if free:
+        need = {label(f): share_bytes(config, layers, f, dtype, head) for f in formats}
+        check_room(f"this node's weights ({what}{', embedding and head' if head else ''})", need, label(fmt), free,
+                   f"free on {device}")
+    if max_memory is not None:
+        need = {label(f): share_bytes(config, layers, f, dtype) for f in formats}
+        check_room(f"this node's decoder layers ({what})", need, label(fmt), max_memory, "allowed by --max-memory")
+
+
 def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: str, context: int | None,
                 config: LlamaConfig | None = None, files: WeightFiles | None = None, quantize: str | None = None,
-                group: int = quant.DEFAULT_GROUP) -> tuple[LayerStack, LlamaConfig]:
+                group: int = quant.DEFAULT_GROUP, max_memory: int | None = None,
+                with_head: bool = False) -> tuple[LayerStack, LlamaConfig]:
+    """A node's decoder layers; first, the check that they (with the head, for a master: `with_head`) fit."""
     config = config or load_config(model_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, config.torch_dtype)
@@ -138,6 +175,8 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
     probe = f"model.layers.{layers[0]}.self_attn.q_proj.weight" if layers else ""
     fmt = choose_quantization(files, probe, quantize, group)
     files.check(stored_names(files, [n for i in layers for n in DecoderLayer.tensor_names(i, config)]))
+    check_share(config, layers, with_head, fmt, bool(probe) and stored_quantization(files, probe) is not None, dt, dev,
+                max_memory)
     t0 = shown = time.perf_counter()
     built = {}
     for k, i in enumerate(layers):
