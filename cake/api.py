@@ -10,6 +10,7 @@ every worker.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import hmac
 import json
@@ -29,10 +30,10 @@ from aiohttp import web
 from cake import eventloop
 from cake.auth import is_loopback
 from cake.errors import CakeError
-from cake.generate import GenerationStats, generate
+from cake.generate import GenerationStats, LogProbs, generate
 from cake.master import Master
 from cake.run_master import MasterArgs, build_master, sampling_params
-from cake.sampling import SamplingParams
+from cake.sampling import SamplingParams, TokenLogProb
 from cake.tokenizer import Tokenizer
 from cake.topology import split_address
 
@@ -41,6 +42,8 @@ log = logging.getLogger("cake.api")
 DEFAULT_HOST = "127.0.0.1"
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
+MAX_LOGPROBS = 5  # the completion's logprobs, as OpenAI allows
 MAX_BODY = 16 << 20  # bytes: a long conversation for a 128k context is a few MiB of JSON
 SHUTDOWN_TIMEOUT = 5.0  # seconds running requests get to wind down before their handlers are cancelled
 
@@ -71,6 +74,8 @@ class CompletionRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: no log-probabilities; else how many of the most likely tokens each lists
+    echo: bool = False  # completions: the prompt comes back before the answer (with its log-probabilities)
 
 
 # ---- request parsing ---------------------------------------------------------------------------------
@@ -96,6 +101,26 @@ def _number(body: dict, name: str, low: float, high: float, low_open: bool = Fal
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ApiError(400, f"'{name}' must be in {interval}, got {value}", param=name)
     return value
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = _field(body, name, (int,), "an integer")
+    if value is not None and not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value}", param=name)
+    return value
+
+
+def parse_logprobs(body: dict, chat: bool) -> int | None:
+    """How many of the most likely tokens each position lists, or None for no log-probabilities: chat's
+    `logprobs` (a boolean) with `top_logprobs` (0-20, only with `logprobs: true`), or the completion's
+    `logprobs` (0-5)."""
+    if not chat:
+        return _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    wanted = _field(body, "logprobs", (bool,), "a boolean")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _content(value: object, where: str) -> str:
@@ -169,8 +194,10 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
         raise ApiError(400, "'n' must be 1: this server generates one choice per request", param="n")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _field(body, max_name, (int,), "an integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'{max_name}' must be at least 1, got {max_tokens}", param=max_name)
+    echo = not chat and bool(_field(body, "echo", (bool,), "a boolean"))
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        raise ApiError(400, f"'{max_name}' must be at least 1{'' if chat else ' (or 0 with echo)'}, got {max_tokens}",
+                       param=max_name)
     room = capacity - len(prompt_ids) + 1  # the last token generated is never fed back: it takes no position
     if room < 1:
         raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) leaves no room in the context of {capacity} "
@@ -191,8 +218,9 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
     stream = bool(_field(body, "stream", (bool,), "a boolean"))
     options = _field(body, "stream_options", (dict,), "an object") or {}
     include_usage = bool(_field(options, "include_usage", (bool,), "a boolean"))
-    return CompletionRequest(chat, prompt_ids, max_tokens or min(default_max_tokens, room), params,
-                             parse_stop(body), stream, include_usage)
+    logprobs = parse_logprobs(body, chat)
+    return CompletionRequest(chat, prompt_ids, min(default_max_tokens, room) if max_tokens is None else max_tokens,
+                             params, parse_stop(body), stream, include_usage, logprobs, echo)
 
 
 # ---- generation ---------------------------------------------------------------------------------------
@@ -238,22 +266,30 @@ class StopMatcher:
 
 
 class Run:
-    """One request's generation: the final text of each step, stop strings applied, and its counts."""
+    """One request's generation: the final text of each step, stop strings applied, its counts, and the
+    log-probabilities of its tokens when asked for."""
 
     def __init__(self, master: Master, tokenizer: Tokenizer, eos: tuple[int, ...], req: CompletionRequest):
         self.master, self.tokenizer, self.eos, self.req = master, tokenizer, eos, req
         self.stats = GenerationStats()
         self.finish_reason = ""  # "stop" (EOS or a stop string) or "length"; "" while running
+        self.logprobs = LogProbs(req.logprobs, prompt=req.echo) if req.logprobs is not None else None
+        self._prompt_taken = False
+        self._taken = 0  # generated tokens whose log-probabilities have been taken
+        self._chars = codecs.getincrementaldecoder("utf-8")("replace")  # the text so far, for text_offset
+        self._offset = 0
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Yield once per generated token ("" while nothing new is final), then once more for the rest."""
+        """Yield once per generated token ("" while nothing new is final), then once more for the rest.
+        An echoed prompt comes first, with the first of them (stop strings look only at the answer)."""
         r = self.req
         decoder = self.tokenizer.stream()
         stops = StopMatcher(r.stop)
-        tokens = generate(self.master, r.prompt_ids, r.params, r.max_tokens, self.eos, self.stats)
+        echo = self.tokenizer.decode(r.prompt_ids) if r.echo else ""
+        tokens = generate(self.master, r.prompt_ids, r.params, r.max_tokens, self.eos, self.stats, self.logprobs)
         async with aclosing(tokens):  # leaving early (stop string, closed by the handler) ends the session
             async for token in tokens:
-                text = stops.push(decoder.push(token))
+                text, echo = echo + stops.push(decoder.push(token)), ""
                 if stops.hit:
                     self.finish_reason = "stop"
                     yield text
@@ -261,7 +297,53 @@ class Run:
                 yield text
         text = stops.push(decoder.flush())
         self.finish_reason = "stop" if stops.hit else self.stats.finish_reason
-        yield text + stops.flush()
+        yield echo + text + stops.flush()
+
+    def take_logprobs(self, empty: bool = False) -> dict | None:
+        """OpenAI's `logprobs` object for the positions not taken before (chat: `content`; completions:
+        `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); None when none were asked for, or
+        when none are new and not `empty`."""
+        if self.logprobs is None:
+            return None
+        new = self._new_positions()
+        if not new and not empty:
+            return None
+        if self.req.chat:
+            return {"content": [{**self._named(e.token, e.logprob),
+                                 "top_logprobs": [self._named(t, v) for t, v in e.top]} for _, e in new],
+                    "refusal": None}
+        offsets = []
+        for token, _ in new:
+            offsets.append(self._offset)
+            if self.tokenizer.in_text(token):
+                self._offset += len(self._chars.decode(self.tokenizer.token_bytes(token)))
+        return {"tokens": [self.tokenizer.token_text(t) for t, _ in new],
+                "token_logprobs": [None if e is None else e.logprob for _, e in new],
+                "top_logprobs": [None if e is None else self._top(e) for _, e in new],
+                "text_offset": offsets}
+
+    def _new_positions(self) -> list[tuple[int, TokenLogProb | None]]:
+        """(token, its log-probabilities) of each position not taken before: an echoed prompt's (the first
+        token has none: nothing comes before it), then the answer's."""
+        lp, new = self.logprobs, []
+        if lp.prompt and lp.prompt_entries is not None and not self._prompt_taken:
+            self._prompt_taken = True
+            new += [(self.req.prompt_ids[0], None)] + [(e.token, e) for e in lp.prompt_entries]
+        new += [(e.token, e) for e in lp.entries[self._taken:]]
+        self._taken = len(lp.entries)
+        return new
+
+    def _named(self, token: int, logprob: float) -> dict:
+        return {"token": self.tokenizer.token_text(token), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token))}
+
+    def _top(self, e: TokenLogProb) -> dict[str, float]:
+        """The completion's top_logprobs: the most likely tokens, then the chosen one if it is not among
+        them (OpenAI's "up to logprobs + 1"); a name two tokens share keeps the more likely one."""
+        top: dict[str, float] = {}
+        for token, logprob in (*e.top, (e.token, e.logprob)):
+            top.setdefault(self.tokenizer.token_text(token), logprob)
+        return top
 
     def usage(self) -> dict:
         prompt, completion = len(self.req.prompt_ids), self.stats.generated
@@ -288,16 +370,17 @@ class Reply:
     def whole(self, text: str, run: Run) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
                   else {"index": 0, "text": text})
-        choice.update(logprobs=None, finish_reason=run.finish_reason)
+        choice.update(logprobs=run.take_logprobs(empty=True), finish_reason=run.finish_reason)
         return {**self._head(False), "choices": [choice], "usage": run.usage()}
 
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None, finish_reason=finish)
+        choice.update(logprobs=logprobs, finish_reason=finish)
         body = {**self._head(True), "choices": [choice]}
         if self.include_usage:
             body["usage"] = None  # only the last chunk carries usage, as OpenAI's stream does
@@ -483,10 +566,10 @@ class ApiServer:
                         response = await self._open_stream(request)
                         if reply.chat:
                             await response.write(_sse(reply.chunk("", role=True)))
-                    if text:
-                        await response.write(_sse(reply.chunk(text)))
+                    if text:  # with the log-probabilities of the tokens since the last chunk
+                        await response.write(_sse(reply.chunk(text, logprobs=run.take_logprobs())))
             response = response or await self._open_stream(request)
-            await response.write(_sse(reply.chunk(None, run.finish_reason)))
+            await response.write(_sse(reply.chunk(None, run.finish_reason, logprobs=run.take_logprobs())))
             if reply.include_usage:
                 await response.write(_sse(reply.usage_chunk(run)))
             await response.write(_sse("[DONE]"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from cake.master import Master
-from cake.sampling import Sampler, SamplingParams
+from cake.sampling import Sampler, SamplingParams, TokenLogProb, token_logprobs
 
 
 @dataclass
@@ -35,9 +35,22 @@ class GenerationStats:
                 f"decode {self.decode_tps:.1f} tok/s")
 
 
+@dataclass
+class LogProbs:
+    """Asks `generate` for log-probabilities (of the model's own distribution, before sampling's
+    filters) and receives them."""
+
+    top: int = 0  # how many of the most likely tokens each position also lists
+    prompt: bool = False  # the prompt's own tokens too: the head then runs over every prompt position
+    prompt_entries: list[TokenLogProb] | None = None  # the prompt's tokens after the first, once prefilled
+    entries: list[TokenLogProb] = field(default_factory=list)  # one per generated token, ready when it is yielded
+
+
 async def generate(master: Master, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                   eos_ids: tuple[int, ...] | list[int], stats: GenerationStats | None = None) -> AsyncIterator[int]:
-    """Yield generated token ids (an EOS id, when one ends the answer, is yielded last)."""
+                   eos_ids: tuple[int, ...] | list[int], stats: GenerationStats | None = None,
+                   logprobs: LogProbs | None = None) -> AsyncIterator[int]:
+    """Yield generated token ids (an EOS id, when one ends the answer, is yielded last). With
+    `logprobs` asking for the prompt's, `max_tokens` 0 runs the prompt and yields nothing."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     if not prompt_ids:
@@ -46,16 +59,27 @@ async def generate(master: Master, prompt_ids: list[int], params: SamplingParams
     sampler = Sampler(params)
     session = master.new_session()
     eos = set(eos_ids)
+    top = logprobs.top if logprobs is not None else 0
+    every = logprobs is not None and logprobs.prompt
     try:
-        if max_tokens <= 0:
+        if max_tokens <= 0 and not every:
             stats.finish_reason = "length"
             return
         t0 = time.perf_counter()
-        logits = await master.step(session, list(prompt_ids))
+        logits = await master.step(session, list(prompt_ids), every_position=every)
+        if every:  # row i holds the distribution of the token at position i + 1
+            logprobs.prompt_entries = token_logprobs(logits[:-1], prompt_ids[1:], top)
+            logits = logits[-1]
+            if max_tokens <= 0:
+                stats.prefill_s = time.perf_counter() - t0
+                stats.finish_reason = "length"
+                return
         token = sampler(logits, session.tokens)
         stats.prefill_s = stats.ttft_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         while True:
+            if logprobs is not None:
+                logprobs.entries += token_logprobs(logits[None], [token], top)
             stats.generated += 1
             stats.tokens.append(token)
             yield token

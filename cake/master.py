@@ -46,6 +46,28 @@ class Session:
     cached: int = 0  # positions whose keys/values every stage holds
 
 
+class PositionLogits:
+    """A step's logits at every new position of each session (for the log-probabilities of a prompt's own
+    tokens), filled in as passes compute them: a replay fills in again what it runs again, and positions
+    of earlier steps that a replay runs are left out."""
+
+    def __init__(self, sessions: list[Session], n: int):
+        self.first = {s.id: len(s.tokens) for s in sessions}  # taken before the step's tokens are added
+        self.row = {s.id: i for i, s in enumerate(sessions)}
+        self.n = n
+        self.logits: torch.Tensor | None = None  # [B, n, vocab] float32
+
+    def put(self, session: str, start: int, logits: torch.Tensor) -> None:
+        """One session's logits [k, vocab] of positions start .. start + k - 1."""
+        first = self.first[session]
+        a, b = max(start, first), min(start + len(logits), first + self.n)
+        if a >= b:
+            return
+        if self.logits is None:
+            self.logits = logits.new_empty(len(self.row), self.n, logits.shape[-1])
+        self.logits[self.row[session], a - first:b - first] = logits[a - start:b - start]
+
+
 @dataclass
 class StageStats:
     calls: int = 0
@@ -301,15 +323,16 @@ class Master:
                 f"prompt ({prompt_tokens} tokens) + max tokens ({max_tokens}) does not fit the context of "
                 f"{self.capacity}; raise --context (on the master and every worker) or ask for fewer tokens")
 
-    async def step(self, session: Session, new_tokens: list[int]) -> torch.Tensor:
+    async def step(self, session: Session, new_tokens: list[int], every_position: bool = False) -> torch.Tensor:
         """Append tokens to a session, run them through every stage, return the last position's
-        float32 logits [vocab].
+        float32 logits [vocab]; with `every_position`, those of every new token's position
+        [len(new_tokens), vocab] (the head then runs over all of them, not only the last).
 
         Decode steps (one token) of concurrent sessions are gathered into one batched pass: the weights
         are read once for all of them. A prompt runs on its own.
         """
-        if len(new_tokens) != 1:
-            return (await self.step_batch([session], [new_tokens]))[0]
+        if len(new_tokens) != 1 or every_position:
+            return (await self.step_batch([session], [new_tokens], every_position))[0]
         self._check_room(session, 1)  # here, so one session's overflow never fails a shared batch
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((session, new_tokens, done))
@@ -339,18 +362,22 @@ class Master:
                 if not f.done():
                     f.set_result(logits[i])
 
-    async def step_batch(self, sessions: list[Session], new_tokens: list[list[int]]) -> torch.Tensor:
+    async def step_batch(self, sessions: list[Session], new_tokens: list[list[int]],
+                         every_position: bool = False) -> torch.Tensor:
         """One step for several sessions at once (same number of new tokens each): the stages see one
-        batched request, so the weights are read once for all of them. Returns logits [B, vocab]."""
+        batched request, so the weights are read once for all of them. Returns logits [B, vocab], or with
+        `every_position` those of every new position [B, new tokens, vocab]."""
         for s, toks in zip(sessions, new_tokens):
             self._check_room(s, len(toks))
         eventloop.note_rows(len(sessions))  # busy-polling pays for one stream, not for batches
+        every = PositionLogits(sessions, len(new_tokens[0])) if every_position else None
         for s, toks in zip(sessions, new_tokens):
             s.tokens.extend(toks)
         lost, timeouts = "", 0
         for _ in range(MAX_REPLAYS):
             try:
-                return await self._run(sessions)
+                last = await self._run(sessions, every)
+                return last if every is None else every.logits
             except RelayFailed as e:
                 self._relay_failed(e)  # nothing is lost: the step runs again without that relay
                 lost = e.pair[0]
@@ -378,23 +405,24 @@ class Master:
             raise CakeError(f"session {session.id[:8]} would exceed the context of {self.capacity} tokens; "
                             f"raise --context on every node")
 
-    async def _run(self, sessions: list[Session]) -> torch.Tensor:
-        """Bring every session's cache up to its tokens; the logits of each one's last token [B, vocab].
-        Work that one request to a worker cannot carry goes in several: sessions with different numbers of
-        tokens to run (a replay), more sessions or rows than a worker takes (a long prompt, a large replay,
-        hundreds of concurrent sessions)."""
+    async def _run(self, sessions: list[Session], every: PositionLogits | None = None) -> torch.Tensor:
+        """Bring every session's cache up to its tokens; the logits of each one's last token [B, vocab]
+        (and, into `every`, those of every position it runs). Work that one request to a worker cannot
+        carry goes in several: sessions with different numbers of tokens to run (a replay), more sessions
+        or rows than a worker takes (a long prompt, a large replay, hundreds of concurrent sessions)."""
         max_rows, max_batch = self._request_limits()
         counts = {len(s.tokens) - s.cached for s in sessions}
         n = max(counts)
         if len(sessions) > 1 and (len(counts) > 1 or len(sessions) > max_batch or len(sessions) * n > max_rows):
             group = 1 if len(counts) > 1 else max(1, min(max_batch, max_rows // max(n, 1)))
-            return torch.cat([await self._run(sessions[i:i + group]) for i in range(0, len(sessions), group)])
+            return torch.cat([await self._run(sessions[i:i + group], every)
+                              for i in range(0, len(sessions), group)])
         if len(sessions) == 1 and n >= 2 * PIPELINE_CHUNK and max_rows >= PIPELINE_CHUNK and self.pipelines:
-            return await self._pipelined(sessions[0], n, PIPELINE_CHUNK)
+            return await self._pipelined(sessions[0], n, PIPELINE_CHUNK, every)
         while n > max_rows:  # one session: its first tokens in chunks, each through every stage
-            await self._pass(sessions, max_rows, logits=False)
+            await self._pass(sessions, max_rows, logits=False, every=every)
             n -= max_rows
-        return await self._pass(sessions, n)
+        return await self._pass(sessions, n, every=every)
 
     @property
     def pipelines(self) -> bool:
@@ -406,14 +434,15 @@ class Master:
             return machine_id(), compute_unit(self.device)
         return worker_hardware(st.link.worker.host, st.link.info)
 
-    async def _pipelined(self, session: Session, n: int, size: int) -> torch.Tensor:
+    async def _pipelined(self, session: Session, n: int, size: int,
+                         every: PositionLogits | None = None) -> torch.Tensor:
         """Run a session's next `n` tokens in chunks of about `size` that flow through the stages one
         behind another: while a worker computes chunk k, the one before it computes chunk k+1. Each
         stage takes the chunks strictly in order (a chunk attends to the ones before it), one at a
         time; the master carries the hidden states between stages (no relay, so each stage's order is
         its own). Per stage the work is the same as in one request; with the stages on separate
         machines a prompt's time approaches one stage's instead of the sum of all. Logits of the last
-        token [1, vocab]."""
+        token [1, vocab] (and of every position into `every`)."""
         start = session.cached
         h = await self._embed_rows([session.tokens[start:start + n]])
         chunks = chunk_spans(n, size)
@@ -429,7 +458,8 @@ class Master:
                 out = await st.forward([session.id], [start + a], x)
                 if stopped:  # a cancel that did not reach this stage (one a library swallowed): the
                     return   # stage before it stopped, so the next chunk would never come
-                if i + 1 < len(self.stages) or a == chunks[-1][0]:  # of the last stage, only the last chunk's
+                # of the last stage only the last chunk's, unless every position's logits are wanted
+                if i + 1 < len(self.stages) or a == chunks[-1][0] or every is not None:
                     queues[i + 1].put_nowait((a, out))
 
         tasks = [asyncio.ensure_future(run_stage(i, st)) for i, st in enumerate(self.stages)]
@@ -440,7 +470,14 @@ class Master:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        out = await self._compute(self._logits, queues[-1].get_nowait()[1])
+        if every is None:
+            out = await self._compute(self._logits, queues[-1].get_nowait()[1])
+        else:
+            while not queues[-1].empty():
+                a, h = queues[-1].get_nowait()
+                out = await self._compute(self._all_logits, h)
+                every.put(session.id, start + a, out[0])
+            out = out[:, -1]
         session.cached += n
         return out
 
@@ -451,8 +488,10 @@ class Master:
         batch = [i.max_batch for i in infos if i.max_batch > 0] or [1 << 62]
         return min(rows), min(batch)
 
-    async def _pass(self, sessions: list[Session], n: int, logits: bool = True) -> torch.Tensor | None:
-        """Run the next `n` tokens of every session through every stage."""
+    async def _pass(self, sessions: list[Session], n: int, logits: bool = True,
+                    every: PositionLogits | None = None) -> torch.Tensor | None:
+        """Run the next `n` tokens of every session through every stage; the logits of each one's last
+        token if `logits`, and those of every position into `every`."""
         starts = [s.cached for s in sessions]
         h = await self._embed_rows([s.tokens[s.cached:s.cached + n] for s in sessions])
         names = [s.id for s in sessions]
@@ -464,7 +503,13 @@ class Master:
                 for pair in hop.pairs:  # it works (again): a later failure starts from the first backoff
                     self._no_relay.pop(pair, None)
         self.relayed_steps += relayed
-        out = await self._compute(self._logits, h) if logits else None
+        if every is not None:
+            out = await self._compute(self._all_logits, h)
+            for s, start, rows in zip(sessions, starts, out):
+                every.put(s.id, start, rows)
+            out = out[:, -1]
+        else:
+            out = await self._compute(self._logits, h) if logits else None
         for s in sessions:
             s.cached += n
         return out
@@ -513,6 +558,9 @@ class Master:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head.logits(h[:, -1].to(self.device))
+
+    def _all_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(h.to(self.device))
 
     async def end(self, session: Session) -> None:
         await asyncio.gather(*(stage.end([session.id]) for stage in self.stages))

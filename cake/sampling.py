@@ -1,7 +1,9 @@
-"""Turning logits into the next token: greedy, or seeded sampling with the usual processors.
+"""Turning logits into the next token: greedy, or seeded sampling with the usual processors; and the
+log-probabilities of tokens under the model's own distribution.
 
 Processors run in transformers' order: repetition penalty, temperature, top-k, top-p. Sampling happens
 on the master's CPU with its own seeded generator, so a seed gives the same text whatever the split.
+Log-probabilities are taken of the raw logits, before any processor (as OpenAI's API reports them).
 """
 
 from __future__ import annotations
@@ -68,6 +70,35 @@ def greedy(logits: torch.Tensor) -> int:
     if not math.isfinite(value):
         raise CakeError(NON_FINITE)
     return int(index)
+
+
+@dataclass
+class TokenLogProb:
+    """One position: the token there, its log-probability, and the most likely tokens (most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+LOGPROB_ROWS = 64  # positions per log_softmax, so a long prompt's [n, vocab] is not copied whole
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int = 0) -> list[TokenLogProb]:
+    """log_softmax in float32 of each row of `logits` [n, vocab], at `tokens[i]` for row i, with each
+    row's `top` most likely tokens."""
+    out: list[TokenLogProb] = []
+    for a in range(0, len(tokens), LOGPROB_ROWS):
+        part = tokens[a:a + LOGPROB_ROWS]
+        rows = torch.log_softmax(logits[a:a + LOGPROB_ROWS].float(), dim=-1)
+        chosen = rows.gather(-1, torch.tensor(part, device=rows.device)[:, None])
+        values, indices = torch.topk(rows, top, dim=-1)
+        found = torch.cat((chosen, values), dim=-1)
+        if not bool(torch.isfinite(found).all()):
+            raise CakeError(NON_FINITE)
+        for t, (lp, *v), i in zip(part, found.tolist(), indices.tolist()):
+            out.append(TokenLogProb(t, lp, list(zip(i, v))))
+    return out
 
 
 class Sampler:

@@ -18,6 +18,17 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable bytes stand for themselves, the other 68 for the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         from transformers import PreTrainedTokenizerFast  # lighter than AutoTokenizer; Llama 3 uses it
@@ -66,6 +77,37 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    @functools.cached_property
+    def _added(self) -> dict[int, tuple[str, bool]]:
+        """Added tokens (Llama 3's specials among them): id -> (their text, whether decode() skips them)."""
+        return {i: (t.content, t.special) for i, t in self.tok.added_tokens_decoder.items()}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, which may begin or end in the middle of a character (an added
+        token: its own text)."""
+        added = self._added.get(token_id)
+        if added is not None:
+            return added[0].encode()
+        piece = self.tok.convert_ids_to_tokens(token_id)
+        try:  # byte-level BPE (Llama 3): each character of the piece stands for one byte
+            return bytes(BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # another kind of tokenizer: its decoded text
+            return self.tok.decode([token_id]).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token as OpenAI's log-probabilities name it: its text, or for bytes that are not whole
+        characters 'bytes:' and the bytes as \\xNN escapes."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def in_text(self, token_id: int) -> bool:
+        """Whether decode() shows the token (it leaves special tokens out)."""
+        added = self._added.get(token_id)
+        return added is None or not added[1]
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)

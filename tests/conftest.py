@@ -47,6 +47,15 @@ def tied_model(tmp_path_factory) -> Path:
                       heads=8, kv_heads=2, tie=True, seed=11, rope_scaling=False, shard_size="8MB", meta_bos=True)
 
 
+@pytest.fixture(scope="session")
+def peaked_model(tmp_path_factory) -> Path:
+    """tiny_model's shape with weights 15x larger at init (std 0.3): its next-token distributions have a
+    clear top (the most likely token near -3 where a uniform one is -11.8), so log-probabilities of the
+    wrong token or position cannot pass for the right ones."""
+    return make_model(tmp_path_factory.mktemp("peaked") / "model", hidden=64, intermediate=160, layers=6,
+                      heads=4, kv_heads=2, seed=5, init_std=0.3)
+
+
 _REFERENCE: dict[Path, object] = {}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
@@ -29,7 +30,7 @@ from cake import launch
 from cake.api import ApiServer, StopMatcher, build_server, parse_api_address
 from cake.errors import CakeError
 from cake.run_master import MasterArgs
-from conftest import Cluster, reference_greedy
+from conftest import Cluster, reference_greedy, reference_model
 
 N = 16
 LAYOUT = {"a": ["model.layers.0-1"], "b": ["model.layers.3-5"]}  # layer 2 runs on the master
@@ -420,6 +421,219 @@ def test_worker_down_is_503_naming_it_then_recovers(tiny_model, cluster):
         assert again.choices[0].text == ok.choices[0].text
     finally:
         s.stop()
+
+
+# ---- log-probabilities ---------------------------------------------------------------------------------
+# On peaked_model, whose distributions have a clear top: a log-probability of the wrong token, position or
+# processing (temperature, top-p) is far from the right one.
+
+@pytest.fixture(scope="module")
+def peaked_server(peaked_model, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("peaked-cluster"), peaked_model, LAYOUT)
+    s = start_server(peaked_model, c.topology)
+    yield s
+    s.stop()
+    c.stop()
+
+
+def reference_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' log_softmax of its own float32 logits: row i is the distribution of token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(reference_model(model_dir)(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def token_bytes(hf, token_id: int) -> bytes:
+    """A token's bytes from transformers' own byte-level table (special tokens: their text)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    added = hf.added_tokens_decoder.get(token_id)
+    if added is not None:
+        return added.content.encode()
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    return bytes(byte_of[c] for c in hf.convert_ids_to_tokens(token_id))
+
+
+def token_name(hf, token_id: int) -> str:
+    raw = token_bytes(hf, token_id)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def token_id(hf, raw: list[int]) -> int:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    name = bytes(raw).decode("utf-8", "replace")
+    if name in hf.get_added_vocab():
+        return hf.get_added_vocab()[name]
+    return hf.convert_tokens_to_ids("".join(bytes_to_unicode()[b] for b in raw))
+
+
+def check_position(hf, row: torch.Tensor, token: int, logprob: float, top: list[tuple[str, float]], k: int) -> None:
+    """One position against the reference row: the token's log-probability and the k most likely tokens,
+    in order. The row must have a clear top, or the check would prove little."""
+    assert logprob == pytest.approx(row[token].item(), abs=1e-4)
+    best = torch.topk(row, k)
+    assert [name for name, _ in top] == [token_name(hf, i) for i in best.indices.tolist()]
+    assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert best.values[0] > -torch.log(torch.tensor(float(row.numel()))) + 5  # far above uniform
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_chat_logprobs_are_transformers_log_softmax(peaked_server, peaked_model, hf, sampled):
+    """Greedy, and sampled with temperature and top-p: the log-probabilities are of the model's own
+    distribution, before sampling's filters (as OpenAI gives them)."""
+    ids = chat_ids(hf, MESSAGES)
+    args = dict(temperature=1.3, top_p=0.6, seed=3) if sampled else {}
+    r = peaked_server.client().chat.completions.create(model="any", messages=MESSAGES, max_tokens=N, logprobs=True,
+                                                       top_logprobs=3, **args)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 1
+    answer = [token_id(hf, c.bytes) for c in content]
+    if not sampled:
+        assert answer == reference_greedy(peaked_model, ids, N)
+    assert hf.decode(answer, skip_special_tokens=True) == r.choices[0].message.content
+    rows = reference_logprobs(peaked_model, ids + answer)[len(ids) - 1:]
+    for row, t, c in zip(rows, answer, content):
+        assert (c.token, c.bytes) == (token_name(hf, t), list(token_bytes(hf, t)))
+        check_position(hf, row, t, c.logprob, [(x.token, x.logprob) for x in c.top_logprobs], 3)
+        assert all(x.bytes == list(token_bytes(hf, token_id(hf, x.bytes))) for x in c.top_logprobs)
+    if sampled:  # the filters changed what was drawn, never the log-probabilities
+        assert any(c.token != c.top_logprobs[0].token for c in content)
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt(peaked_server, peaked_model, hf, as_ids):
+    """What lm-evaluation-harness's loglikelihood asks: the prompt's own tokens with their log-probabilities
+    (the first has none), from text or token ids, read through the official client."""
+    text = "Hello there, pipeline of hidden states"
+    ids = hf(text)["input_ids"]
+    r = peaked_server.client().completions.create(model="any", prompt=ids if as_ids else text, max_tokens=0,
+                                                  echo=True, logprobs=2)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert choice.text == text and choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    assert lp.tokens == [token_name(hf, t) for t in ids]
+    assert lp.text_offset == [len(hf.decode(ids[:i])) for i in range(len(ids))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    rows = reference_logprobs(peaked_model, ids)
+    for i in range(1, len(ids)):
+        top = list(lp.top_logprobs[i].items())
+        check_position(hf, rows[i - 1], ids[i], lp.token_logprobs[i], top[:2], 2)
+        # the prompt's token is listed too when it is not among the 2 most likely (OpenAI's "logprobs + 1")
+        assert lp.top_logprobs[i][lp.tokens[i]] == lp.token_logprobs[i] and len(top) in (2, 3)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_loglikelihood_request_of_lm_eval(peaked_server, peaked_model, hf, greedy):
+    """lm-evaluation-harness's local-completions loglikelihood, request and parsing as it does them: a
+    batch of one token-id prompt (context + continuation) with echo, max_tokens 1 and logprobs 1; the
+    continuation's log-likelihood is the sum of token_logprobs[ctxlen:-1], and it is greedy when each is
+    the largest of its top_logprobs. The continuation is some text, or the model's own greedy one."""
+    context = hf("The quick brown")["input_ids"]
+    continuation = reference_greedy(peaked_model, context, 3) if greedy else hf(" fox jumps over")["input_ids"]
+    ids = context + continuation
+    status, r = post(f"{peaked_server.url}/v1/completions",
+                     {"model": "any", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+                      "seed": 1234, "echo": True})
+    assert status == 200, r
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    answer = reference_greedy(peaked_model, ids, 1)
+    assert choice["text"] == hf.decode(ids) + hf.decode(answer, skip_special_tokens=True)
+    assert lp["tokens"] == [token_name(hf, t) for t in ids + answer]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    rows = reference_logprobs(peaked_model, ids + answer)
+    for i, t in enumerate((ids + answer)[1:], start=1):
+        assert lp["token_logprobs"][i] == pytest.approx(rows[i - 1, t].item(), abs=1e-4)
+    ctxlen = len(context)
+    loglikelihood = sum(lp["token_logprobs"][ctxlen:-1])
+    assert loglikelihood == pytest.approx(sum(rows[i - 1, ids[i]].item() for i in range(ctxlen, len(ids))), abs=1e-3)
+    is_greedy = all(tok == max(top.values()) for tok, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                                 lp["top_logprobs"][ctxlen:-1]))
+    assert is_greedy == greedy
+    # the answer's token is greedy: the only entry of its top_logprobs
+    assert lp["top_logprobs"][-1] == {lp["tokens"][-1]: lp["token_logprobs"][-1]}
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_streamed_logprobs_equal_whole(peaked_server, kind):
+    client = peaked_server.client()
+    if kind == "chat":
+        create, args = client.chat.completions.create, dict(messages=MESSAGES, logprobs=True, top_logprobs=2)
+    else:
+        create, args = client.completions.create, dict(prompt="Once upon a time", logprobs=2, echo=True)
+    args.update(model="any", max_tokens=N, temperature=0.9, seed=4)
+    whole = create(**args).choices[0].logprobs
+    chunks = [c for c in create(**args, stream=True) if c.choices]
+    carried = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert len(carried) > 2  # spread over the chunks of the stream, not sent at the end
+    if kind == "chat":
+        assert chunks[0].choices[0].logprobs is None  # the role chunk
+        assert [x for lp in carried for x in lp.content] == whole.content
+    else:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for lp in carried for x in getattr(lp, name)] == getattr(whole, name), name
+
+
+@pytest.mark.parametrize("mode", ["chunks", "pipelined"])
+def test_echo_of_a_long_prompt_split_into_requests(peaked_model, cluster, mode):
+    """A prompt that goes through the workers in several requests (larger than a worker takes, or pipelined
+    chunks of 256): every position's log-probability is still transformers'."""
+    rng = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 100000, (150 if mode == "chunks" else 600,), generator=rng).tolist()
+    extra = ("--max-frame-mb", "0.07") if mode == "chunks" else ()  # 0.07 MiB: about 30 positions a request
+    c = cluster(peaked_model, LAYOUT, extra=extra)
+    s = start_server(peaked_model, c.topology, pipeline="on")
+    try:
+        local = next(x for x in s.server.master.stages if x.stage.worker is None)  # layer 2, on the master
+        r = s.client().completions.create(model="any", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+        assert local.stats.calls > 2  # the prompt went in several requests
+    finally:
+        s.stop()
+    rows = reference_logprobs(peaked_model, ids)
+    got = r.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(got[1:]), want, atol=1e-4, rtol=0)
+
+
+BAD_LOGPROBS = [
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 1.5}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": "3"}, "top_logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true, as OpenAI refuses it
+    ("chat", {"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"),
+    ("chat", {"logprobs": "true"}, "logprobs"),
+    ("completion", {"logprobs": 6}, "logprobs"),
+    ("completion", {"logprobs": -1}, "logprobs"),
+    ("completion", {"logprobs": True}, "logprobs"),
+    ("completion", {"logprobs": 2.0}, "logprobs"),
+    ("completion", {"echo": "yes"}, "echo"),
+    ("completion", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
+    ("completion", {"max_tokens": -1, "echo": True}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("kind,fields,param", BAD_LOGPROBS, ids=[f"{k}-{p}-{i}" for i, (k, _, p) in
+                                                                 enumerate(BAD_LOGPROBS)])
+def test_bad_logprobs_values_are_400_naming_the_field(server, kind, fields, param):
+    body = {"messages": [{"role": "user", "content": "hi"}]} if kind == "chat" else {"prompt": "hi"}
+    status, reply = post(f"{server.url}/v1/{'chat/completions' if kind == 'chat' else 'completions'}",
+                         {**body, "max_tokens": 2, **fields})
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and f"'{param}'" in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_echo_without_logprobs_returns_the_prompt_first(server, hf):
+    r = server.client().completions.create(model="any", prompt="Hello there", max_tokens=3, echo=True, temperature=0)
+    plain = server.client().completions.create(model="any", prompt="Hello there", max_tokens=3, temperature=0)
+    assert r.choices[0].text == "Hello there" + plain.choices[0].text and r.choices[0].logprobs is None
+    assert server.client().completions.create(model="any", prompt="Hi", max_tokens=0, echo=True).choices[0].text == "Hi"
 
 
 # ---- the command line ---------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from cake.sampling import Sampler, SamplingParams, apply_repeat_penalty, top_k_filter, top_p_filter
+from cake.errors import CakeError
+from cake.sampling import (LOGPROB_ROWS, Sampler, SamplingParams, apply_repeat_penalty, token_logprobs, top_k_filter,
+                           top_p_filter)
 
 
 def test_greedy_is_argmax_first_of_ties():
@@ -83,3 +86,28 @@ def test_folder_settings_are_what_transformers_generate_uses(tmp_path):
     greedy = _folder_params(tmp_path, {"repetition_penalty": 1.3})  # applied when greedy too
     assert (greedy.temperature, greedy.top_k, greedy.repeat_penalty, greedy.repeat_last_n) == (0.0, 0, 1.3, 0)
     assert _folder_params(tmp_path, {"repetition_penalty": 1.3}, repeat_penalty=1.0).repeat_penalty == 1.0
+
+
+def test_token_logprobs_are_log_softmax_at_the_tokens_with_the_top_in_order():
+    torch.manual_seed(0)
+    n = LOGPROB_ROWS * 2 + 3  # rows go in blocks: cross two block boundaries
+    logits = torch.randn(n, 5000) * 4
+    tokens = torch.randint(0, 5000, (n,)).tolist()
+    got = token_logprobs(logits.to(torch.bfloat16), tokens, top=5)  # taken in float32 whatever comes in
+    want = torch.log_softmax(logits.to(torch.bfloat16).float(), dim=-1)
+    assert [e.token for e in got] == tokens
+    for row, t, e in zip(want, tokens, got):
+        assert e.logprob == pytest.approx(row[t].item(), abs=1e-6)
+        top = torch.topk(row, 5)
+        assert [i for i, _ in e.top] == top.indices.tolist()
+        assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert all(a >= b for (_, a), (_, b) in zip(e.top, e.top[1:]))
+    assert all(e.top == [] for e in token_logprobs(logits, tokens, top=0))
+    assert token_logprobs(logits[:0], []) == []
+
+
+def test_token_logprobs_refuse_broken_logits():
+    logits = torch.randn(2, 100)
+    logits[1, 7] = float("nan")
+    with pytest.raises(CakeError, match="NaN or inf"):
+        token_logprobs(logits, [0, 1])

@@ -99,3 +99,25 @@ def test_stream_decodes_a_window_not_the_whole_answer(tok):
     s.decode = lambda part: calls.append(len(part)) or tok.decode(part)
     assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)
     assert max(calls) <= 2
+
+
+def test_token_bytes_concatenate_to_the_decoded_text(tok, hf):
+    """Each token's bytes (from byte-level BPE's alphabet, here checked against transformers' own table),
+    joined over the tokens decode() shows, are the decoded text; a token that is part of a character is
+    named by its bytes, as OpenAI's log-probabilities name it."""
+    import random
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from cake.tokenizer import BYTE_OF_CHAR
+
+    assert BYTE_OF_CHAR == {c: b for b, c in bytes_to_unicode().items()}
+    rng = random.Random(0)
+    for ids in [tok.encode_raw("  spaces\n\nand ünïcödé 🚀 漢字"), [128000, 9906, 128009, 220]] + \
+            [[rng.randrange(len(hf)) for _ in range(rng.randrange(1, 20))] for _ in range(200)]:
+        joined = b"".join(tok.token_bytes(i) for i in ids if tok.in_text(i))
+        assert joined.decode("utf-8", "replace") == tok.decode(ids), ids
+    assert tok.token_text(9906) == "Hello" and tok.token_bytes(220) == b" "
+    assert (tok.token_text(128009), tok.in_text(128009), tok.in_text(9906)) == ("<|eot_id|>", False, True)
+    partial = hf.convert_tokens_to_ids("æŃ")  # the first two bytes of a CJK character
+    assert tok.token_bytes(partial) == b"\xe6\xad" and tok.token_text(partial) == "bytes:\\xe6\\xad"
