@@ -23,9 +23,11 @@ from cake import auth, eventloop, wire
 from cake.client import Options, RelayFailed, RelayTimedOut, SessionsLost, WorkerLink
 from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
+from cake.memory import gb
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row, chunk_spans
-from cake.model.loader import load_head, load_layers
+from cake.model.loader import choose_quantization, load_head, load_layers
+from cake.model.quant import DEFAULT_GROUP
 from cake.model.weights import WeightFiles
 from cake.topology import Stage, Topology, format_layers
 
@@ -109,7 +111,10 @@ def pipelines_long_prompts(choice: str, hardware: set[tuple[str, str]]) -> bool:
 
 
 def model_mismatch(info: wire.Info, config: LlamaConfig) -> str:
-    """'' when a worker serves the master's model (by its shape), else what differs and the fix."""
+    """'' when a worker serves the master's model (by its family and shape), else what differs and the fix."""
+    if info.arch and info.arch != config.arch:
+        return (f"runs a {info.arch} model, the master a {config.arch} one; give every node the same model (a "
+                f"bundle split from it)")
     if (info.hidden_size, info.num_layers) == (config.hidden_size, config.num_hidden_layers):
         return ""
     return (f"runs a different model (hidden {info.hidden_size}, {info.num_layers} layers) from the master's "
@@ -261,9 +266,15 @@ class RelayChain:
                 link.forget(rid, waiter)
 
 
+def quantization_said(info) -> str:
+    """', int4 (group 32)' for a worker whose matrices are quantized ('' otherwise, or where it does not say)."""
+    return f", {info.quantization}" if info.quantization not in ("", "none") else ""
+
+
 class Master:
     def __init__(self, model_dir: str | Path, topology: Topology, device: str = "auto", dtype: str = "auto",
-                 context: int | None = None, options: Options | None = None, compute_in_thread: bool = False):
+                 context: int | None = None, options: Options | None = None, compute_in_thread: bool = False,
+                 quantize: str | None = None, group_size: int = DEFAULT_GROUP, max_memory: int | None = None):
         """`compute_in_thread` (for servers): keep the event loop serving while local maths runs. On a CUDA
         GPU all of it runs on one maths thread (on Metal, on the loop's pool); on a CPU it runs inline, a
         prompt's local layers in steps (LocalStage.forward)."""
@@ -273,10 +284,12 @@ class Master:
         plan = topology.stages(self.config.num_hidden_layers)
         local_layers = [i for s in plan if s.worker is None for i in range(s.start, s.end)]
         files = WeightFiles(model_dir)
-        self.stack, _ = load_layers(model_dir, local_layers, device, dtype, context, self.config, files)
+        self.stack, _ = load_layers(model_dir, local_layers, device, dtype, context, self.config, files, quantize,
+                                    group_size, max_memory, with_head=True)
         self.device, self.dtype = self.stack.device, self.stack.dtype
         self.capacity = self.stack.capacity
-        self.head = load_head(model_dir, self.config, self.device, self.dtype, files)
+        self.quantization = choose_quantization(files, "model.embed_tokens.weight", quantize, group_size)
+        self.head = load_head(model_dir, self.config, self.device, self.dtype, files, self.quantization)
         self._math = (ThreadPoolExecutor(1, thread_name_prefix="cake-math")
                       if compute_in_thread and self.device.type == "cuda" else None)
         self.options = options or Options()
@@ -305,7 +318,8 @@ class Master:
             if problem:
                 raise WorkerError(f"{link.label} {problem}")
             self.capacity = min(self.capacity, i.capacity)
-            log.info("%s: layers %s on %s (%s)", link.label, format_layers(i.layers), i.device, i.dtype)
+            log.info("%s: layers %s on %s (%s%s)%s", link.label, format_layers(i.layers), i.device, i.dtype,
+                     quantization_said(i), f", weights {gb(i.weight_bytes)}" if i.weight_bytes else "")
             if i.topology and i.topology != self.topology.digest:
                 log.warning("%s was started with a different topology file from the master's: it relays to the "
                             "workers its own file names; give every node the same file", link.label)

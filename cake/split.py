@@ -27,7 +27,7 @@ from cake.model import quant
 from cake.model.config import load_config
 from cake.model.llama import DecoderLayer
 from cake.model.loader import (META_GROUP, META_SCHEME, META_VERSION, Quantization, choose_quantization,
-                               matrix_shape, read_quantized)
+                               matrix_shape, quantizable, read_quantized)
 from cake.model.weights import DTYPES, INDEX, Entry, WeightFiles
 from cake.topology import load_topology
 
@@ -153,7 +153,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
 
     def parts(name: str) -> list[Part]:
         e = files.entry(name)  # every tensor checked before anything is written
-        if fmt.scheme != "none" and name.endswith("_proj.weight"):
+        if fmt.scheme != "none" and quantizable(name):
             if e.shape != matrix_shape(name, config):
                 raise ModelError(f"tensor '{name}' is {list(e.shape)}, config.json says "
                                  f"{list(matrix_shape(name, config))}; the folder is corrupt")

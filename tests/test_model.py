@@ -12,8 +12,8 @@ from cake.errors import ModelError
 from cake.model.config import LlamaConfig, load_config, load_eos_ids
 import torch.nn.functional as F
 
-from cake.model.llama import (KVCache, Row, add_linear, apply_rope, linear, rope_inv_freq, rope_rotations, rope_swap,
-                              rope_table)
+from cake.model.llama import KVCache, Row, add_linear, linear
+from cake.model.rope import apply_rope, rope_inv_freq, rope_rotations, rope_swap, rope_table
 from cake.model.loader import load_head, load_layers, resolve_context
 from conftest import reference_model
 

@@ -286,9 +286,9 @@ def test_concurrent_sessions_are_batched_and_isolated(tiny_model, cluster):
         batches = []
         real_step_batch = master.step_batch
 
-        async def spy(sessions, new_tokens):
+        async def spy(sessions, *rest):
             batches.append(len(sessions))
-            return await real_step_batch(sessions, new_tokens)
+            return await real_step_batch(sessions, *rest)
 
         master.step_batch = spy
         try:

@@ -1,4 +1,7 @@
-"""Model configuration from a Hugging Face `config.json` (transformers 4.x and 5.x spellings)."""
+"""Model configuration from a Hugging Face `config.json` (transformers 4.x and 5.x spellings).
+
+One config for every family cake serves: the Llama 3 decoder, and the few named ways each other family
+differs from it (biases, q/k norms, sliding windows, partial rotary, mixtures of experts)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cake.errors import ModelError
+
+# architectures in config.json -> the family cake runs it as
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+}
+MODEL_TYPES = {family: family for family in ARCHITECTURES.values()}
+ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -23,11 +35,33 @@ class LlamaConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k and v
+    o_bias: bool = False  # a bias on the attention's output projection (Llama's attention_bias; not Qwen2's)
     mlp_bias: bool = False
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    arch: str = "llama"  # the family (ARCHITECTURES)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (qwen3, qwen3_moe)
+    sliding_window: int | None = None  # keys a query sees on a sliding layer, itself included
+    layer_types: tuple[str, ...] = ()  # per layer 'full_attention' or 'sliding_attention'; () = all full
+    partial_rotary_factor: float = 1.0  # the share of each head that rope rotates (phi3)
+    num_experts: int = 0  # mixture of experts: experts per MoE layer (0: dense)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers of a MoE model that have a dense MLP (qwen3_moe's mlp_only_layers)
+
+    def sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.sliding_window is not None \
+            and self.layer_types[layer] == "sliding_attention"
+
+    def moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -44,12 +78,18 @@ class LlamaConfig:
                 scaling["rope_type"] = kind
                 if kind == "default":
                     scaling = None
-                elif kind != "llama3":
-                    raise ModelError(
-                        f"config.json: rope scaling type '{kind}' is not supported; cake supports 'llama3' and none"
-                    )
+                elif kind not in ROPE_TYPES:
+                    raise ModelError(f"config.json: rope scaling type '{kind}' is not supported; cake supports "
+                                     f"{', '.join(ROPE_TYPES[1:])} and none")
+                elif kind != "linear" and "original_max_position_embeddings" not in scaling:
+                    if "original_max_position_embeddings" not in d:
+                        raise ModelError(f"config.json: rope scaling '{kind}' needs original_max_position_embeddings")
+                    scaling["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
             if d.get("hidden_act", "silu") != "silu":
-                raise ModelError(f"config.json: hidden_act '{d['hidden_act']}' is not supported; Llama uses 'silu'")
+                raise ModelError(f"config.json: hidden_act '{d['hidden_act']}' is not supported; cake's families "
+                                 f"use 'silu'")
+            arch = family(d)
+            layers = int(d["num_hidden_layers"])
             return cls(
                 hidden_size=hidden,
                 intermediate_size=int(d["intermediate_size"]),
@@ -63,14 +103,68 @@ class LlamaConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
+                attention_bias=bool(d.get("attention_bias", False)) or arch == "qwen2",
+                o_bias=bool(d.get("attention_bias", False)) and arch != "qwen2",
                 mlp_bias=bool(d.get("mlp_bias", False)),
                 torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=_id_list(d.get("eos_token_id")),
+                arch=arch,
+                qk_norm=arch in ("qwen3", "qwen3_moe"),
+                sliding_window=_window(d, arch),
+                layer_types=_layer_types(d, arch, layers),
+                partial_rotary_factor=float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0),
+                num_experts=int(d.get("num_local_experts") or d.get("num_experts") or 0)
+                if arch in ("mixtral", "qwen3_moe") else 0,
+                experts_per_token=int(d.get("num_experts_per_tok") or 0),
+                expert_intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
+                norm_topk_prob=bool(d.get("norm_topk_prob", True)) if arch == "qwen3_moe" else True,
+                dense_layers=_dense_layers(d, arch, layers),
             )
         except KeyError as e:
             raise ModelError(f"config.json is missing '{e.args[0]}'; is this a Llama model folder?") from None
+
+
+def family(d: dict) -> str:
+    """The family of a config.json, from `architectures` (else `model_type`); unsupported is one error."""
+    archs = d.get("architectures") or []
+    for a in archs if isinstance(archs, list) else [archs]:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and d.get("model_type", "llama") in MODEL_TYPES:
+        return MODEL_TYPES[d.get("model_type", "llama")]
+    named = ", ".join(map(str, archs)) if archs else f"model_type {d.get('model_type')!r}"
+    raise ModelError(f"config.json: architecture {named} is not supported; cake serves "
+                     f"{', '.join(ARCHITECTURES)}")
+
+
+def _window(d: dict, arch: str) -> int | None:
+    window = d.get("sliding_window")
+    if not window or (arch in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window")):
+        return None
+    return int(window)
+
+
+def _layer_types(d: dict, arch: str, layers: int) -> tuple[str, ...]:
+    """Each layer's attention, as transformers decides it: config.json's layer_types where it says, else
+    sliding on every layer of a windowed Mistral/Mixtral/Phi-3, and from max_window_layers on for Qwen."""
+    if _window(d, arch) is None:
+        return ()
+    given = d.get("layer_types")
+    if isinstance(given, list) and len(given) == layers:
+        return tuple(str(t) for t in given)
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
+        first = int(d.get("max_window_layers", layers))
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
+    return ("sliding_attention",) * layers
+
+
+def _dense_layers(d: dict, arch: str, layers: int) -> tuple[int, ...]:
+    if arch != "qwen3_moe":
+        return ()
+    step = int(d.get("decoder_sparse_step") or 1)
+    only = set(int(i) for i in d.get("mlp_only_layers") or [])
+    return tuple(i for i in range(layers) if i in only or (i + 1) % step)
 
 
 def _id_list(value: object) -> tuple[int, ...]:

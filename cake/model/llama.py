@@ -1,4 +1,6 @@
-"""Llama 3 arithmetic in plain torch: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU MLP.
+"""Llama 3 arithmetic in plain torch: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU MLP, and the
+named variations other families add to that decoder (q/k norms, sliding windows, partial rotary, biases,
+mixtures of experts; see LlamaConfig).
 
 Weights are plain tensors (no nn.Module init cost for 70B-sized layers). Q/K/V and gate/up are fused into
 one matrix each so a decode step does 4 matrix products per layer instead of 7. Every forward takes
@@ -9,7 +11,6 @@ sessions share one pass over the weights (the bandwidth cost) while attention st
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from cake.model.config import LlamaConfig
 from cake.model.quant import QuantLinear, Quantized
+from cake.model.rope import apply_rope, long_from, rope_rotations, rope_swap, rope_table
 
 
 def _onednn_linear_op():
@@ -98,65 +100,11 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QuantL
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of six
-    # Normalise in float32, cast back, then scale: the reference's rounding, so f16/bf16 nodes agree with it.
+    # Normalise in float32, cast back, then scale: the reference's rounding, so f16/bf16 nodes agree with it
+    # (and a weight per head, for the q/k norms, broadcasts).
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
-
-def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3.1's long-context rescaling when configured."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = config.rope_scaling
-    if not s:
-        return inv_freq
-    factor = float(s["factor"])
-    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
-    old_ctx = float(s["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_table(config: LlamaConfig, capacity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [capacity, head_dim] in float32 for positions 0..capacity-1."""
-    inv_freq = rope_inv_freq(config)
-    pos = torch.arange(capacity, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(device), emb.sin().to(device)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-def rope_swap(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """J with x @ J == rotate_half(x): row j+half has -1 in column j, row j has +1 in column j+half."""
-    half = head_dim // 2
-    j = torch.zeros(head_dim, head_dim, dtype=dtype)
-    idx = torch.arange(half)
-    j[idx + half, idx] = -1
-    j[idx, idx + half] = 1
-    return j.to(device)
-
-
-def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, eye: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """cos, sin [B, head_dim] -> R [B, head_dim, head_dim] with x @ R == apply_rope(x, cos, sin).
-
-    A decode step rotates every head of a row by the same angles, so one small batched matrix product
-    per layer replaces the seven elementwise operations of apply_rope. cos and sin hold each angle twice
-    (j and j + half), so scaling row i of I and J by cos_i and sin_i gives exactly the rotation."""
-    return torch.addcmul(cos.unsqueeze(-1) * eye, sin.unsqueeze(-1), swap)
 
 
 _CACHE_SERIALS = itertools.count(1)
@@ -203,40 +151,68 @@ class Row:
     start: int
 
 
-class DecoderLayer:
-    MATRICES = ("wqkv", "wo", "w13", "w2")  # the weights that may be quantized (QuantLinear); norms never are
+# A mixture of experts' tensors under model.layers.N.: (router, expert prefix, gate, up, down)
+MOE_NAMES = {"mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", "w1", "w3", "w2"),
+             "qwen3_moe": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")}
 
+
+class DecoderLayer:
     def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor | QuantLinear]):
         self.index = index
         self.c = config
+        self.weights = w
         self.attn_norm, self.mlp_norm = w["attn_norm"], w["mlp_norm"]
         self.wqkv, self.bqkv = w["wqkv"], w.get("bqkv")
         self.wo, self.bo = w["wo"], w.get("bo")
-        self.w13, self.b13 = w["w13"], w.get("b13")
-        self.w2, self.b2 = w["w2"], w.get("b2")
+        self.w13, self.b13 = w.get("w13"), w.get("b13")
+        self.w2, self.b2 = w.get("w2"), w.get("b2")
+        self.window = config.sliding_window if config.sliding(index) else None
+        # q/k norms: one weight per head of the fused q|k block, so both are normalised in one operation
+        self.qk_norm = None if "q_norm" not in w else torch.cat(
+            (w["q_norm"].expand(config.num_attention_heads, -1), w["k_norm"].expand(config.num_key_value_heads, -1)))
+        self.router = w.get("router")
+        self.experts = [(w[f"w13.{e}"], w[f"w2.{e}"]) for e in range(config.num_experts)] if "router" in w else []
 
     @staticmethod
-    def parts(config: LlamaConfig) -> dict[str, list[str]]:
-        """Each weight of a layer -> the checkpoint tensors (under model.layers.N.) stacked to make it.
-        Q/K/V and gate/up are fused: one matrix product each instead of three and two."""
+    def is_matrix(key: str) -> bool:
+        """Whether weight `key` is a matrix a node may quantize (norms, biases and routers never are)."""
+        return key.split(".")[0] in ("wqkv", "wo", "w13", "w2")
+
+    @staticmethod
+    def parts(config: LlamaConfig, index: int = 0) -> dict[str, list[str]]:
+        """Each weight of layer `index` -> the checkpoint tensors (under model.layers.N.) stacked to make it.
+        Q/K/V and gate/up are fused: one matrix product each instead of three and two (Phi-3's checkpoints
+        store them fused already)."""
+        phi3 = config.arch == "phi3"
         parts = {
             "attn_norm": ["input_layernorm.weight"],
             "mlp_norm": ["post_attention_layernorm.weight"],
-            "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+            "wqkv": ["self_attn.qkv_proj.weight"] if phi3 else
+                    ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
             "wo": ["self_attn.o_proj.weight"],
-            "w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-            "w2": ["mlp.down_proj.weight"],
         }
+        if config.moe(index):
+            router, experts, gate, up, down = MOE_NAMES[config.arch]
+            parts["router"] = [router]
+            for e in range(config.num_experts):
+                parts[f"w13.{e}"] = [f"{experts}.{e}.{gate}.weight", f"{experts}.{e}.{up}.weight"]
+                parts[f"w2.{e}"] = [f"{experts}.{e}.{down}.weight"]
+        else:
+            parts["w13"] = ["mlp.gate_up_proj.weight"] if phi3 else ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+            parts["w2"] = ["mlp.down_proj.weight"]
+        if config.qk_norm:
+            parts.update(q_norm=["self_attn.q_norm.weight"], k_norm=["self_attn.k_norm.weight"])
         if config.attention_bias:
-            parts.update(bqkv=["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-                         bo=["self_attn.o_proj.bias"])
-        if config.mlp_bias:
+            parts["bqkv"] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if config.o_bias:
+            parts["bo"] = ["self_attn.o_proj.bias"]
+        if config.mlp_bias and not config.moe(index):
             parts.update(b13=["mlp.gate_proj.bias", "mlp.up_proj.bias"], b2=["mlp.down_proj.bias"])
         return parts
 
     @staticmethod
     def tensor_names(index: int, config: LlamaConfig) -> list[str]:
-        return [f"model.layers.{index}.{n}" for names in DecoderLayer.parts(config).values() for n in names]
+        return [f"model.layers.{index}.{n}" for names in DecoderLayer.parts(config, index).values() for n in names]
 
     def forward(self, x: torch.Tensor, rows: list[Row], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
@@ -262,19 +238,22 @@ class DecoderLayer:
             ck.select(1, pos).copy_(k[b])
             cv.select(1, pos).copy_(v[b])
             cache.lengths[slot] = pos + 1
-            keys, values = ck.narrow(1, 0, pos + 1).unsqueeze(0), cv.narrow(1, 0, pos + 1).unsqueeze(0)
+            lo = 0 if self.window is None else max(0, pos + 1 - self.window)
+            keys, values = ck.narrow(1, lo, pos + 1 - lo).unsqueeze(0), cv.narrow(1, lo, pos + 1 - lo).unsqueeze(0)
             outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values, enable_gqa=self._gqa))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self._finish_one(x, out.reshape(x.shape[0], -1))
 
     def decode_static(self, x: torch.Tensor, caches: list[KVCache], pos: torch.Tensor, rot: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+                      mask: torch.Tensor, window_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One token of each of B sessions, x [B, H], with every shape fixed and the positions in a
         device tensor pos [B], so a CUDA graph can replay it at any positions: keys go in with
         index_copy_, and attention reads the first mask.shape[-1] cached positions of each row's
         cache, masked to 0..pos (the caches must be zeroed: a masked NaN would still poison the sum).
         The products run once for the whole batch; cache writes and attention run per row."""
         q, k, v = self._qkv_one(x, rot)
+        if self.window is not None:
+            mask = window_mask
         n = mask.shape[-1]
         outs = []
         for b, cache in enumerate(caches):
@@ -300,19 +279,45 @@ class DecoderLayer:
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = linear(rms_norm(x, self.attn_norm, c.rms_norm_eps), self.wqkv, self.bqkv)
         n = (nh + nkv) * hd
-        qk = torch.bmm(qkv.narrow(1, 0, n).view(B, nh + nkv, hd), rot)
+        qk = qkv.narrow(1, 0, n).view(B, nh + nkv, hd)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, c.rms_norm_eps)
+        qk = torch.bmm(qk, rot)
         v = qkv.narrow(1, n, nkv * hd).view(B, nkv, hd)
         return qk.narrow(1, 0, nh).unsqueeze(2), qk.narrow(1, nh, nkv), v
 
     def _finish_one(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Attention output [B, heads * hd] -> the layer's output [B, H]."""
         h = add_linear(x, out, self.wo, self.bo)
+        if self.experts:
+            return h + self._moe(rms_norm(h, self.mlp_norm, self.c.rms_norm_eps))
         return add_linear(h, self._gated(h), self.w2, self.b2)
 
     def _gated(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP up to its down projection: silu(gate) * up of the normalised residual stream."""
         gate, up = linear(rms_norm(h, self.mlp_norm, self.c.rms_norm_eps), self.w13, self.b13).chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixture of experts on normalised rows x [..., H]: each row goes through its top-k experts
+        (softmax over all, the top k renormalised where the family does), weighted and summed. Each expert
+        runs once, on the rows routed to it, in expert order (transformers' order, so f32 sums agree)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(linear(x, self.router).float(), dim=-1)
+        top, chosen = torch.topk(probs, self.c.experts_per_token, dim=-1)
+        if self.c.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        if self.c.arch != "mixtral":  # Qwen3-MoE weighs in the model's dtype, Mixtral in f32
+            top = top.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in torch.unique(chosen).tolist():
+            rows, slot = torch.where(chosen == e)
+            w13, w2 = self.experts[e]
+            gate, up = linear(x[rows], w13).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, w2) * top[rows, slot, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out.view(shape)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries [B, heads, T, hd], keys and values [B, kv_heads, T, hd], rotated."""
@@ -321,7 +326,10 @@ class DecoderLayer:
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = linear(rms_norm(x, self.attn_norm, c.rms_norm_eps), self.wqkv, self.bqkv)
         # Rotate queries and keys in one go: they sit side by side in the fused projection.
-        qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd), cos, sin)
+        qk = qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, c.rms_norm_eps)
+        qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
         v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)
         return q, k, v
@@ -332,6 +340,8 @@ class DecoderLayer:
         B, _, T, _ = out.shape
         attn = out.transpose(1, 2).reshape(B, T, c.num_attention_heads * c.head_dim)
         h = x + linear(attn, self.wo, self.bo)
+        if self.experts:
+            return h + self._moe(rms_norm(h, self.mlp_norm, c.rms_norm_eps))
         return h + linear(self._gated(h), self.w2, self.b2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: Row) -> torch.Tensor:
@@ -342,12 +352,15 @@ class DecoderLayer:
         cache.k[slot, :, start:end] = k
         cache.v[slot, :, start:end] = v
         cache.lengths[slot] = end
-        keys = cache.k[slot, :, :end].unsqueeze(0)
-        values = cache.v[slot, :, :end].unsqueeze(0)
-        if start == 0:
+        lo = 0 if self.window is None else max(0, start + 1 - self.window)
+        keys = cache.k[slot, :, lo:end].unsqueeze(0)
+        values = cache.v[slot, :, lo:end].unsqueeze(0)
+        if start == 0 and self.window is None:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=self._gqa)
-        # A chunk after a cached prefix: query i sees keys 0..start+i.
-        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        # A chunk after a cached prefix: query i sees keys 0..start+i (of those, the last `window`).
+        mask = torch.ones(T, end - lo, dtype=torch.bool, device=q.device).tril(diagonal=start - lo)
+        if self.window is not None:
+            mask &= ~torch.ones_like(mask).tril(diagonal=start - lo - self.window)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self._gqa)
 
 
@@ -376,11 +389,15 @@ class LayerStack:
         self.dtype = dtype
         self.device = device
         self.cos, self.sin = rope_table(config, capacity, device)
+        self.long_from = long_from(config)
+        if self.long_from is not None:  # longrope: rows [capacity, 2 capacity) hold the long factors' table
+            cos, sin = rope_table(config, capacity, device, long=True)
+            self.cos, self.sin = torch.cat((self.cos, cos)), torch.cat((self.sin, sin))
         self.eye = torch.eye(config.head_dim, dtype=dtype, device=device)
-        self.swap = rope_swap(config.head_dim, dtype, device)
+        self.swap = rope_swap(config.head_dim, dtype, device, config.rotary_dim)
         self.graphs = None  # a cake.model.cuda_graphs.DecodeGraphs when one-token steps are replayed
         self.spares: list[KVCache] = []  # ended sessions' caches kept for new ones (see release)
-        if device.type == "cuda":
+        if device.type == "cuda" and not config.num_experts:  # which experts run depends on the data
             from cake.model.cuda_graphs import DecodeGraphs, enabled
 
             if enabled():
@@ -393,8 +410,7 @@ class LayerStack:
     @property
     def weight_bytes(self) -> int:
         """Bytes the layers' weights take on the device (quantized matrices as kept)."""
-        return sum(weight_nbytes(getattr(layer, n)) for layer in self.layers.values()
-                   for n in ("attn_norm", "mlp_norm", *DecoderLayer.MATRICES, "bqkv", "bo", "b13", "b2"))
+        return sum(weight_nbytes(w) for layer in self.layers.values() for w in layer.weights.values())
 
     def new_cache(self) -> KVCache:
         if self.spares:
@@ -449,6 +465,8 @@ class LayerStack:
             return x.view(B, 1, H)
         pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
             T, device=self.device)
+        if self.long_from is not None:
+            pos = pos + self.capacity * (pos[:, -1:] + 1 > self.long_from)
         cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
         sin = self.sin[pos].to(self.dtype).unsqueeze(2)
         for i in range(start, end):
@@ -484,16 +502,25 @@ class LayerStack:
         as a CUDA graph. The caller keeps cache.lengths."""
         B, _, H = x.shape
         rot = self._rotations(pos)
-        mask = (torch.arange(span, device=pos.device) <= pos.unsqueeze(1)).view(B, 1, 1, span)
+        seen = torch.arange(span, device=pos.device)
+        mask = (seen <= pos.unsqueeze(1)).view(B, 1, 1, span)
+        window = self.config.sliding_window
+        window_mask = None if window is None else mask & (seen > pos.unsqueeze(1) - window).view(B, 1, 1, span)
         x = x.reshape(B, H)
         for i in range(start, end):
-            x = self.layers[i].decode_static(x, caches, pos, rot, mask)
+            x = self.layers[i].decode_static(x, caches, pos, rot, mask, window_mask)
         return x.view(B, 1, H)
 
     def _rotations(self, pos: torch.Tensor) -> torch.Tensor:
         """The rope rotation of each row's position, pos [B] (a device tensor) -> [B, hd, hd]."""
-        return rope_rotations(self.cos.index_select(0, pos).to(self.dtype),
-                              self.sin.index_select(0, pos).to(self.dtype), self.eye, self.swap)
+        if self.long_from is not None:
+            pos = pos + self.capacity * (pos + 1 > self.long_from)
+        cos, sin = self.cos.index_select(0, pos).to(self.dtype), self.sin.index_select(0, pos).to(self.dtype)
+        rest = self.config.head_dim - cos.shape[-1]
+        if rest:  # partial rotary: the features past the rotated share are kept as they are
+            cos = torch.cat((cos, cos.new_ones(cos.shape[0], rest)), dim=-1)
+            sin = torch.cat((sin, sin.new_zeros(sin.shape[0], rest)), dim=-1)
+        return rope_rotations(cos, sin, self.eye, self.swap)
 
 
 def weight_nbytes(w: torch.Tensor | QuantLinear | Quantized | None) -> int:

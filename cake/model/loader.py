@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,21 @@ def matrix_shape(name: str, config: LlamaConfig) -> tuple[int, int]:
     c = config
     q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
         c.intermediate_size
+    if ".experts." in name:  # a mixture's expert: Mixtral's w1/w3/w2, Qwen3-MoE's gate/up/down
+        i = c.expert_intermediate_size
     shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
-              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (c.vocab_size, h), "lm_head": (c.vocab_size, h)}
+              "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (c.vocab_size, h), "lm_head": (c.vocab_size, h),
+              "qkv_proj": (q + 2 * kv, h), "gate_up_proj": (2 * i, h), "w1": (i, h), "w3": (i, h), "w2": (h, i),
+              "gate": (c.num_experts, h)}
     return shapes[name.removesuffix(".weight").rsplit(".", 1)[-1]]
+
+
+def quantizable(name: str) -> bool:
+    """Whether checkpoint tensor `name` is a matrix of a decoder layer that --quantize applies to."""
+    return bool(_QUANTIZABLE.search(name))
+
+
+_QUANTIZABLE = re.compile(r"\.(\w+_proj|experts\.\d+\.w[123])\.weight$")
 
 
 def read_quantized(files: WeightFiles, name: str, fmt: Quantization, config: LlamaConfig) -> quant.Quantized:
@@ -130,10 +143,12 @@ def share_bytes(config: LlamaConfig, layers: list[int], fmt: Quantization, dtype
                 head: bool = False) -> int:
     """Bytes a node's weights take: its layers (and the embedding, norm and head where `head`)."""
     size = torch.empty((), dtype=dtype).element_size()
-    matrices = [n for names in DecoderLayer.parts(config).values() for n in names if n.endswith("_proj.weight")]
-    per_layer = sum(quant.stored_bytes(fmt.scheme, *matrix_shape(n, config), fmt.group, size) for n in matrices)
-    per_layer += 2 * config.hidden_size * size  # the two norms (biases, where a model has them, are not counted)
-    total = per_layer * len(layers)
+    total = 0
+    for i in layers:
+        names = [n for names in DecoderLayer.parts(config, i).values() for n in names]
+        total += sum(quant.stored_bytes(fmt.scheme if quantizable(n) else "none", *matrix_shape(n, config), fmt.group,
+                                        size) for n in names if n.endswith("weight") and "norm" not in n)
+        total += 2 * config.hidden_size * size  # the two norms (biases and q/k norms are not counted)
     if head:
         table = quant.stored_bytes(fmt.scheme, config.vocab_size, config.hidden_size, fmt.group, size)
         total += table * (1 if config.tie_word_embeddings else 2) + config.hidden_size * size
@@ -181,9 +196,9 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
     built = {}
     for k, i in enumerate(layers):
         prefix = f"model.layers.{i}."
-        w = {key: (load_matrix(files, [prefix + n for n in names], fmt, config, dt, dev) if key in DecoderLayer.MATRICES
+        w = {key: (load_matrix(files, [prefix + n for n in names], fmt, config, dt, dev) if DecoderLayer.is_matrix(key)
                    else files.get_cat([prefix + n for n in names], dt, dev))
-             for key, names in DecoderLayer.parts(config).items()}
+             for key, names in DecoderLayer.parts(config, i).items()}
         built[i] = DecoderLayer(i, config, w)
         if time.perf_counter() - shown > 5:  # a 70B share takes minutes: show it is moving
             shown = time.perf_counter()
