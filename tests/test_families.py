@@ -37,6 +37,9 @@ FAMILIES = {
         original_max_position_embeddings=10, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]})),  # crosses 10 in decode
+    "gemma3-sliding-softcap": ("Gemma3Text", dict(  # sliding and global layers, each with its own rope
+        head_dim=32, sliding_window=5, sliding_window_pattern=2, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe-dense-layer": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                norm_topk_prob=False, mlp_only_layers=[1])),
@@ -50,7 +53,7 @@ def build(name: str, out: Path) -> Path:
     kind, extra = FAMILIES[name]
     torch.manual_seed(sorted(FAMILIES).index(name))
     config = getattr(transformers, f"{kind}Config")(**COMMON, **extra)
-    getattr(transformers, f"{kind}ForCausalLM")(config).eval().save_pretrained(out)
+    getattr(transformers, f"{kind.removesuffix('Text')}ForCausalLM")(config).eval().save_pretrained(out)
     return out
 
 
@@ -194,3 +197,26 @@ def test_a_worker_of_another_family_is_refused_by_name(family, tmp_path, cluster
             await master.close()
     with pytest.raises(Exception, match="runs a qwen3_moe model, the master a mixtral one"):
         run(go())
+
+
+@all_families
+def test_int4_weights_match_transformers_on_the_dequantized_weights(family):
+    """--quantize covers every family's matrices (the experts' too; never the routers or norms)."""
+    from test_quant import ref_quantize
+
+    name, model = family
+    prompt = PROMPTS.get(name, PROMPT)
+    ref = reference(model)
+    with torch.no_grad():
+        for pname, p in ref.named_parameters():
+            if p.dim() == 2 and not pname.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):
+                p.copy_(ref_quantize(p, "int4", 32))
+            elif p.dim() == 3:  # transformers keeps a mixture's experts as [experts, out, in]
+                p.copy_(torch.stack([ref_quantize(e, "int4", 32) for e in p]))
+        want = ref(torch.tensor([prompt])).logits[0]
+    master = Master(model, load_topology(None), device=test_device(), dtype="f32", quantize="int4")
+    cache = master.stack.new_cache()
+    ids = torch.tensor([prompt], device=master.device)
+    hidden = master.stack.forward(master.head.embed(ids), [Row(cache, 0)], 0, master.config.num_hidden_layers)
+    got = master.head.logits(hidden)[0].cpu()
+    assert (got - want).abs().max() < 1e-4 * float(want.abs().max())

@@ -15,9 +15,9 @@ from cake.errors import ModelError
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe",
-    "Phi3ForCausalLM": "phi3",
+    "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
 }
-MODEL_TYPES = {family: family for family in ARCHITECTURES.values()}
+MODEL_TYPES = {**{family: family for family in ARCHITECTURES.values()}, "gemma3_text": "gemma3"}
 ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
 
@@ -42,7 +42,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     arch: str = "llama"  # the family (ARCHITECTURES)
-    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (qwen3, qwen3_moe)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (qwen3, qwen3_moe, gemma3)
     sliding_window: int | None = None  # keys a query sees on a sliding layer, itself included
     layer_types: tuple[str, ...] = ()  # per layer 'full_attention' or 'sliding_attention'; () = all full
     partial_rotary_factor: float = 1.0  # the share of each head that rope rotates (phi3)
@@ -51,6 +51,15 @@ class LlamaConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers of a MoE model that have a dense MLP (qwen3_moe's mlp_only_layers)
+    # Gemma 3: norms scale by (1 + w) before the cast, a norm after attention and around the MLP, a GELU
+    # (tanh) MLP, the embedding scaled by sqrt(hidden), queries scaled by query_pre_attn_scalar^-0.5, and
+    # sliding layers with a rope of their own base (and no scaling)
+    gemma_norms: bool = False
+    mlp_act: str = "silu"  # or "gelu_tanh"
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    local_rope_theta: float | None = None
+    final_softcap: float | None = None
 
     def sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.sliding_window is not None \
@@ -70,6 +79,12 @@ class LlamaConfig:
             hidden = int(d["hidden_size"])
             # 5.x: rope_parameters holds rope_theta and the scaling; 4.x: rope_theta + rope_scaling.
             rope = dict(d.get("rope_parameters") or {})
+            local_theta = None
+            if isinstance(rope.get("full_attention"), dict):  # 5.x Gemma 3: one rope per kind of layer
+                local_theta = float((rope.get("sliding_attention") or {}).get("rope_theta") or 10000.0)
+                rope = dict(rope["full_attention"])
+            elif d.get("rope_local_base_freq"):  # the hub's Gemma 3 spelling
+                local_theta = float(d["rope_local_base_freq"])
             theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
             scaling = rope if rope else d.get("rope_scaling")
             if scaling is not None:
@@ -85,10 +100,13 @@ class LlamaConfig:
                     if "original_max_position_embeddings" not in d:
                         raise ModelError(f"config.json: rope scaling '{kind}' needs original_max_position_embeddings")
                     scaling["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
-            if d.get("hidden_act", "silu") != "silu":
-                raise ModelError(f"config.json: hidden_act '{d['hidden_act']}' is not supported; cake's families "
-                                 f"use 'silu'")
             arch = family(d)
+            act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+            if act not in ("silu", "gelu_pytorch_tanh"):
+                raise ModelError(f"config.json: hidden_act '{act}' is not supported; cake's families use 'silu' or "
+                                 f"'gelu_pytorch_tanh'")
+            if d.get("attn_logit_softcapping"):
+                raise ModelError("config.json: attn_logit_softcapping is not supported (Gemma 2); cake serves Gemma 3")
             layers = int(d["num_hidden_layers"])
             return cls(
                 hidden_size=hidden,
@@ -110,7 +128,7 @@ class LlamaConfig:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=_id_list(d.get("eos_token_id")),
                 arch=arch,
-                qk_norm=arch in ("qwen3", "qwen3_moe"),
+                qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
                 sliding_window=_window(d, arch),
                 layer_types=_layer_types(d, arch, layers),
                 partial_rotary_factor=float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0),
@@ -120,6 +138,12 @@ class LlamaConfig:
                 expert_intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
                 norm_topk_prob=bool(d.get("norm_topk_prob", True)) if arch == "qwen3_moe" else True,
                 dense_layers=_dense_layers(d, arch, layers),
+                gemma_norms=arch == "gemma3",
+                mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+                embed_scale=hidden ** 0.5 if arch == "gemma3" else 1.0,
+                attn_scale=float(d.get("query_pre_attn_scalar") or 256) ** -0.5 if arch == "gemma3" else None,
+                local_rope_theta=local_theta,
+                final_softcap=float(d["final_logit_softcapping"]) if d.get("final_logit_softcapping") else None,
             )
         except KeyError as e:
             raise ModelError(f"config.json is missing '{e.args[0]}'; is this a Llama model folder?") from None
@@ -147,12 +171,16 @@ def _window(d: dict, arch: str) -> int | None:
 
 def _layer_types(d: dict, arch: str, layers: int) -> tuple[str, ...]:
     """Each layer's attention, as transformers decides it: config.json's layer_types where it says, else
-    sliding on every layer of a windowed Mistral/Mixtral/Phi-3, and from max_window_layers on for Qwen."""
+    sliding on every layer of a windowed Mistral/Mixtral/Phi-3, from max_window_layers on for Qwen, and
+    all but every sliding_window_pattern-th layer for Gemma 3."""
     if _window(d, arch) is None:
         return ()
     given = d.get("layer_types")
     if isinstance(given, list) and len(given) == layers:
         return tuple(str(t) for t in given)
+    if arch == "gemma3":
+        every = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        return tuple("sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers))
     if arch in ("qwen2", "qwen3", "qwen3_moe"):
         first = int(d.get("max_window_layers", layers))
         return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,8 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor | QuantL
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dim() == 1:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of six
+    if weight.dtype == torch.float32:  # Gemma's (1 + w), kept in f32: it scales before the cast
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * weight).to(x.dtype)
     # Normalise in float32, cast back, then scale: the reference's rounding, so f16/bf16 nodes agree with it
     # (and a weight per head, for the q/k norms, broadcasts).
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
@@ -160,8 +163,13 @@ class DecoderLayer:
     def __init__(self, index: int, config: LlamaConfig, w: dict[str, torch.Tensor | QuantLinear]):
         self.index = index
         self.c = config
+        if config.gemma_norms:  # Gemma's norms scale by (1 + w), in f32
+            w = {k: (1 + v.float() if k.endswith("norm") else v) for k, v in w.items()}
         self.weights = w
         self.attn_norm, self.mlp_norm = w["attn_norm"], w["mlp_norm"]
+        self.post_attn_norm, self.post_mlp_norm = w.get("post_attn_norm"), w.get("post_mlp_norm")  # Gemma 3
+        self.local_rope = config.local_rope_theta is not None and config.sliding(index)
+        self.act = F.silu if config.mlp_act == "silu" else partial(F.gelu, approximate="tanh")
         self.wqkv, self.bqkv = w["wqkv"], w.get("bqkv")
         self.wo, self.bo = w["wo"], w.get("bo")
         self.w13, self.b13 = w.get("w13"), w.get("b13")
@@ -186,7 +194,7 @@ class DecoderLayer:
         phi3 = config.arch == "phi3"
         parts = {
             "attn_norm": ["input_layernorm.weight"],
-            "mlp_norm": ["post_attention_layernorm.weight"],
+            "mlp_norm": ["pre_feedforward_layernorm.weight" if config.gemma_norms else "post_attention_layernorm.weight"],
             "wqkv": ["self_attn.qkv_proj.weight"] if phi3 else
                     ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
             "wo": ["self_attn.o_proj.weight"],
@@ -202,6 +210,9 @@ class DecoderLayer:
             parts["w2"] = ["mlp.down_proj.weight"]
         if config.qk_norm:
             parts.update(q_norm=["self_attn.q_norm.weight"], k_norm=["self_attn.k_norm.weight"])
+        if config.gemma_norms:
+            parts.update(post_attn_norm=["post_attention_layernorm.weight"],
+                         post_mlp_norm=["post_feedforward_layernorm.weight"])
         if config.attention_bias:
             parts["bqkv"] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
         if config.o_bias:
@@ -240,7 +251,8 @@ class DecoderLayer:
             cache.lengths[slot] = pos + 1
             lo = 0 if self.window is None else max(0, pos + 1 - self.window)
             keys, values = ck.narrow(1, lo, pos + 1 - lo).unsqueeze(0), cv.narrow(1, lo, pos + 1 - lo).unsqueeze(0)
-            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values, enable_gqa=self._gqa))
+            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values, enable_gqa=self._gqa,
+                                                       scale=self.c.attn_scale))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self._finish_one(x, out.reshape(x.shape[0], -1))
 
@@ -263,8 +275,8 @@ class DecoderLayer:
             ck.index_copy_(1, p, k[b].unsqueeze(1))
             cv.index_copy_(1, p, v[b].unsqueeze(1))
             keys, values = ck.narrow(1, 0, n).unsqueeze(0), cv.narrow(1, 0, n).unsqueeze(0)
-            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values,
-                                                       attn_mask=mask.narrow(0, b, 1), enable_gqa=self._gqa))
+            outs.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), keys, values, attn_mask=mask.narrow(0, b, 1),
+                                                       enable_gqa=self._gqa, scale=self.c.attn_scale))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self._finish_one(x, out.reshape(x.shape[0], -1))
 
@@ -288,15 +300,23 @@ class DecoderLayer:
 
     def _finish_one(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Attention output [B, heads * hd] -> the layer's output [B, H]."""
+        if self.post_attn_norm is not None:
+            return self._sandwich(x, linear(out, self.wo, self.bo))
         h = add_linear(x, out, self.wo, self.bo)
         if self.experts:
             return h + self._moe(rms_norm(h, self.mlp_norm, self.c.rms_norm_eps))
         return add_linear(h, self._gated(h), self.w2, self.b2)
 
+    def _sandwich(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Gemma 3's residual stream: a norm after attention and after the MLP, before each add."""
+        eps = self.c.rms_norm_eps
+        h = x + rms_norm(attn, self.post_attn_norm, eps)
+        return h + rms_norm(linear(self._gated(h), self.w2, self.b2), self.post_mlp_norm, eps)
+
     def _gated(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP up to its down projection: silu(gate) * up of the normalised residual stream."""
         gate, up = linear(rms_norm(h, self.mlp_norm, self.c.rms_norm_eps), self.w13, self.b13).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.act(gate) * up
 
     def _moe(self, x: torch.Tensor) -> torch.Tensor:
         """A mixture of experts on normalised rows x [..., H]: each row goes through its top-k experts
@@ -315,7 +335,7 @@ class DecoderLayer:
             rows, slot = torch.where(chosen == e)
             w13, w2 = self.experts[e]
             gate, up = linear(x[rows], w13).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, w2) * top[rows, slot, None]
+            y = linear(self.act(gate) * up, w2) * top[rows, slot, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out.view(shape)
 
@@ -339,6 +359,8 @@ class DecoderLayer:
         c = self.c
         B, _, T, _ = out.shape
         attn = out.transpose(1, 2).reshape(B, T, c.num_attention_heads * c.head_dim)
+        if self.post_attn_norm is not None:
+            return self._sandwich(x, linear(attn, self.wo, self.bo))
         h = x + linear(attn, self.wo, self.bo)
         if self.experts:
             return h + self._moe(rms_norm(h, self.mlp_norm, c.rms_norm_eps))
@@ -356,12 +378,14 @@ class DecoderLayer:
         keys = cache.k[slot, :, lo:end].unsqueeze(0)
         values = cache.v[slot, :, lo:end].unsqueeze(0)
         if start == 0 and self.window is None:
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=self._gqa)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=self._gqa,
+                                                  scale=self.c.attn_scale)
         # A chunk after a cached prefix: query i sees keys 0..start+i (of those, the last `window`).
         mask = torch.ones(T, end - lo, dtype=torch.bool, device=q.device).tril(diagonal=start - lo)
         if self.window is not None:
             mask &= ~torch.ones_like(mask).tril(diagonal=start - lo - self.window)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self._gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self._gqa,
+                                              scale=self.c.attn_scale)
 
 
 MAX_SPARES = 4
@@ -393,6 +417,10 @@ class LayerStack:
         if self.long_from is not None:  # longrope: rows [capacity, 2 capacity) hold the long factors' table
             cos, sin = rope_table(config, capacity, device, long=True)
             self.cos, self.sin = torch.cat((self.cos, cos)), torch.cat((self.sin, sin))
+        self.local = None  # Gemma 3's sliding layers: a rope of their own base, unscaled
+        if config.local_rope_theta is not None:
+            self.local = rope_table(replace(config, rope_theta=config.local_rope_theta, rope_scaling=None), capacity,
+                                    device)
         self.eye = torch.eye(config.head_dim, dtype=dtype, device=device)
         self.swap = rope_swap(config.head_dim, dtype, device, config.rotary_dim)
         self.graphs = None  # a cake.model.cuda_graphs.DecodeGraphs when one-token steps are replayed
@@ -458,20 +486,34 @@ class LayerStack:
         B, T, H = hidden.shape
         x = hidden.to(device=self.device, dtype=self.dtype)  # from the wire (CPU) or a node of another dtype
         if T == 1:
-            rot = self._rotations(torch.tensor([r.start for r in rows], device=self.device))
+            pos = torch.tensor([r.start for r in rows], device=self.device)
+            rots = {}
             x = x.reshape(B, H)  # a view unless the caller handed a strided slice
             for i in range(start, end):
-                x = self.layers[i].decode(x, rows, rot)
+                layer = self.layers[i]
+                if layer.local_rope not in rots:
+                    rots[layer.local_rope] = self._rotations(pos, layer.local_rope)
+                x = layer.decode(x, rows, rots[layer.local_rope])
             return x.view(B, 1, H)
         pos = torch.tensor([r.start for r in rows], device=self.device).unsqueeze(1) + torch.arange(
             T, device=self.device)
-        if self.long_from is not None:
-            pos = pos + self.capacity * (pos[:, -1:] + 1 > self.long_from)
-        cos = self.cos[pos].to(self.dtype).unsqueeze(2)  # [B, T, 1, head_dim]: broadcast over heads
-        sin = self.sin[pos].to(self.dtype).unsqueeze(2)
+        trig = {}
         for i in range(start, end):
-            x = self.layers[i].forward(x, rows, cos, sin)
+            layer = self.layers[i]
+            if layer.local_rope not in trig:
+                trig[layer.local_rope] = self._trig(pos, layer.local_rope)
+            x = layer.forward(x, rows, *trig[layer.local_rope])
         return x
+
+    def _trig(self, pos: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, 1, rotary_dim] (broadcast over heads) of the positions pos [B, T]."""
+        if local:
+            cos, sin = self.local
+        else:
+            cos, sin = self.cos, self.sin
+            if self.long_from is not None:
+                pos = pos + self.capacity * (pos[:, -1:] + 1 > self.long_from)
+        return cos[pos].to(self.dtype).unsqueeze(2), sin[pos].to(self.dtype).unsqueeze(2)
 
     def forward_steps(self, hidden: torch.Tensor, rows: list[Row], start: int, end: int,
                       chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor | None]:
@@ -501,21 +543,22 @@ class LayerStack:
         each row's cache; no host sync and no shape that depends on a position, so it can be captured
         as a CUDA graph. The caller keeps cache.lengths."""
         B, _, H = x.shape
-        rot = self._rotations(pos)
+        rots = {local: self._rotations(pos, local) for local in {self.layers[i].local_rope for i in range(start, end)}}
         seen = torch.arange(span, device=pos.device)
         mask = (seen <= pos.unsqueeze(1)).view(B, 1, 1, span)
         window = self.config.sliding_window
         window_mask = None if window is None else mask & (seen > pos.unsqueeze(1) - window).view(B, 1, 1, span)
         x = x.reshape(B, H)
         for i in range(start, end):
-            x = self.layers[i].decode_static(x, caches, pos, rot, mask, window_mask)
+            x = self.layers[i].decode_static(x, caches, pos, rots[self.layers[i].local_rope], mask, window_mask)
         return x.view(B, 1, H)
 
-    def _rotations(self, pos: torch.Tensor) -> torch.Tensor:
+    def _rotations(self, pos: torch.Tensor, local: bool = False) -> torch.Tensor:
         """The rope rotation of each row's position, pos [B] (a device tensor) -> [B, hd, hd]."""
-        if self.long_from is not None:
+        cos, sin = self.local if local else (self.cos, self.sin)
+        if self.long_from is not None and not local:
             pos = pos + self.capacity * (pos + 1 > self.long_from)
-        cos, sin = self.cos.index_select(0, pos).to(self.dtype), self.sin.index_select(0, pos).to(self.dtype)
+        cos, sin = cos.index_select(0, pos).to(self.dtype), sin.index_select(0, pos).to(self.dtype)
         rest = self.config.head_dim - cos.shape[-1]
         if rest:  # partial rotary: the features past the rotated share are kept as they are
             cos = torch.cat((cos, cos.new_ones(cos.shape[0], rest)), dim=-1)
@@ -537,7 +580,8 @@ class Head:
                  lm_head: torch.Tensor | QuantLinear):
         self.config = config
         self.embed_weight = embed
-        self.norm = norm
+        self.dtype = norm.dtype
+        self.norm = 1 + norm.float() if config.gemma_norms else norm
         self.lm_head = lm_head  # the embedding itself when tie_word_embeddings
 
     @staticmethod
@@ -555,11 +599,16 @@ class Head:
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed_weight, Quantized):
-            return self.embed_weight.rows(ids, self.norm.dtype)
-        return F.embedding(ids, self.embed_weight)
+            rows = self.embed_weight.rows(ids, self.dtype)
+        else:
+            rows = F.embedding(ids, self.embed_weight)
+        scale = self.config.embed_scale  # Gemma: sqrt(hidden), rounded to the table's dtype first
+        return rows if scale == 1 else rows * torch.tensor(scale, dtype=rows.dtype)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> float32 logits [..., V]."""
-        h = rms_norm(hidden.to(self.norm.dtype), self.norm, self.config.rms_norm_eps)
-        return linear(h, self.lm_head).float()
+        h = rms_norm(hidden.to(self.dtype), self.norm, self.config.rms_norm_eps)
+        logits = linear(h, self.lm_head).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
