@@ -9,7 +9,8 @@ import sys
 import click
 
 from cake.auth import ENV_KEY
-from cake.devices import DTYPE_CHOICES
+from cake import __version__
+from cake.dtypes import CHOICES as DTYPE_CHOICES
 from cake.eventloop import ENV as BUSY_POLL_ENV
 from cake.eventloop import busy_poll_us
 from cake.errors import CakeError
@@ -35,6 +36,7 @@ def run_edge(fn, *args, **kwargs):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="cake")
 @click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Llama 3 model folder (or a cake-split-model bundle, for a worker).")

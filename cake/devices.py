@@ -9,14 +9,10 @@ import uuid
 
 import torch
 
+from cake.dtypes import ALIASES
 from cake.errors import CakeError
 
-DTYPES = {
-    "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
-    "f16": torch.float16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-DTYPE_CHOICES = ["auto", *DTYPES]
+DTYPES = {name: getattr(torch, full) for name, full in ALIASES.items()}
 
 
 def pick_device(spec: str = "auto") -> torch.device:

@@ -162,14 +162,18 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
 
     entries = {w.name: [p for i in w.layers for n in DecoderLayer.tensor_names(i, config) for p in parts(n)]
                for w in topology.workers.values()}
+    terminal = sys.stderr.isatty()
+
     def progress(name: str, size: int) -> None:
+        """On a terminal one line rewritten in place; in a log, a line every 5 seconds and the last."""
         nonlocal done, shown
         done += size
-        if not quiet and (time.monotonic() - shown > 0.25 or done == total):  # and always its last line
+        if not quiet and (time.monotonic() - shown > (0.25 if terminal else 5) or done == total):
             shown = time.monotonic()
             rate = done / max(time.monotonic() - t0, 1e-6) / (1 << 20)
-            sys.stderr.write(f"\r  {100 * done / max(total, 1):5.1f}%  {done >> 20} / {total >> 20} MiB  "
-                             f"{rate:.0f} MiB/s  {name[:60]:<60}")
+            line = (f"  {100 * done / max(total, 1):5.1f}%  {done >> 20} / {total >> 20} MiB  {rate:.0f} MiB/s  "
+                    f"{name[:60]}")
+            sys.stderr.write(f"\r{line:<100}" if terminal else line + "\n")
             sys.stderr.flush()
 
     bundles = []
@@ -194,7 +198,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
                 shutil.copy2(src / extra, dest / extra)
         shutil.copy2(topology_path, dest / "topology.yml")
         bundles.append(dest)
-        if not quiet:
+        if not quiet and terminal:
             sys.stderr.write("\n")
     return bundles
 

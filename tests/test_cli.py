@@ -130,3 +130,15 @@ def test_a_broken_generation_config_is_one_line_before_any_loading(tiny_model, t
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.strip() == (f"error: '{folder / 'generation_config.json'}' is not valid JSON (line 1); fix "
                                      f"or restore that file")
+
+
+def test_help_and_version_answer_without_loading_torch():
+    """`cake --help` is what a newcomer types first: it must not wait seconds for torch to import."""
+    probe = ("import sys, runpy; sys.argv = ['cake', '--help']\n"
+             "try:\n    runpy.run_module('cake', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "--quantize" in r.stdout and r.stdout.strip().splitlines()[-1] == "False"
+    v = subprocess.run([sys.executable, "-m", "cake", "--version"], capture_output=True, text=True, timeout=60)
+    from cake import __version__
+    assert v.returncode == 0 and v.stdout.strip() == f"cake, version {__version__}"

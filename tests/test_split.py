@@ -40,6 +40,7 @@ def test_script_and_console_entry_point(tiny_model, tmp_path):
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("100.0%") == 2  # each bundle's progress ends at 100%
+    assert "\r" not in proc.stderr  # not a terminal: whole lines, no carriage returns in the log
     assert (tmp_path / "out" / "w" / "model.safetensors.index.json").exists()
     bad = subprocess.run([sys.executable, str(script), "--model-path", str(tmp_path), "--topology", str(topo),
                           "--output", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
