@@ -4,18 +4,21 @@
     python scripts/bench.py --quick            # about a minute: tiny model, few tokens, one run
     python scripts/bench.py --model both       # the real figures: minutes, on a quiet machine
     python scripts/bench.py --cores-per-node 4 # each node on cores of its own, as on separate machines
+    python scripts/bench.py --model big --quantize int8,int4   # int8/int4 beside f32 and bf16
 
 Every measured thing runs in its own fresh process (this script re-invoked with `--child`), so one
 measurement's imports and allocations never show in another's timings or peak RSS: the master is
 measured without transformers loaded, and the workers are real `cake --mode worker` processes.
 Everything runs on the CPU in fp32 unless --device/--dtype say otherwise (every node and transformers
-alike). docs/benchmarks.md says what each figure means.
+alike). With --quantize int8/int4 the script also measures cake with quantized weights next to the
+unquantized model (docs/benchmarks.md, "Quantized weights"). docs/benchmarks.md says what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -61,7 +64,7 @@ from cake.errors import CakeError  # noqa: E402
 
 if os.environ.get(NATIVE_OMP) == "1" and USER_GOMP_SPINCOUNT is None:
     del os.environ["GOMP_SPINCOUNT"]  # before torch loads OpenMP: see above
-NATIVE_KINDS = ("transformers", "bandwidth")
+NATIVE_KINDS = ("transformers", "bandwidth", "reads")
 
 MB = 1e6
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -77,6 +80,14 @@ MAX_HOP_US = 150  # network overhead per worker round trip
 RSS_SLACK = 400 * MB  # what a node may hold beyond its weights
 CONCURRENCY_GAIN = {"big": 2.5}  # aggregate decode tok/s of 4 sessions / 1 session
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Issue 16's targets for quantized weights (the big model, on a CPU): decode tok/s against the unquantized
+# model at the same dtype (bf16 by default), and each format's decode against its own bandwidth limit.
+QUANT_VS_BASE = {"int8": 1.6, "int4": 2.2}
+QUANT_OF_LIMIT = 0.8
+QUANT_TARGET_MODELS = ("big",)
+SCHEMES = ("none", "int8", "int4")
+# The matrices --quantize covers (every linear layer of the blocks, and the master's embedding and head).
+QUANTIZED_RE = re.compile(r"(_proj|embed_tokens|lm_head)\.weight$")
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -91,12 +102,13 @@ class ModelSpec:
     kv_heads: int
     vocab: int = 128256
     seed: int = 1234
+    stored: str = "f32"  # the dtype the folder's safetensors hold
 
     @property
     def folder(self) -> str:
         # The shape is in the name, so a changed spec never reuses a stale cached model.
         return (f"{self.name}-h{self.hidden}-i{self.intermediate}-l{self.layers}-a{self.heads}-kv{self.kv_heads}"
-                f"-v{self.vocab}-s{self.seed}")
+                f"-v{self.vocab}-s{self.seed}" + ("" if self.stored == "f32" else f"-{self.stored}"))
 
     def describe(self) -> str:
         return (f"hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
@@ -108,6 +120,8 @@ SPECS = {
     "tiny": ModelSpec("tiny", hidden=256, intermediate=704, layers=8, heads=8, kv_heads=2),
     # ~1.8 GB fp32: decode is bound by memory bandwidth.
     "big": ModelSpec("big", hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4),
+    # Llama 3 8B's shape (16 GB in bf16), for a GPU machine: never part of --model both.
+    "8b": ModelSpec("8b", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, stored="bf16"),
 }
 
 
@@ -125,6 +139,28 @@ def safetensors_sizes(model_dir: Path) -> dict[str, int]:
     return {name: (e := files.entry(name)).end - e.start for name in files.where}
 
 
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a model folder, from the safetensors headers alone."""
+    from cake.model.weights import WeightFiles
+
+    files = WeightFiles(model_dir)
+    return {name: tuple(files.entry(name).shape) for name in files.where}
+
+
+def held_bytes(name: str, shape: tuple[int, ...], dtype: str, scheme: str = "none", group: int = 32) -> int:
+    """Bytes a node holds (and a decode step reads) for one checkpoint tensor. Quantized (issue 16's
+    formulas, written out here rather than taken from cake): int8 is one byte a weight and a bf16 scale a
+    row; int4 half a byte a weight, the last group of a row padded, and a bf16 scale and zero a group.
+    Norms, and every tensor with --quantize none, are held in the node's dtype."""
+    if scheme != "none" and len(shape) == 2 and QUANTIZED_RE.search(name):
+        out, k = shape
+        if scheme == "int8":
+            return out * k + 2 * out
+        groups = -(-k // group)
+        return out * groups * (group // 2 + 2 * 2)
+    return math.prod(shape) * ITEMSIZE[dtype]
+
+
 @dataclass
 class WeightBytes:
     layers: dict[int, int]
@@ -139,6 +175,21 @@ class WeightBytes:
         except CakeError as e:
             raise CakeError(f"cannot read the weights in '{model_dir}' ({e}); "
                             f"delete the folder and the benchmark rebuilds it") from None
+        return cls.of(sizes)
+
+    @classmethod
+    def held(cls, model_dir: Path, dtype: str, scheme: str = "none", group: int = 32) -> WeightBytes:
+        """What a node running `--dtype dtype --quantize scheme` holds of each part (see held_bytes)."""
+        try:
+            shapes = safetensors_shapes(model_dir)
+        except CakeError as e:
+            raise CakeError(f"cannot read the weights in '{model_dir}' ({e}); "
+                            f"delete the folder and the benchmark rebuilds it") from None
+        return cls.of({name: held_bytes(name, shape, dtype, scheme, group) for name, shape in shapes.items()})
+
+    @classmethod
+    def of(cls, sizes: dict[str, int]) -> WeightBytes:
+        """Sum tensor sizes (name -> bytes) into layers, embedding, head and norm."""
         layers: dict[int, int] = {}
         for name, n in sizes.items():
             m = LAYER_RE.match(name)
@@ -147,9 +198,9 @@ class WeightBytes:
         return cls(layers, sizes["model.embed_tokens.weight"], sizes.get("lm_head.weight", 0),
                    sizes["model.norm.weight"])
 
-    def in_dtype(self, dtype: str) -> WeightBytes:
-        """The same weights held in another dtype (the benchmark models are stored in f32)."""
-        k = ITEMSIZE[dtype] / 4
+    def in_dtype(self, dtype: str, stored: str = "f32") -> WeightBytes:
+        """The same weights held in another dtype (the tiny and big models are stored in f32)."""
+        k = ITEMSIZE[dtype] / ITEMSIZE[stored]
         return WeightBytes({i: int(n * k) for i, n in self.layers.items()}, int(self.embed * k), int(self.head * k),
                            int(self.norm * k))
 
@@ -191,6 +242,9 @@ class Job:
     relay: bool = True  # cake with workers: workers pass hidden states to each other
     busy_poll: str = "auto"  # cake: the master's --busy-poll
     server: bool = False  # cake: compute as the API server's master does (compute_in_thread)
+    quantize: str = "none"  # cake: the master's --quantize
+    group: int = 32  # cake: the master's --group-size
+    sizes: list[int] = field(default_factory=list)  # reads: the byte counts to time a read of
 
 
 @dataclass
@@ -268,6 +322,9 @@ class Subject:
     def concurrent(self, sessions: int) -> dict:
         raise CakeError(f"{type(self).__name__} does not run concurrent sessions")
 
+    def products(self) -> dict:
+        raise CakeError(f"{type(self).__name__} has no matrix products to time")
+
     def finish(self) -> dict:
         return {}
 
@@ -280,7 +337,8 @@ class Build(Subject):
         final = Path(job.model_dir)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         make_model(tmp, hidden=s.hidden, intermediate=s.intermediate, layers=s.layers, heads=s.heads,
-                   kv_heads=s.kv_heads, vocab=s.vocab, seed=s.seed)
+                   kv_heads=s.kv_heads, vocab=s.vocab, seed=s.seed,
+                   dtype={"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[s.stored])
         tmp.rename(final)  # a half-written folder is never mistaken for a cached model
 
 
@@ -325,6 +383,68 @@ class Bandwidth(Subject):
     def run(self) -> dict:
         return {"matvec_s": statistics.median(self._matvec(self.kernel) for _ in range(MATVEC_ITERS)),
                 "kernel": self.kernel_name}
+
+
+class Reads(Subject):
+    """The memory-bandwidth limit for each of several byte counts (one per weight format): the time a
+    matrix-vector product over exactly that many bytes takes, with the fastest plain read torch has here.
+    The dtype is the faster per byte of f32 and the job's (on an AVX2 CPU bf16's kernels read slower than
+    f32's: see docs/benchmarks.md), chosen once on the largest size; the kernel (F.linear or torch.mv) per
+    size. One matrix of the largest size is held; a smaller size reads its first rows."""
+
+    def __init__(self, job: Job):
+        import torch
+
+        from cake.devices import DTYPES
+
+        self.device, hidden, top = torch.device(job.device), SPECS[job.model].hidden, max(job.sizes)
+        per_byte = {}
+        for name in dict.fromkeys(("f32", job.dtype)):  # one matrix at a time: a GPU shares its memory
+            self._make(DTYPES[name], -(-top // (ITEMSIZE[name] * hidden)), hidden)
+            per_byte[name] = self._fastest(self.w)[1] / self.w.nbytes
+            self.w = None
+        self.dtype = min(per_byte, key=per_byte.get)
+        self._make(DTYPES[self.dtype], -(-top // (ITEMSIZE[self.dtype] * hidden)), hidden)
+        self.views = [self.w[:-(-n // (ITEMSIZE[self.dtype] * hidden))] for n in job.sizes]
+        self.kernels = [self._fastest(v)[0] for v in self.views]
+
+    def _make(self, dtype, rows: int, hidden: int) -> None:
+        import torch
+
+        # Written, not torch.empty: untouched pages all map the one shared zero page, which reads from cache.
+        self.w = torch.full((rows, hidden), 1e-3, dtype=dtype, device=self.device)
+        self.x = torch.ones(1, hidden, dtype=dtype, device=self.device)
+
+    def _kernels(self, w) -> dict:
+        import torch
+
+        return {"F.linear": lambda: torch.nn.functional.linear(self.x, w), "torch.mv": lambda: torch.mv(w, self.x[0])}
+
+    def _fastest(self, w) -> tuple[str, float]:
+        best = {}
+        for name, kernel in self._kernels(w).items():
+            for _ in range(2):
+                self._read(kernel)
+            best[name] = min(self._read(kernel) for _ in range(3))
+        name = min(best, key=best.get)
+        return name, best[name]
+
+    def _read(self, kernel) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        kernel()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def run(self) -> dict:
+        return {"reads_s": [statistics.median(self._read(self._kernels(v)[k]) for _ in range(MATVEC_ITERS))
+                            for v, k in zip(self.views, self.kernels)],
+                "read_kernels": self.kernels, "read_dtype": self.dtype,
+                "read_bytes": [v.nbytes for v in self.views]}
 
 
 class Transformers(Subject):
@@ -385,7 +505,8 @@ class Cake(Subject):
         # Short timeouts: a stuck worker should fail the benchmark in seconds, not after minutes.
         self.master = Master(job.model_dir, load_topology(job.topology), device=job.device, dtype=job.dtype,
                              options=Options(retry_timeout=10.0, request_timeout=120.0, relay=job.relay),
-                             compute_in_thread=job.server)
+                             compute_in_thread=job.server,
+                             quantize=None if job.quantize == "none" else job.quantize, group_size=job.group)
         self.loop.run_until_complete(self.master.connect())
         self.prompt = prompt_ids(job.prompt_tokens)
         self.loop.run_until_complete(self._generate(self.prompt, job.tokens))  # warm-up, as measured
@@ -432,14 +553,48 @@ class Cake(Subject):
         self.loop.run_until_complete(gathered())
         return {"tok_s": steady_rate(stamps)}
 
+    def _matrices(self) -> dict[str, list]:
+        """The matrices this master multiplies in a decode step, by kind: its layers' and the head."""
+        layers = [self.master.stack.layers[i] for i in self.master.stack.indices]
+        out = {kind: [w for layer in layers if (w := getattr(layer, kind, None)) is not None]
+               for kind in ("wqkv", "wo", "w13", "w2")}  # a Llama decoder layer's four (fused) matrices
+        return {**{k: v for k, v in out.items() if v}, "head": [self.master.head.lm_head]}
+
+    def products(self, passes: int = 3) -> dict:
+        """One decode step's matrix products alone, with cake's own kernels on the weights this master
+        holds (a one-row input, as a decode step has): seconds per kind, the median of `passes`."""
+        import torch
+
+        from cake.model.llama import linear
+
+        dev, dtype = self.master.device, self.master.dtype
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        times: dict[str, list[float]] = {}
+        with torch.inference_mode():
+            for _ in range(passes):
+                for kind, ws in self._matrices().items():
+                    k = getattr(ws[0], "in_features", None) or ws[0].shape[1]
+                    x = torch.ones(1, k, dtype=dtype, device=dev)
+                    sync()
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        linear(x, w)
+                    sync()
+                    times.setdefault(kind, []).append(time.perf_counter() - t0)
+        return {"products_s": {kind: statistics.median(t) for kind, t in times.items()}}
+
     def finish(self) -> dict:
+        from cake.model.quant import QuantLinear
+
         self.loop.run_until_complete(self.master.close())
-        return {}
+        chosen = sorted({w.kernel_name for ws in self._matrices().values() for w in ws if isinstance(w, QuantLinear)})
+        return {"weight_bytes": self.master.stack.weight_bytes + self.master.head.weight_bytes, "kernels": chosen}
 
 
 SUBJECTS: dict[str, type[Subject]] = {
     "build": Build,
     "bandwidth": Bandwidth,
+    "reads": Reads,
     "transformers": Transformers,
     "cake-local": Cake,
     "cake-local-server": Cake,
@@ -467,6 +622,8 @@ def child_main(job_json: str) -> None:
                 answer(subject.run())
             elif command == "concurrent":
                 answer(subject.concurrent(int(arg[0])))
+            elif command == "products":
+                answer(subject.products())
             elif command == "finish":
                 torch = sys.modules.get("torch")
                 answer({**subject.finish(), "peak_rss": peak_rss(),
@@ -489,10 +646,11 @@ def last_line(path: Path) -> str:
 
 
 class Child:
-    """A child process serving one Subject; its stderr goes to `<logs>/<kind>.log`."""
+    """A child process serving one Subject; its stderr goes to `<logs>/<name>.log` (name: the job's kind
+    unless given)."""
 
-    def __init__(self, job: Job, logs: Path, wrap: list[str] | None = None):
-        self.kind, self.log = job.kind, logs / f"{job.kind}.log"
+    def __init__(self, job: Job, logs: Path, wrap: list[str] | None = None, name: str | None = None):
+        self.kind, self.log = name or job.kind, logs / f"{name or job.kind}.log"
         env = dict(os.environ)
         if job.kind in NATIVE_KINDS:
             env[NATIVE_OMP] = "1"
@@ -522,8 +680,8 @@ class Child:
 
 
 @contextmanager
-def child(job: Job, logs: Path, wrap: list[str] | None = None) -> Iterator[Child]:
-    c = Child(job, logs, wrap)
+def child(job: Job, logs: Path, wrap: list[str] | None = None, name: str | None = None) -> Iterator[Child]:
+    c = Child(job, logs, wrap, name)
     try:
         yield c
     finally:
@@ -693,11 +851,12 @@ async def proxy_main(spec: dict) -> None:
 @contextmanager
 def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype: str,
                     link_delay_ms: float = 0.0, busy_poll_us: int = 0, suffix: str = "",
-                    placement: Placement = Placement()) -> Iterator[Cluster]:
+                    placement: Placement = Placement(), extra: tuple[str, ...] = (),
+                    timeout: float = WORKER_START_TIMEOUT) -> Iterator[Cluster]:
     """`cake --mode worker` processes on loopback (two unless `placement` says otherwise), each serving
     a contiguous share of the layers, on the CPUs `placement` gives them; always stopped. With a link
     delay, the topology sends everyone (master and workers) through a delaying proxy. `suffix` names a
-    second set's topology and logs."""
+    second set's topology and logs; `extra` is added to each worker's command line (--quantize)."""
     ranges = placement.ranges(layers)
     ports = {name: launch.free_port() for name in ranges}
     reached = {name: launch.free_port() for name in ranges} if link_delay_ms > 0 else ports
@@ -715,11 +874,11 @@ def running_workers(model_dir: Path, layers: int, logs: Path, device: str, dtype
             log = logs / f"{name}{suffix}.log"
             log.unlink(missing_ok=True)
             procs[name] = launch.start_worker(model_dir, name, topology, ports[name], "--device", device,
-                                              "--dtype", dtype, "--busy-poll", str(busy_poll_us), log=log,
+                                              "--dtype", dtype, "--busy-poll", str(busy_poll_us), *extra, log=log,
                                               wrap=placement.wrap(node))
         for name in ranges:
             try:
-                launch.wait_ready(ports[name], procs[name], WORKER_START_TIMEOUT)
+                launch.wait_ready(ports[name], procs[name], timeout)
             except CakeError as e:
                 log = logs / f"{name}{suffix}.log"
                 raise CakeError(f"{name} failed to start ({e}): {last_line(log)} [log: {log}]") from None
@@ -740,9 +899,20 @@ class Measured:
     peak_rss: int | None = None
     threads: int = 0
     cpus: str | None = None  # the CPUs the process could use, as the kernel lists them
+    products: list[dict[str, float]] = field(default_factory=list)  # cake: one decode step's products, per kind
+    weight_bytes: int | None = None  # cake: what its layers and head hold, as the master counts them
+    kernels: list[str] = field(default_factory=list)  # cake: the quantized products' kernels
+    reads_s: list[list[float]] = field(default_factory=list)  # reads: per round, a time per size
+    read_kernels: list[str] = field(default_factory=list)
+    read_dtype: str = ""
+    read_bytes: list[int] = field(default_factory=list)
 
     def add_run(self, answer: dict) -> None:
-        if "matvec_s" in answer:
+        if "reads_s" in answer:
+            self.reads_s.append(answer["reads_s"])
+            self.read_kernels, self.read_dtype, self.read_bytes = (answer["read_kernels"], answer["read_dtype"],
+                                                                   answer["read_bytes"])
+        elif "matvec_s" in answer:
             self.matvec_s.append(answer["matvec_s"])
             self.kernel = answer.get("kernel", "")
         else:
@@ -760,6 +930,11 @@ class Measured:
 
     def add_finish(self, answer: dict) -> None:
         self.peak_rss, self.threads, self.cpus = answer["peak_rss"], answer["threads"], answer.get("cpus")
+        self.weight_bytes, self.kernels = answer.get("weight_bytes"), answer.get("kernels", [])
+
+    def product_s(self, kind: str | None = None) -> float:
+        """Median over rounds of one decode step's products of `kind` (None: all kinds)."""
+        return statistics.median(sum(p.values()) if kind is None else p[kind] for p in self.products)
 
 
 def measure(spec: ModelSpec, model_dir: Path, weights: WeightBytes, prompt_tokens: int, tokens: int, repeats: int,
@@ -956,7 +1131,7 @@ def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int,
                 device: str = "cpu", dtype: str = "f32", link_delay_ms: float = 0.0,
                 busy_poll_us: int = 0, placement: Placement = Placement()) -> ModelResult:
     model_dir = ensure_model(spec, workdir)
-    weights = WeightBytes.read(model_dir).in_dtype(dtype)
+    weights = WeightBytes.read(model_dir).in_dtype(dtype, spec.stored)
     logs = workdir / "runs" / spec.name
     logs.mkdir(parents=True, exist_ok=True)
     m, worker_rss, worker_cpus = measure(spec, model_dir, weights, prompt_tokens, tokens, repeats, logs, device,
@@ -965,6 +1140,167 @@ def bench_model(spec: ModelSpec, workdir: Path, prompt_tokens: int, tokens: int,
                        m["cake-local"], m["cake-workers"], worker_rss, device, dtype, m.get("cake-workers-no-relay"),
                        m.get("cake-workers-no-poll"), busy_poll_us, link_delay_ms, m.get("cake-local-server"),
                        placement, worker_cpus)
+
+
+# ---- quantized weights (issue 16) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Format:
+    """One row of the quantized comparison: how the weights are held, and the dtype the products run in."""
+    scheme: str  # none, int8 or int4
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return self.dtype if self.scheme == "none" else self.scheme
+
+
+def quant_formats(schemes: list[str], dtype: str, quant_dtype: str) -> list[Format]:
+    """The rows: the unquantized model at --dtype (unless that is --quant-dtype) and at --quant-dtype, then
+    each quantized scheme with --quant-dtype activations."""
+    return ([Format("none", d) for d in dict.fromkeys((dtype, quant_dtype))]
+            + [Format(s, quant_dtype) for s in schemes if s != "none"])
+
+
+@dataclass
+class QuantResult:
+    spec: ModelSpec
+    formats: list[Format]
+    quant_dtype: str
+    group: int
+    held: dict[str, WeightBytes]  # format label -> what a node holds, by held_bytes' formulas
+    local: dict[str, Measured]  # format label -> cake all-local
+    workers: dict[str, Measured]  # quantized format label -> the master of loopback workers, all quantized
+    worker_rss: dict[str, dict[str, int | None]]  # quantized format label -> worker -> peak RSS
+    reads: Measured  # the bandwidth limit for each format's decode step, in the order of `formats`
+    prompt_tokens: int
+    tokens: int
+    repeats: int
+    device: str = "cpu"
+    placement: Placement = Placement()
+
+    @property
+    def base(self) -> str:
+        """The row the quantized ones are compared with: unquantized, at the quantized rows' dtype."""
+        return Format("none", self.quant_dtype).label
+
+    @property
+    def quantized(self) -> list[Format]:
+        return [f for f in self.formats if f.scheme != "none"]
+
+    def speed(self, m: Measured) -> Speed:
+        return Speed.of(m, self.prompt_tokens)
+
+    def limit_ms(self, label: str) -> float:
+        i = [f.label for f in self.formats].index(label)
+        return 1e3 * statistics.median(r[i] for r in self.reads.reads_s)
+
+    def of_limit(self, label: str) -> float:
+        return self.limit_ms(label) / self.speed(self.local[label]).decode_ms
+
+    def vs_base(self, label: str, m: Measured | None = None) -> float:
+        return self.speed(self.local[self.base]).decode_ms / self.speed(m or self.local[label]).decode_ms
+
+    def targets(self) -> list[Target]:
+        ts = []
+        if self.spec.name in QUANT_TARGET_MODELS and self.device == "cpu":
+            for f in self.quantized:
+                ts.append(Target(f"{f.label} decode / {self.base} decode (all-local)", self.vs_base(f.label),
+                                 QUANT_VS_BASE[f.scheme], "x", True))
+            for f in self.formats:
+                ts.append(Target(f"{f.label} decode / its bandwidth limit", self.of_limit(f.label), QUANT_OF_LIMIT,
+                                 "x", True))
+        for label, rss in self.worker_rss.items():
+            held = self.held[label]
+            for worker, (start, end) in self.placement.ranges(self.spec.layers).items():
+                if rss.get(worker) is not None:
+                    ts.append(Target(f"{label} {worker} peak RSS (layers {start}-{end - 1} as {label} + 400 MB)",
+                                     rss[worker] / MB, (held.layer_range(start, end) + RSS_SLACK) / MB, "MB", False))
+            if self.workers[label].peak_rss is not None:
+                ts.append(Target(f"{label} master peak RSS (embed + head as {label} + 400 MB)",
+                                 self.workers[label].peak_rss / MB, (held.master + RSS_SLACK) / MB, "MB", False))
+        return ts
+
+    def to_json(self) -> dict:
+        rows = {}
+        for f in self.formats:
+            m, held = self.local[f.label], self.held[f.label]
+            rows[f.label] = {
+                "scheme": f.scheme, "dtype": f.dtype, "speed": asdict(self.speed(m)),
+                "weights_held": held.total, "decode_step_bytes": held.decode_step,
+                "weight_bytes_reported": m.weight_bytes, "kernels": m.kernels,
+                "limit_ms": self.limit_ms(f.label), "of_limit": self.of_limit(f.label),
+                "vs_base": self.vs_base(f.label),
+                "products_ms": {k: 1e3 * m.product_s(k) for k in m.products[0]} if m.products else {},
+            }
+        workers = {label: {"speed": asdict(self.speed(m)), "vs_base": self.vs_base(label, m),
+                           "worker_rss": self.worker_rss[label], "master_weight_bytes": m.weight_bytes,
+                           "layers_held": {w: self.held[label].layer_range(a, b)
+                                           for w, (a, b) in self.placement.ranges(self.spec.layers).items()},
+                           "master_held": self.held[label].master}
+                   for label, m in self.workers.items()}
+        return {"quant_dtype": self.quant_dtype, "group": self.group, "base": self.base,
+                "formats": [f.label for f in self.formats], "rows": rows, "workers": workers,
+                "reads": {"dtype": self.reads.read_dtype, "kernels": self.reads.read_kernels,
+                          "bytes": self.reads.read_bytes, "reads_s": self.reads.reads_s},
+                "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()]}
+
+
+def measure_quant(spec: ModelSpec, model_dir: Path, formats: list[Format], held: dict[str, WeightBytes],
+                  group: int, prompt_tokens: int, tokens: int, repeats: int, logs: Path, device: str,
+                  busy_poll_us: int = 0, placement: Placement = Placement()) -> tuple[dict[str, Measured], dict]:
+    """Every format's figures in interleaved rounds, as `measure` takes its own: an all-local master per
+    format (its decode, then its matrix products alone), loopback workers and their master per quantized
+    format, and one process timing the reads that bound each format. Returns what each child measured
+    (keys local-<label>, workers-<label>, reads) and each quantized cluster's workers' peak RSS."""
+    timeout = max(WORKER_START_TIMEOUT, 60 * WeightBytes.read(model_dir).total / 1e9)  # an 8B takes minutes
+    with ExitStack() as stack:
+        quantized = [f for f in formats if f.scheme != "none"]
+        progress(f"{spec.name}: starting {placement.label} for each of {', '.join(f.label for f in quantized)}, "
+                 f"then cake all-local for each of {', '.join(f.label for f in formats)}, and the reads")
+        clusters = {f.label: stack.enter_context(running_workers(
+            model_dir, spec.layers, logs, device, f.dtype, 0.0, busy_poll_us, suffix=f"-{f.label}",
+            placement=placement, extra=("--quantize", f.scheme, "--group-size", str(group)), timeout=timeout))
+            for f in quantized}
+        base = Job("", spec.name, str(model_dir), prompt_tokens, tokens, device=device, busy_poll=str(busy_poll_us),
+                   group=group)
+        jobs = {f"local-{f.label}": replace(base, kind="cake-local", dtype=f.dtype, quantize=f.scheme)
+                for f in formats}
+        jobs.update({f"workers-{f.label}": replace(base, kind="cake-workers", dtype=f.dtype, quantize=f.scheme,
+                                                   topology=str(clusters[f.label].topology)) for f in quantized})
+        jobs["reads"] = replace(base, kind="reads", dtype=formats[-1].dtype,
+                                sizes=[held[f.label].decode_step for f in formats])
+        kids = {key: stack.enter_context(child(job, logs, placement.wrap(0), name=f"quant-{key}"))
+                for key, job in jobs.items()}
+        for kid in kids.values():
+            kid.ask()
+        out = {key: Measured() for key in kids}
+        for i in range(repeats):
+            progress(f"{spec.name}: quantized weights, round {i + 1}/{repeats}")
+            for key, kid in kids.items():
+                if key.startswith("workers-"):
+                    kid.ask("run")  # unmeasured: the workers have been idle (see measure)
+                out[key].add_run(kid.ask("run"))
+                if key.startswith("local-"):
+                    out[key].products.append(kid.ask("products")["products_s"])
+        for key, kid in kids.items():
+            out[key].add_finish(kid.ask("finish"))
+        return out, {label: c.peak_rss() for label, c in clusters.items()}
+
+
+def bench_quant(spec: ModelSpec, workdir: Path, schemes: list[str], dtype: str, quant_dtype: str, group: int,
+                prompt_tokens: int, tokens: int, repeats: int, device: str = "cpu", busy_poll_us: int = 0,
+                placement: Placement = Placement()) -> QuantResult:
+    model_dir = ensure_model(spec, workdir)
+    formats = quant_formats(schemes, dtype, quant_dtype)
+    held = {f.label: WeightBytes.held(model_dir, f.dtype, f.scheme, group) for f in formats}
+    logs = workdir / "runs" / spec.name
+    logs.mkdir(parents=True, exist_ok=True)
+    m, worker_rss = measure_quant(spec, model_dir, formats, held, group, prompt_tokens, tokens, repeats, logs, device,
+                                  busy_poll_us, placement)
+    return QuantResult(spec, formats, quant_dtype, group, held, {f.label: m[f"local-{f.label}"] for f in formats},
+                       {f.label: m[f"workers-{f.label}"] for f in formats if f.scheme != "none"}, worker_rss,
+                       m["reads"], prompt_tokens, tokens, repeats, device, placement)
 
 
 # ---- the parent: report -------------------------------------------------------------------------------
@@ -1066,6 +1402,72 @@ def report(r: ModelResult, quick: bool) -> str:
     return "\n".join(out)
 
 
+def quant_report(q: QuantResult, quick: bool) -> str:
+    s, base = q.spec, q.base
+    out = [f"== {s.name}: quantized weights; {s.describe()}; on {q.device}; int8/int4 products with "
+           f"{q.quant_dtype} activations, int4 in groups of {q.group} ==",
+           f"prompt {q.prompt_tokens} tokens, {q.tokens} decode tokens, median of {q.repeats} run(s) after a warm-up; "
+           f"{machine()}"]
+    if quick:
+        out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
+    if q.placement.cores:
+        out.append(q.placement.describe(s.layers))
+
+    rows = []
+    for f in q.formats:
+        m, held = q.local[f.label], q.held[f.label]
+        sp = q.speed(m)
+        rows.append([f"{f.label}, all-local", f"{sp.decode_ms:.2f}", f"{sp.decode_tps:.1f}", f"{sp.prefill_tps:.0f}",
+                     mb(sp.peak_rss), mb(m.weight_bytes), mb(held.decode_step), f"{q.limit_ms(f.label):.2f}",
+                     f"{q.of_limit(f.label):.2f}", f"{q.vs_base(f.label):.2f}", ",".join(m.kernels) or "-"])
+    for label, m in q.workers.items():
+        sp = q.speed(m)
+        rows.append([f"{label}, {q.placement.label} (master)", f"{sp.decode_ms:.2f}", f"{sp.decode_tps:.1f}",
+                     f"{sp.prefill_tps:.0f}", mb(sp.peak_rss), mb(m.weight_bytes), "-", "-", "-",
+                     f"{q.vs_base(label, m):.2f}", ",".join(m.kernels) or "-"])
+    out += ["", table(["format", "decode ms/tok", "decode tok/s", "prefill tok/s", "peak RSS MB", "weights MB",
+                       "step reads MB", "limit ms/tok", "of limit", f"x {base}", "quantized kernel"], rows)]
+    r = q.reads
+    out.append(f"limit: a {r.read_dtype} matrix-vector product over exactly the bytes each format's decode step "
+               f"reads ({', '.join(f'{f.label} {k}' for f, k in zip(q.formats, r.read_kernels))}): "
+               + ", ".join(f"{f.label} {q.held[f.label].decode_step / q.limit_ms(f.label) / 1e6:.1f} GB/s"
+                           for f in q.formats))
+    if base in q.local:
+        out.append("; ".join(f"{f.label} / {base} decode {q.vs_base(f.label):.2f}x for "
+                             f"{q.held[base].decode_step / q.held[f.label].decode_step:.2f}x fewer bytes"
+                             for f in q.quantized))
+
+    kinds = list(next((m.products[0] for m in q.local.values() if m.products), {}))
+    if kinds:
+        prod = []
+        for f in q.formats:
+            m = q.local[f.label]
+            total = m.product_s()
+            prod.append([f.label, *(f"{1e3 * m.product_s(k):.2f}" for k in kinds), f"{1e3 * total:.2f}",
+                         f"{q.held[f.label].decode_step / total / 1e9:.1f}", f"{q.limit_ms(f.label) / 1e3 / total:.2f}",
+                         f"{q.local[base].product_s() / total:.2f}" if base in q.local else "-"])
+        out += ["", table(["products alone, ms", *kinds, "all", "GB/s", "of limit", f"x {base}"], prod)]
+        out.append("a decode step's matrix products alone, with cake's kernels on the weights the all-local "
+                   "master holds (a one-row input), median of 3 passes a round")
+
+    mem = []
+    for label, rss in q.worker_rss.items():
+        held = q.held[label]
+        mem += [[f"{label} {name} (layers {a}-{b - 1})", mb(rss.get(name)), mb(held.layer_range(a, b)),
+                 mb(held.layer_range(a, b) + RSS_SLACK)] for name, (a, b) in q.placement.ranges(s.layers).items()]
+        mem.append([f"{label} master (no layers)", mb(q.workers[label].peak_rss), mb(held.master),
+                    mb(held.master + RSS_SLACK)])
+    if mem:
+        out += ["", table(["peak RSS, quantized", "MB", "weights MB", "budget MB"], mem)]
+
+    ts = q.targets()
+    if ts:
+        out += ["", table(["target", "measured", "goal", ""],
+                          [[t.check, t.show(t.measured), f"{'>=' if t.at_least else '<='} {t.show(t.goal)}",
+                            "PASS" if t.passed else "MISS"] for t in ts])]
+    return "\n".join(out)
+
+
 def split_rows(label: str, m: Measured, sp: Speed) -> list[list[str]]:
     """Each stage's share of a decode token, and what is left for the master's own work."""
     rows, staged = [], 0.0
@@ -1087,7 +1489,9 @@ def default_workdir() -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark cake (all-local and loopback workers) against "
                                             "transformers and the memory-bandwidth limit.")
-    p.add_argument("--model", choices=["tiny", "big", "both"], default=None, help="model size (default: both)")
+    p.add_argument("--model", choices=["tiny", "big", "both", "8b"], default=None,
+                   help="model size (default: both, which is tiny and big; 8b is Llama 3 8B's shape, 16 GB in bf16, "
+                        "for a GPU machine)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length for prefill (default: 128)")
     p.add_argument("--repeats", type=int, default=None, help="measured runs per figure, median reported (default: 3)")
@@ -1113,6 +1517,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "separate machines (the all-local, transformers and matvec processes run on the master's; "
                         "OMP_NUM_THREADS is set to N for each); needs N x (workers + 1) cores (default: 0, every "
                         "process shares every core)")
+    p.add_argument("--quantize", default="none", metavar="LIST",
+                   help="weight formats, comma-separated: none (the benchmark above, at --dtype), int8, int4. A "
+                        "quantized one adds a comparison per model: cake all-local unquantized at --dtype and "
+                        "--quant-dtype, and quantized, each against the bandwidth limit for the bytes it reads, "
+                        "and with --workers quantized workers (default: none)")
+    p.add_argument("--quant-dtype", choices=list(ITEMSIZE), default="bf16",
+                   help="the dtype of the quantized rows' activations, and of the unquantized row they are compared "
+                        "with (default: bf16, the fast path real checkpoints take)")
+    p.add_argument("--group-size", type=int, default=32, help="int4: weights per scale and zero (default: 32)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--proxy", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1129,6 +1542,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--workers must be between 1 and 8")
     if args.cores_per_node < 0:
         p.error("--cores-per-node must be 0 (off) or more")
+    args.quantize = [x.strip().lower() for x in args.quantize.split(",") if x.strip()]
+    if not args.quantize or any(x not in SCHEMES for x in args.quantize):
+        p.error(f"--quantize takes a comma-separated list of {', '.join(SCHEMES)}")
+    if args.group_size < 2 or args.group_size % 2:
+        p.error("--group-size must be an even number of 2 or more")
     if not args.child:
         from cake import eventloop
 
@@ -1154,19 +1572,33 @@ def main(argv: list[str] | None = None) -> None:
     # A plain `kill` unwinds like Ctrl-C, so the workers started here are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ["tiny", "big"] if args.model == "both" else [args.model]
+    quantized = [x for x in args.quantize if x != "none"]
+    results: dict[str, ModelResult] = {}
+    quant: dict[str, QuantResult] = {}
     try:
-        results = [bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats, args.device,
-                               args.dtype, args.link_delay_ms, args.busy_poll, args.placement) for n in names]
+        for n in names:
+            if "none" in args.quantize:
+                results[n] = bench_model(SPECS[n], args.workdir, args.prompt_tokens, args.tokens, args.repeats,
+                                         args.device, args.dtype, args.link_delay_ms, args.busy_poll, args.placement)
+            if quantized:
+                quant[n] = bench_quant(SPECS[n], args.workdir, quantized, args.dtype, args.quant_dtype,
+                                       args.group_size, args.prompt_tokens, args.tokens, args.repeats, args.device,
+                                       args.busy_poll, args.placement)
     except CakeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    print("\n\n".join(report(r, args.quick) for r in results))
+    sections = []
+    for n in names:
+        sections += [report(results[n], args.quick)] if n in results else []
+        sections += [quant_report(quant[n], args.quick)] if n in quant else []
+    print("\n\n".join(sections))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick,
-                                         "models": {r.spec.name: r.to_json() for r in results}}, indent=2))
+        models = {n: {**(results[n].to_json() if n in results else {}),
+                      **({"quantized": quant[n].to_json()} if n in quant else {})} for n in names}
+        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "models": models}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,16 +4,20 @@
 # (scripts/hop_probe.py, also busy-polling), then the benchmark in bf16 (all-local and two workers on
 # loopback; on CUDA busy-polling is on by default, so two workers without it are measured too), and how
 # long a stream pauses during another session's long prompt (scripts/prompt_bench.py stall), and the
-# CPU benchmark with every node pinned to cores of its own where the machine has enough. Logs and
-# the benchmark's JSON go to $OUT (default ./gpu-results).
+# CPU benchmark with every node pinned to cores of its own where the machine has enough; then quantized
+# weights (issue 16): int8 and int4 beside f32 and bf16 on the tiny and big models, and on CUDA a model of
+# Llama 3 8B's shape (random bf16 weights built on the machine, 16 GB) in bf16, int8 and int4, each
+# against the bandwidth limit for the bytes it reads. Logs and the benchmark's JSON go to $OUT (default
+# ./gpu-results).
 #
 #   bash scripts/gpu_check.sh                       # cuda, bf16
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
 # Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, PROMPT_TIMEOUT, PINNED_TIMEOUT,
-# BENCH_EAGER_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the script's status is the first failing
-# step's. On CUDA the big model is measured a second time with CAKE_CUDA_GRAPHS=0, for the figures
-# without CUDA graphs (EAGER=0 skips that).
+# BENCH_EAGER_TIMEOUT, QUANT_TIMEOUT, Q8B_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the
+# script's status is the first failing step's. On CUDA the big model is measured a second time with
+# CAKE_CUDA_GRAPHS=0, for the figures without CUDA graphs (EAGER=0 skips that). QUANT=0 skips the quantized
+# steps, Q8B=0 the 8B one alone (its first run builds the model: minutes, and 16 GB under BENCH_WORKDIR).
 set -u
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
@@ -64,5 +68,18 @@ fi
 if [ "${DEVICE%%:*}" = cuda ] && [ "${EAGER:-1}" = 1 ]; then  # the big model without CUDA graphs (EAGER=0 skips)
     CAKE_CUDA_GRAPHS=0 step bench-eager "${BENCH_EAGER_TIMEOUT:-${BENCH_TIMEOUT:-360}}" "$PY" scripts/bench.py --device "$DEVICE" \
         --dtype "$DTYPE" --model big --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-eager.json" ${BENCH_ARGS:-}
+fi
+# Quantized weights: f32, DTYPE, and int8/int4 with DTYPE activations, all-local and on two quantized workers.
+if [ "${QUANT:-1}" = 1 ]; then
+    step quant "${QUANT_TIMEOUT:-480}" "$PY" scripts/bench.py --device "$DEVICE" --dtype f32 --quant-dtype "$DTYPE" \
+        --quantize int8,int4 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" --json "$OUT/bench-quant.json" \
+        ${BENCH_ARGS:-}
+fi
+# Llama 3 8B's shape (hidden 4096, intermediate 14336, 32 layers, GQA 32/8): bf16, int8, int4 (gpt-fast reports
+# int8 1.48x and int4 1.88x bf16's decode on an A100); about 60 GB of GPU memory with every process up.
+if [ "${DEVICE%%:*}" = cuda ] && [ "${QUANT:-1}" = 1 ] && [ "${Q8B:-1}" = 1 ]; then
+    step quant-8b "${Q8B_TIMEOUT:-900}" "$PY" scripts/bench.py --device "$DEVICE" --model 8b --dtype bf16 \
+        --quant-dtype bf16 --quantize int8,int4 --tokens 32 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" \
+        --json "$OUT/bench-8b.json" ${BENCH_ARGS:-}
 fi
 exit "$status"

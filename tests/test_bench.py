@@ -312,3 +312,131 @@ def test_prompt_bench_measures_stalls_and_pipelining(tiny_model):
         else:
             assert re.fullmatch(r"time to first token, --pipeline off: \d+ ms \(median \d+\); on: \d+ ms "
                                 r"\(median \d+\); off/on [\d.]+x", lines[1]), lines
+
+
+# ---- quantized weights (issue 16) ----------------------------------------------------------------------
+
+def test_held_bytes_follow_the_formats_formulas():
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert bench.held_bytes(down, (256, 704), "bf16") == 256 * 704 * 2
+    assert bench.held_bytes(down, (256, 704), "f32", "int8") == 256 * 704 + 2 * 256  # a bf16 scale a row
+    assert bench.held_bytes(down, (256, 704), "bf16", "int4", 32) == 256 * (704 // 2 + 22 * 4)  # scale+zero a group
+    assert bench.held_bytes(down, (10, 300), "bf16", "int4", 32) == 10 * (320 // 2 + 10 * 4)  # last group padded
+    assert bench.held_bytes("lm_head.weight", (1000, 64), "bf16", "int8") == 1000 * 66
+    assert bench.held_bytes("model.embed_tokens.weight", (1000, 64), "bf16", "int4", 64) == 1000 * (32 + 4)
+    # Norms stay in the node's dtype.
+    assert bench.held_bytes("model.layers.3.input_layernorm.weight", (256,), "bf16", "int4") == 512
+    assert bench.held_bytes("model.norm.weight", (256,), "f32", "int8") == 1024
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_held_bytes_are_what_cake_holds(tiny_model, scheme):
+    """The benchmark's byte counts (its own formulas) against what cake's loaded layers and head say they
+    hold, bf16 activations: the limit of each format is computed for the bytes cake really reads."""
+    import torch
+
+    from cake.model.loader import Quantization, load_head, load_layers
+
+    stack, config = load_layers(tiny_model, list(range(6)), "cpu", "bf16", 64, quantize=scheme)
+    head = load_head(tiny_model, config, torch.device("cpu"), torch.bfloat16,
+                     fmt=Quantization(scheme, 32 if scheme == "int4" else 0))
+    held = bench.WeightBytes.held(tiny_model, "bf16", scheme, 32)
+    assert held.layer_range(0, 6) == stack.weight_bytes
+    assert held.master == head.weight_bytes
+    assert held.decode_step == stack.weight_bytes + held.norm + held.head
+
+
+def test_quant_formats_put_the_baselines_first():
+    labels = lambda fs: [(f.label, f.dtype) for f in fs]  # noqa: E731
+    assert labels(bench.quant_formats(["int8", "int4"], "f32", "bf16")) == [
+        ("f32", "f32"), ("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16")]
+    assert labels(bench.quant_formats(["none", "int4"], "bf16", "bf16")) == [("bf16", "bf16"), ("int4", "bf16")]
+
+
+def test_quantize_option_is_checked():
+    assert bench.parse_args(["--quantize", "none,INT8, int4"]).quantize == ["none", "int8", "int4"]
+    for bad in (["--quantize", "int3"], ["--quantize", ","], ["--group-size", "7"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def _fake_quant(name: str, decode_ms: dict, limit_ms: dict, rss: int = 300_000_000) -> object:
+    """A QuantResult with made-up timings (all-local decode and bandwidth limit per format)."""
+    spec = bench.SPECS[name]
+    formats = bench.quant_formats(["int8", "int4"], "f32", "bf16")
+    size = {"f32": 4, "bf16": 2, "int8": 1, "int4": 0.5}  # bytes a weight
+    held = {f.label: bench.WeightBytes({i: int(2_500_000 * size[f.label]) for i in range(spec.layers)},
+                                       embed=int(12_500_000 * size[f.label]), head=int(12_500_000 * size[f.label]),
+                                       norm=0) for f in formats}
+
+    def measured(ms: float, **kw) -> object:
+        runs = [bench.Run(ttft_s=0.1, decode_s=ms * 63 / 1e3, decode_tokens=63)] * 3
+        return bench.Measured(runs=runs, peak_rss=rss, threads=2,
+                              products=[{"wqkv": ms / 4e3, "head": ms / 4e3}] * 3, **kw)
+
+    local = {f.label: measured(decode_ms[f.label], weight_bytes=held[f.label].total) for f in formats}
+    workers = {label: measured(decode_ms[label] * 1.05) for label in ("int8", "int4")}
+    reads = bench.Measured(reads_s=[[limit_ms[f.label] / 1e3 for f in formats]] * 3, read_dtype="f32",
+                           read_kernels=["torch.mv"] * 4)
+    ranges = bench.worker_ranges(spec.layers)
+    return bench.QuantResult(spec, formats, "bf16", 32, held, local, workers,
+                             {label: {w: rss for w in ranges} for label in workers}, reads, 128, 64, 3)
+
+
+def test_quant_targets_on_the_big_model():
+    q = _fake_quant("big", {"f32": 100.0, "bf16": 50.0, "int8": 30.0, "int4": 25.0},
+                    {"f32": 90.0, "bf16": 45.0, "int8": 22.5, "int4": 14.0})
+    got = {t.check: (round(t.measured, 3), t.passed) for t in q.targets()}
+    assert got["int8 decode / bf16 decode (all-local)"] == (1.667, True)  # >= 1.6
+    assert got["int4 decode / bf16 decode (all-local)"] == (2.0, False)  # < 2.2
+    assert got["int8 decode / its bandwidth limit"] == (0.75, False)  # < 0.8
+    assert got["f32 decode / its bandwidth limit"] == (0.9, True)
+    assert got["int4 decode / its bandwidth limit"] == (0.56, False)
+    assert got["int8 worker-a peak RSS (layers 0-7 as int8 + 400 MB)"] == (300.0, True)  # <= 20 + 400 MB
+    text = bench.quant_report(q, quick=False)
+    assert "int8 / bf16 decode 1.67x for 2.00x fewer bytes; int4 / bf16 decode 2.00x for 4.00x fewer bytes" in text
+    row = next(line for line in text.splitlines() if line.startswith("int4, all-local"))
+    assert row.split()[2:5] == ["25.00", "40.0", "1280"]  # decode ms/tok, tok/s, prefill tok/s
+    j = q.to_json()
+    assert j["rows"]["int8"]["vs_base"] == pytest.approx(50 / 30) and j["base"] == "bf16"
+    assert [t["check"] for t in j["targets"]] == [t.check for t in q.targets()]
+    # The speed targets are the big model's, on a CPU; memory targets apply everywhere.
+    same = {k: 1.0 for k in ("f32", "bf16", "int8", "int4")}
+    assert all("peak RSS" in t.check for t in _fake_quant("tiny", same, same).targets())
+
+
+def test_quantized_rows_through_real_processes(tmp_path):
+    """scripts/bench.py --quantize int8,int4 end to end on the tiny model (real masters and quantized
+    workers): every row measured, the bytes the limit is timed on are what the masters hold, and the
+    kernels and figures reach the report and the JSON. No timing is asserted."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--quantize", "int8,int4", "--tokens", "4",
+                          "--prompt-tokens", "8", "--workers", "1", "--workdir", str(tmp_path),
+                          "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model = json.loads((tmp_path / "out.json").read_text())["models"]["tiny"]
+    assert list(model) == ["quantized"]  # no "none" asked: the unquantized benchmark is not run
+    q = model["quantized"]
+    assert q["formats"] == ["f32", "bf16", "int8", "int4"] and q["base"] == "bf16"
+    hidden = bench.SPECS["tiny"].hidden
+    for label, row in q["rows"].items():
+        assert row["speed"]["decode_ms"] > 0 and row["speed"]["prefill_tps"] > 0 and row["speed"]["peak_rss"] > 0
+        assert row["weight_bytes_reported"] == row["weights_held"], label
+        assert set(row["products_ms"]) == {"wqkv", "wo", "w13", "w2", "head"}
+        assert row["limit_ms"] > 0 and row["of_limit"] > 0
+        assert bool(row["kernels"]) == (label in ("int8", "int4"))
+    itemsize = bench.ITEMSIZE[q["reads"]["dtype"]]
+    for label, read in zip(q["formats"], q["reads"]["bytes"]):
+        assert 0 <= read - q["rows"][label]["decode_step_bytes"] < hidden * itemsize  # within one row
+    assert q["rows"]["int4"]["decode_step_bytes"] < q["rows"]["int8"]["decode_step_bytes"] < \
+        q["rows"]["bf16"]["decode_step_bytes"]
+    assert set(q["workers"]) == {"int8", "int4"}
+    for label, w in q["workers"].items():
+        assert w["worker_rss"]["worker-a"] > 0 and w["speed"]["decode_ms"] > 0
+        assert w["master_weight_bytes"] == w["master_held"]
+    assert [t["check"] for t in q["targets"]] == [
+        f"{label} {who}" for label in ("int8", "int4")
+        for who in (f"worker-a peak RSS (layers 0-7 as {label} + 400 MB)",
+                    f"master peak RSS (embed + head as {label} + 400 MB)")]
+    assert "int8 / bf16 decode" in out.stdout and "products alone, ms" in out.stdout
+    assert "QUICK MODE" in out.stdout
