@@ -29,6 +29,7 @@ from aiohttp import web
 
 from cake import eventloop
 from cake.auth import is_loopback
+from cake.cluster_view import ClusterView
 from cake.errors import CakeError
 from cake.generate import GenerationStats, LogProbs, generate
 from cake.master import Master
@@ -46,6 +47,7 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
 MAX_LOGPROBS = 5  # the completion's logprobs, as OpenAI allows
 MAX_BODY = 16 << 20  # bytes: a long conversation for a 128k context is a few MiB of JSON
 SHUTDOWN_TIMEOUT = 5.0  # seconds running requests get to wind down before their handlers are cancelled
+PAGES = {"/": "chat.html", "/cluster": "cluster.html"}  # public paths -> the page each serves (cake/static)
 
 
 class ApiError(CakeError):
@@ -269,8 +271,10 @@ class Run:
     """One request's generation: the final text of each step, stop strings applied, its counts, and the
     log-probabilities of its tokens when asked for."""
 
-    def __init__(self, master: Master, tokenizer: Tokenizer, eos: tuple[int, ...], req: CompletionRequest):
+    def __init__(self, master: Master, tokenizer: Tokenizer, eos: tuple[int, ...], req: CompletionRequest,
+                 on_token: Callable[[], None] | None = None):
         self.master, self.tokenizer, self.eos, self.req = master, tokenizer, eos, req
+        self.on_token = on_token  # told of each generated token (the cluster view's tokens per second)
         self.stats = GenerationStats()
         self.finish_reason = ""  # "stop" (EOS or a stop string) or "length"; "" while running
         self.logprobs = LogProbs(req.logprobs, prompt=req.echo) if req.logprobs is not None else None
@@ -289,6 +293,8 @@ class Run:
         tokens = generate(self.master, r.prompt_ids, r.params, r.max_tokens, self.eos, self.stats, self.logprobs)
         async with aclosing(tokens):  # leaving early (stop string, closed by the handler) ends the session
             async for token in tokens:
+                if self.on_token is not None:
+                    self.on_token()
                 text, echo = echo + stops.push(decoder.push(token)), ""
                 if stops.hit:
                     self.finish_reason = "stop"
@@ -401,14 +407,17 @@ class ApiServer:
     """The HTTP routes over one shared `Master`; `serve()` runs them until `stop()`."""
 
     def __init__(self, master: Master, tokenizer: Tokenizer, eos: tuple[int, ...], model_id: str,
-                 defaults: SamplingParams, default_max_tokens: int = 256, api_key: str | None = None):
+                 defaults: SamplingParams, default_max_tokens: int = 256, api_key: str | None = None,
+                 topology: str | None = None):
         self.master, self.tokenizer, self.eos = master, tokenizer, eos
         self.model_id = model_id
         self.defaults = defaults
         self.default_max_tokens = default_max_tokens
         self.api_key = api_key or None
         self.created = int(time.time())
-        self.page = (resources.files("cake") / "static" / "chat.html").read_text(encoding="utf-8")
+        static = resources.files("cake") / "static"
+        self.pages = {path: (static / name).read_text(encoding="utf-8") for path, name in PAGES.items()}
+        self.view = ClusterView(master, model_id, topology=topology)
         self.stopping = False
         self.port = 0
         self._stop = asyncio.Event()
@@ -416,7 +425,9 @@ class ApiServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
-        app.router.add_get("/", self.chat_page)
+        app.router.add_get("/", self.page)
+        app.router.add_get("/cluster", self.page)
+        app.router.add_get("/api/cluster", self.cluster)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id:.+}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -437,8 +448,10 @@ class ApiServer:
                 reason = os.strerror(e.errno) if e.errno else str(e)
                 raise CakeError(f"cannot listen on {host}:{port}: {reason}; pick another --api address") from None
             self.port = runner.addresses[0][1]
-            log.info("OpenAI-compatible API for '%s' on http://%s:%d/v1 (chat page at /)", self.model_id,
-                     host if ":" not in host else f"[{host}]", self.port)
+            self.view.address = f"{host if ':' not in host else f'[{host}]'}:{self.port}"
+            self.view.start()
+            log.info("OpenAI-compatible API for '%s' on http://%s/v1 (chat page at /, the cluster at /cluster)",
+                     self.model_id, self.view.address)
             if ready:
                 ready(self.port)
             await self._stop.wait()
@@ -446,6 +459,7 @@ class ApiServer:
         finally:
             self.stopping = True
             await runner.cleanup()
+            await self.view.close()
             await self.master.close()
         log.info("stopped")
 
@@ -461,7 +475,7 @@ class ApiServer:
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
-            if self.api_key and request.path != "/":
+            if self.api_key and request.path not in PAGES:  # the pages are public; what they fetch is not
                 self._authenticate(request)
             return await handler(request)
         except ApiError as e:
@@ -473,7 +487,8 @@ class ApiServer:
             if e.status < 400:
                 raise
             message = (f"no endpoint {request.method} {request.path}; this server has GET /v1/models[/ID], "
-                       f"POST /v1/chat/completions and POST /v1/completions" if e.status in (404, 405)
+                       f"POST /v1/chat/completions, POST /v1/completions and GET /api/cluster"
+                       if e.status in (404, 405)
                        else e.reason)
             return ApiError(e.status, message).response()
 
@@ -486,8 +501,11 @@ class ApiServer:
 
     # ---- routes ------------------------------------------------------------------------------------
 
-    async def chat_page(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.page, content_type="text/html")
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.pages[request.path], content_type="text/html")
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        return web.json_response(self.view.snapshot().to_json())
 
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "cake"}
@@ -517,13 +535,17 @@ class ApiServer:
                             self.master.config.vocab_size)
         if self.stopping:
             raise ApiError(503, "the server is shutting down", kind="server_error")
-        run = Run(self.master, self.tokenizer, self.eos, req)
+        run = Run(self.master, self.tokenizer, self.eos, req, on_token=self.view.token)
         reply = Reply(chat, self.model_id, req.include_usage)
         t0 = time.perf_counter()
-        if req.stream:
-            response = await self._stream(request, run, reply)
-        else:
-            response = await self._whole(request, run, reply)
+        self.view.opened()
+        try:
+            if req.stream:
+                response = await self._stream(request, run, reply)
+            else:
+                response = await self._whole(request, run, reply)
+        finally:
+            self.view.closed()
         log.info("%s: %d prompt + %d generated tokens (%s) in %.2fs", reply.id, len(req.prompt_ids),
                  run.stats.generated, run.finish_reason or "interrupted", time.perf_counter() - t0)
         return response
@@ -612,7 +634,8 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
         raise CakeError("--max-tokens (the API's default max_tokens) must be at least 1")
     defaults = sampling_params(args)
     master, tokenizer, eos = build_master(args, compute_in_thread=True)  # local maths off the event loop
-    return ApiServer(master, tokenizer, eos, Path(args.model_dir).resolve().name, defaults, args.max_tokens, api_key)
+    return ApiServer(master, tokenizer, eos, Path(args.model_dir).resolve().name, defaults, args.max_tokens, api_key,
+                     args.topology)
 
 
 def run_api(args: MasterArgs, address: str, api_key: str | None = None) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,16 +71,24 @@ class PositionLogits:
         self.logits[self.row[session], a - first:b - first] = logits[a - start:b - start]
 
 
+RECENT_STEPS = 64  # decode steps each stage remembers, for the cluster view (cake.cluster_view)
+
+
 @dataclass
 class StageStats:
     calls: int = 0
     total_s: float = 0.0  # as the master saw it
     compute_s: float = 0.0  # of which the node computed; the rest is the network
+    steps: int = 0  # decode steps (one token per session)
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))  # their (total_s, compute_s)
 
-    def add(self, total_s: float, compute_s: float) -> None:
+    def add(self, total_s: float, compute_s: float, tokens: int = 1) -> None:
         self.calls += 1
         self.total_s += total_s
         self.compute_s += compute_s
+        if tokens == 1:
+            self.steps += 1
+            self.recent.append((total_s, compute_s))
 
 
 async def compute(fn, *args, in_thread: bool = False, executor: ThreadPoolExecutor | None = None,
@@ -140,7 +149,7 @@ class LocalStage:
             out = await compute(self._forward, sessions, positions, hidden, in_thread=self.in_thread,
                                 executor=self.executor, device=self.stack.device.type)
         dt = time.perf_counter() - t0
-        self.stats.add(dt, dt)
+        self.stats.add(dt, dt, hidden.shape[1])
         return out
 
     def _forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -186,7 +195,7 @@ class RemoteStage:
     async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         out, compute_s = await self.link.forward(self.stage.start, self.stage.end, sessions, positions, hidden)
-        self.stats.add(time.perf_counter() - t0, compute_s)
+        self.stats.add(time.perf_counter() - t0, compute_s, hidden.shape[1])
         return out
 
     async def end(self, sessions: list[str]) -> None:
@@ -256,7 +265,7 @@ class RelayChain:
         # One wall time for the chain: each stage gets its own compute and an equal share of the rest.
         share = max(0.0, time.perf_counter() - t0 - sum(computes)) / len(computes)
         for st, c in zip(self.stages, computes):
-            st.stats.add(c + share, c)
+            st.stats.add(c + share, c, hidden.shape[1])
         return out
 
     @staticmethod

@@ -170,3 +170,72 @@ async def handshake(port: int):
     info, _ = await wire.read_message(reader, 1 << 20)
     assert isinstance(info, wire.Info), info
     return reader, writer, info
+
+
+# ---- a real browser ------------------------------------------------------------------------------------
+
+def _which(*names: str) -> str | None:
+    import shutil
+
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Selenium through the distribution's chromedriver (`.ci/run` installs
+    both: apt-get install chromium chromium-driver), shared by the page tests. Missing, the tests skip
+    here and fail in CI."""
+    import os
+
+    chromium = _which("chromium", "chromium-browser", "google-chrome")
+    driver_path = _which("chromedriver")
+    if chromium is None or driver_path is None:
+        missing = "no Chromium and chromedriver on this machine (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium  # never Selenium Manager: nothing is downloaded
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--window-size=1100,860"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_js(driver, expression: str, timeout: float = 60.0):
+    """Poll a JavaScript expression in the page until it is truthy (its value), failing after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script(f"return ({expression});")
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {expression}")
+        time.sleep(0.05)
+
+
+def screenshot(driver, name: str, tmp: Path) -> Path:
+    """A PNG of the page's content (its body, not the empty window around it), in `tmp`, and in
+    $CAKE_SCREENSHOTS too where set: `CAKE_SCREENSHOTS=docs pytest tests/test_chat_page.py
+    tests/test_cluster_view.py` renews docs/chat.png and docs/cluster.png."""
+    import base64
+    import os
+    import shutil
+
+    box = driver.execute_script("""const r = document.body.getBoundingClientRect();
+        return {x: Math.max(0, r.left - 12), y: 0, width: r.width + 24, height: r.bottom + window.scrollY + 12,
+                scale: 1};""")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "clip": box,
+                                                             "captureBeyondViewport": True})
+    path = tmp / name
+    path.write_bytes(base64.b64decode(shot["data"]))
+    if os.environ.get("CAKE_SCREENSHOTS"):
+        shutil.copy(path, Path(os.environ["CAKE_SCREENSHOTS"]) / name)
+    return path
