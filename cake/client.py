@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -105,9 +106,11 @@ class WorkerLink:
             reader, writer = await eventloop.wait_for(
                 asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            raise ConnectionError(f"cannot connect: {getattr(e, 'strerror', None) or type(e).__name__}") from None
-        wire.tune_socket(writer)
+            # asyncio's strerror is "Connect call failed (address)": say what failed (Connection refused).
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else type(e).__name__
+            raise ConnectionError(f"cannot connect: {reason}") from None
         try:
+            wire.tune_socket(writer)  # a ConnectionError when the worker reset it at once: another attempt follows
             info = await eventloop.wait_for(self._handshake(reader, writer), timeout)
         except asyncio.TimeoutError:
             writer.close()
@@ -128,15 +131,22 @@ class WorkerLink:
     async def _read_loop(self, reader: asyncio.StreamReader, generation: int) -> None:
         try:
             while True:
-                reply, out = await wire.read_message(reader, self.opt.max_frame)
+                try:
+                    reply, out = await wire.read_message(reader, self.opt.max_frame)
+                except wire.FrameError:
+                    raise
+                except ProtocolError as e:  # framed intact but unreadable: its request fails, the link goes on
+                    log.warning("%s sent an answer that breaks the protocol: %s", self.label, e)
+                    waiter = self._waiter(e.request_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_exception(WorkerError(f"{self.label} sent an answer this master cannot read "
+                                                         f"({e}); run the same cake version on every node"))
+                    continue
                 if isinstance(reply, wire.Error) and reply.code == "bad_frame":  # the close follows
                     log.warning("%s: %s", self.label, reply.message)
                     continue
                 rid = getattr(reply, "id", 0)
-                if rid:
-                    waiter = self._waiting.pop(rid, None)
-                else:
-                    waiter = self._in_order.popleft() if self._in_order else None
+                waiter = self._waiter(rid)
                 if waiter is None:
                     log.debug("%s: dropped an answer nobody waits for (%s %d)", self.label, reply.TYPE, rid)
                 elif not waiter.done():
@@ -148,6 +158,12 @@ class WorkerLink:
                 log.exception("%s: reading answers failed", self.label)
             if generation == self.generation:
                 self._drop(LinkBroken(f"{type(e).__name__}: {e}"))
+
+    def _waiter(self, rid: int) -> asyncio.Future | None:
+        """Who an answer is for: the forward with its id, else the oldest request without one."""
+        if rid:
+            return self._waiting.pop(rid, None)
+        return self._in_order.popleft() if self._in_order else None
 
     def _drop(self, cause: BaseException) -> None:
         """Close the connection; every request waiting on it gets `cause`."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from cake import eventloop
 from cake.client import Options
@@ -101,22 +105,75 @@ def run_master(args: MasterArgs) -> None:
                   eventloop.busy_poll_us(master.device.type, args.busy_poll))
 
 
+class TextOut:
+    """Where the generated text goes (stdout), remembering whether its last write left a line open: where
+    stderr is the same terminal, a log line written meanwhile would be glued to the text (see end_line)."""
+
+    def __init__(self, out: TextIO, err: TextIO):
+        self.out, self.err = out, err
+        self.shared = same_terminal(out, err)
+        self.open_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        """Before a line goes to stderr: on a terminal it shares with stdout, end the text's open line."""
+        if self.shared and self.open_line:
+            self.write("\n")
+
+
+class FreshLine(logging.Filter):
+    """On a log handler that writes to TextOut's stderr: each log line starts on a fresh line."""
+
+    def __init__(self, text: TextOut):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.text.end_line()
+        return True
+
+
+@contextlib.contextmanager
+def fresh_log_lines(text: TextOut, logger: logging.Logger | None = None) -> Iterator[None]:
+    """While text streams: the log lines of `logger`'s handlers (the root's) on stderr start on a fresh line."""
+    handlers = [h for h in (logger or logging.getLogger()).handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is text.err]
+    fresh = FreshLine(text)
+    for h in handlers:
+        h.addFilter(fresh)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(fresh)
+
+
+def same_terminal(a: TextIO, b: TextIO) -> bool:
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture, say)
+        return False
+
+
 async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                     args: MasterArgs, eos: tuple[int, ...]) -> None:
-    try:
-        await master.connect()  # first: the workers' contexts bound the master's
-        stats = GenerationStats()
-        stream = tokenizer.stream()
-        out = sys.stdout
-        async for token in generate(master, prompt_ids, params, args.max_tokens, eos, stats):
-            piece = stream.push(token)
-            if piece:
-                out.write(piece)
-                out.flush()
-        out.write(stream.flush() + "\n")
-        out.flush()
-    finally:
-        await master.close()
+    text = TextOut(sys.stdout, sys.stderr)
+    with fresh_log_lines(text):
+        try:
+            await master.connect()  # first: the workers' contexts bound the master's
+            stats = GenerationStats()
+            stream = tokenizer.stream()
+            async for token in generate(master, prompt_ids, params, args.max_tokens, eos, stats):
+                text.write(stream.push(token))
+            text.write(stream.flush() + "\n")
+        finally:
+            await master.close()
+            text.end_line()  # the error line after a text cut short starts on a line of its own
     if args.output_ids:
         try:
             Path(args.output_ids).write_text(json.dumps({"prompt": prompt_ids, "generated": stats.tokens,

@@ -179,6 +179,11 @@ class Error(Message):
     peer: str = ""
     id: int = 0
 
+    def __post_init__(self) -> None:
+        # Whatever a sender puts in (an exception's text, a long worker name), the message must pass the
+        # reader's string limit, or the reader drops the connection instead of showing it.
+        self.message = one_line(self.message)
+
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Ok, Error)
@@ -188,6 +193,12 @@ _ELEMENT_TYPES = {"list[int]": int, "list[str]": str}
 _SCALAR_TYPES = {"int": int, "str": str, "bytes": bytes, "bool": bool}
 MAX_LIST = 4096
 MAX_STR = 256
+
+
+def one_line(text: str, limit: int = MAX_STR) -> str:
+    """`text` as one line of at most `limit` characters (cut short with '…'): what a string field carries."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def parse_message(header: Any) -> Message:
@@ -266,15 +277,21 @@ def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
 
 def tune_socket(writer: asyncio.StreamWriter) -> None:
     """No Nagle delay (it adds tens of ms to small messages), and keepalive probes so a peer that
-    vanished without closing (a pulled cable, a sleeping laptop) is noticed and its sessions freed."""
+    vanished without closing (a pulled cable, a sleeping laptop) is noticed and its sessions freed.
+
+    A peer that reset the connection as it was accepted leaves no socket to tune (the transport closed
+    it: EBADF, or EINVAL on macOS): ConnectionError, as for any connection that broke."""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, name):  # Linux; macOS has only some of these
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):  # Linux; macOS has only some of these
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError as e:
+        raise ConnectionError(f"the connection broke as it opened ({e.strerror or type(e).__name__})") from None
 
 
 # ---- frames -------------------------------------------------------------------------------------------
@@ -319,10 +336,24 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of types for garbage
+        if _msgpack_with_other_keys(head):  # intact, only not our schema: the connection can go on
+            error = ProtocolError("the header has a map key that is not a string")
+            error.request_id = 0
+            raise error from None
         raise FrameError(f"header is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise FrameError("header is not a map")
     return header, payload
+
+
+def _msgpack_with_other_keys(head: bytes) -> bool:
+    """Whether `head` is valid msgpack after all, with map keys other than strings (strict_map_key refuses
+    them: hashing keys an attacker picks can be made slow). Decoded as lists of pairs: nothing is hashed."""
+    try:
+        msgpack.unpackb(head, raw=False, strict_map_key=False, object_pairs_hook=list)
+        return True
+    except Exception:
+        return False
 
 
 async def read_message(reader: asyncio.StreamReader, max_frame: int) -> tuple[Message, torch.Tensor | None]:

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -128,24 +129,31 @@ class Worker:
 
     # ---- server ------------------------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int) -> None:
-        server = await asyncio.start_server(self.handle, host, port, limit=1 << 20)
-        addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+    async def serve(self, host: str = "", port: int = 0, sockets: list[socket.socket] | None = None) -> None:
+        """Serve on host:port, or on `sockets` already bound there (see bind)."""
+        if sockets:
+            servers = [await asyncio.start_server(self.handle, sock=s, limit=1 << 20) for s in sockets]
+        else:
+            servers = [await asyncio.start_server(self.handle, host, port, limit=1 << 20)]
+        addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for server in servers for s in server.sockets)
         log.info("worker '%s' serving layers %s on %s (%s, %s)", self.name, format_layers(self.stack.indices),
                  addrs, self.stack.device, dtype_name(self.stack.dtype))
-        async with server:
-            await server.serve_forever()
+        try:
+            await asyncio.gather(*(server.serve_forever() for server in servers))
+        finally:
+            for server in servers:
+                server.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(next(self._conn_ids), secrets.token_hex(16), writer)
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        wire.tune_socket(writer)
         if len(self._handshaking) >= MAX_HANDSHAKING:  # a flood of connections that say nothing: the
             oldest = next(iter(self._handshaking))     # oldest goes (a real client's handshake takes ms)
             log.warning("closed a connection still in its handshake: %d are", MAX_HANDSHAKING)
             self._handshaking.pop(oldest).close()
         try:
+            wire.tune_socket(writer)  # a ConnectionError when the client reset it at once: closed quietly
             self._handshaking[conn.id] = writer
             try:
                 await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
@@ -617,6 +625,28 @@ class WorkerArgs:
     busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to host:port (one per address the host stands for, as asyncio.start_server makes),
+    not yet listening: a port in use fails here, before the weights load, not minutes later, and
+    nothing connects before the worker can answer. OSError when it cannot bind."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # the same address can come twice
+            s = socket.socket(family, kind, proto)
+            sockets.append(s)
+            if os.name == "posix":  # a restarted worker rebinds while its old connections linger in TIME_WAIT
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 address has its own
+            s.bind(address)
+    except OSError:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
 def run_worker(args: WorkerArgs) -> None:
     topo = load_topology(args.topology)
     me = topo.worker(args.name)
@@ -639,6 +669,10 @@ def run_worker(args: WorkerArgs) -> None:
     if args.max_frame_mb != 0 and max_frame < least:
         raise CakeError(f"--max-frame-mb {args.max_frame_mb:g} cannot hold one token's hidden states; give at "
                         f"least {least / (1 << 20):.3f}, or 0 for a full context")
+    try:
+        sockets = bind(host, port)
+    except OSError as e:
+        raise _cannot_listen(address, e) from None
     stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
@@ -649,7 +683,10 @@ def run_worker(args: WorkerArgs) -> None:
     if poll_us:
         log.info("busy-polling for %d µs after each message (--busy-poll 0 turns it off)", poll_us)
     try:
-        eventloop.run(worker.serve(host, port), poll_us)
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise CakeError(f"cannot listen on {address}: {reason}; pick another --address port") from None
+        eventloop.run(worker.serve(sockets=sockets), poll_us)
+    except OSError as e:  # listening failed after all (another worker bound the port while this one loaded)
+        raise _cannot_listen(address, e) from None
+
+
+def _cannot_listen(address: str, e: OSError) -> CakeError:
+    return CakeError(f"cannot listen on {address}: {e.strerror or e}; pick another --address port")

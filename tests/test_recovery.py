@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -185,6 +189,69 @@ def test_unreachable_worker_at_start_up_through_the_cli(tiny_model, cluster):
     assert len(waiting) == 2 and all("retrying for up to" in w and "is it started" in w for w in waiting), proc.stderr
     assert "worker 'a'" in waiting[0] and "worker 'b'" in waiting[1]
     assert time.monotonic() - t0 < 30
+
+
+def reset_connections(port: int, n: int, then: Callable[[], None] = lambda: None) -> threading.Thread:
+    """Listen on 127.0.0.1:port (bound before this returns), reset each of the first n connections as it is
+    accepted (SO_LINGER 0, then close), then stop listening and call `then`: a port in the moment its
+    worker restarts, or a proxy that drops connections."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+
+    def serve() -> None:
+        with listener:
+            for _ in range(n):
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+        then()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_connections_reset_as_they_are_accepted_are_retried_mid_generation(tiny_model, cluster, prompt, caplog):
+    """Worker b is killed mid-generation and its port resets the master's next 4 connections as they are
+    accepted, before b is back. A reset that comes in before the master tunes the socket closed it under
+    the master (EBADF from setsockopt): that crashed the master with a traceback. Each is a failed attempt
+    like any other: the master retries, b comes back, and the text is exact."""
+    c = cluster(tiny_model, LAYOUT)
+    master = Master(tiny_model, load_topology(c.topology), options=Options(retry_timeout=30, relay=False))
+    resets: list[threading.Thread] = []
+
+    def chaos(n: int) -> None:
+        if n == 6:
+            c.kill("b")
+            resets.append(reset_connections(c.ports["b"], 4, then=lambda: c.start("b")))
+
+    with caplog.at_level(logging.INFO, logger="cake"):
+        got = run(generate_with(master, prompt, chaos))
+    assert got == reference_greedy(tiny_model, prompt, N)
+    resets[0].join(10)
+    assert not resets[0].is_alive()  # all 4 connections were made (and reset) before b came back
+    assert "replaying 1 session(s) from position 0 after 'b' lost them" in caplog.text
+
+
+def test_check_retries_a_worker_whose_connections_reset_and_reports_it_in_one_line(tiny_model, cluster):
+    """`cake --check` against a port that resets connections as it accepts them: each reset is a failed
+    attempt (it retried none and printed 'OSError: [Errno 9] Bad file descriptor' on the worker's row),
+    and the row says the worker is unreachable, in one line, no traceback."""
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, start=False)
+    port = c.ports["w"]
+    resets = reset_connections(port, 2)
+    proc = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "--topology", str(c.topology),
+                           "--check", "--retry-timeout", "2"], capture_output=True, text=True, timeout=60)
+    resets.join(10)
+    assert proc.returncode == 1
+    assert not resets.is_alive()  # a second connection came after the first was reset
+    assert "Traceback" not in proc.stderr and "Bad file descriptor" not in proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("w (")]
+    assert len(rows) == 1 and rows[0].startswith(f"w (127.0.0.1:{port}): ERROR worker 'w' at 127.0.0.1:{port} is "
+                                                 f"unreachable ("), proc.stdout
+    assert proc.stderr.splitlines()[-1] == "error: 1 of 1 worker(s) not ready: w; see above"
 
 
 def two_alternating_sessions(tiny_model, topology):

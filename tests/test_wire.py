@@ -115,3 +115,45 @@ def test_sockets_get_nodelay_and_keepalive():
 
     nodelay, keepalive = asyncio.run(go())
     assert nodelay and keepalive
+
+
+def test_a_header_whose_map_keys_are_not_strings_is_refused_but_the_stream_stays_in_step():
+    """Valid msgpack with an int key: not our schema (a ProtocolError the worker answers), not a broken
+    byte stream (a FrameError that closes the connection)."""
+    with pytest.raises(ProtocolError, match="map key that is not a string") as e:
+        roundtrip(frame({"type": "ping", 7: "x"}))
+    assert not isinstance(e.value, wire.FrameError)
+
+
+OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 11.91 GiB total capacity; 3.12 GiB already "
+       "allocated; 7.62 GiB free; 3.20 GiB reserved in total by PyTorch) If reserved memory is >> allocated memory "
+       "try setting max_split_size_mb to avoid fragmentation. See documentation for Memory Management")
+
+
+def test_an_error_message_always_fits_the_wire_as_one_line():
+    """A worker's internal error names the worker and the exception: with a long name and message it was
+    over MAX_STR, so the reader refused it and dropped the connection instead of showing it."""
+    long = f"worker 'linux_server_1' failed (OutOfMemoryError: {OOM[:200]}); see its log"
+    assert len(long) > wire.MAX_STR
+    got, _ = roundtrip(wire.Error("internal", long, id=3))
+    assert len(got.message) == wire.MAX_STR and got.message.endswith("…")
+    assert got.message[:-1] == long[:wire.MAX_STR - 1] and got.id == 3
+    got, _ = roundtrip(wire.Error("internal", "first line\n  second\tline"))
+    assert got.message == "first line second line"
+
+
+def test_tuning_a_connection_the_peer_already_reset_is_a_connection_error():
+    """A peer that resets the connection as it is accepted leaves the transport closed, its socket gone:
+    setting options on it fails (EBADF), which must read as a broken connection (retried), not a crash."""
+    async def go():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.transport.abort()  # what a reset read does: the transport closes its socket
+        await asyncio.sleep(0)
+        try:
+            wire.tune_socket(writer)
+        finally:
+            server.close()
+
+    with pytest.raises(ConnectionError, match="broke as it opened"):
+        asyncio.run(go())

@@ -261,6 +261,133 @@ def test_port_in_use_is_one_line(tiny_model, tmp_path):
                                     f"another --address port"
 
 
+def test_a_port_in_use_fails_in_one_line_before_the_weights_load(tiny_model, tmp_path):
+    """Through the real command: the port is checked before the weights load (minutes on a 70B), not after."""
+    import subprocess
+    import sys
+
+    from conftest import write_topology
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        topo = write_topology(tmp_path / "t.yml", {"w": (port, ["model.layers.0-5"])})
+        proc = subprocess.run([sys.executable, "-m", "cake", "--mode", "worker", "--model", str(tiny_model),
+                               "--name", "w", "--topology", str(topo), "--address", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "loaded" not in proc.stderr  # the loader's line (at the default log level): nothing was loaded
+    assert proc.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick "
+                                        f"another --address port"], proc.stderr
+
+
+def test_a_connection_reset_as_it_is_accepted_ends_quietly(tiny_model, caplog):
+    """The worker tunes each connection's socket first; a client that reset the connection at once leaves
+    none to tune (the transport closed it). That connection must end like any broken one, not escape the
+    handler with a traceback (asyncio's 'Unhandled exception in client_connected_cb')."""
+    import logging
+
+    from cake.model.loader import load_layers
+    from cake.worker import Worker
+
+    stack, config = load_layers(tiny_model, [2, 3, 4], "cpu", "f32", 64)
+    worker = Worker("w", stack, config)
+
+    async def go():
+        handled = asyncio.get_running_loop().create_future()
+
+        async def take(reader, writer):  # hands the worker the connection once the reset has come in
+            try:
+                await reader.read()
+            except ConnectionResetError:
+                pass
+            await asyncio.sleep(0)  # the transport's connection_lost: its socket is closed
+            try:
+                await worker.handle(reader, writer)
+                handled.set_result(None)
+            except BaseException as e:
+                handled.set_exception(e)
+
+        server = await asyncio.start_server(take, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname()[:2])
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        try:
+            await asyncio.wait_for(handled, 10)
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.WARNING, logger="cake"):
+        run(go())
+    assert not worker.conns and not worker._handshaking
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+SCHEMA = {  # intact frames (length and msgpack sound) that break the schema: the answer names what is wrong
+    "over-long-string": (frame({"type": "end", "sessions": ["s" * 300]}), "'end.sessions' is longer than 256"),
+    "unknown-field-type": (frame({"type": "forward", "id": msgpack.ExtType(5, b"x"), "start": 2, "end": 5,
+                                  "sessions": ["s"], "positions": [0]}), "'forward.id' must be int, got ExtType"),
+    "wrong-type": (frame({"type": "end", "sessions": [1.5]}), "'end.sessions' must be str, got float"),
+    "map-key-not-a-string": (frame({"type": "ping", 7: "x"}), "map key that is not a string"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMA))
+def test_a_frame_that_breaks_the_schema_gets_an_error_naming_the_field_and_the_connection_goes_on(target, name):
+    data, needle = SCHEMA[name]
+
+    async def go():
+        reader, writer = await connect(target.ports["w"])
+        writer.write(data)
+        await wire.write_message(writer, wire.Ping())
+        err, _ = await asyncio.wait_for(wire.read_message(reader, 1 << 26), 10)
+        ok, _ = await asyncio.wait_for(wire.read_message(reader, 1 << 26), 10)
+        writer.close()
+        return err, ok
+
+    err, ok = run(go())
+    assert (type(err), err.code) == (wire.Error, "bad_request") and needle in err.message, err
+    assert isinstance(ok, wire.Ok)
+
+
+def test_a_workers_internal_error_reaches_the_master_whole(tiny_model, tmp_path):
+    """A worker's own failure (here a GPU's out-of-memory, whose message is long) is answered with an error
+    naming the worker and the exception. With a 14-character name that answer was over the wire's string
+    limit: the master dropped the link and replayed until 'keeps losing sessions', the cause never shown."""
+    from cake import launch
+    from cake.client import Options
+    from cake.errors import WorkerError
+    from cake.master import Master
+    from cake.topology import load_topology
+    from conftest import write_topology
+    from test_wire import OOM
+
+    port = launch.free_port()
+    topo = load_topology(write_topology(tmp_path / "t.yml", {"linux_server_1": (port, ["model.layers.0-5"])}))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(OOM)
+
+    async def go():
+        worker, server = await _in_process_worker(tiny_model, port, name="linux_server_1")
+        worker.stack.forward = worker.stack.forward_steps = out_of_memory
+        master = Master(tiny_model, topo, options=Options(retry_timeout=5))
+        try:
+            await master.connect()
+            with pytest.raises(WorkerError) as e:
+                await master.step(master.new_session(), [1, 2, 3])
+            return str(e.value)
+        finally:
+            await master.close()
+            server.cancel()
+
+    message = run(go())
+    assert message.startswith(f"worker 'linux_server_1' at 127.0.0.1:{port}: worker 'linux_server_1' failed "
+                              f"(OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"), message
+    assert "\n" not in message
+
+
 def test_connection_floods_are_capped_and_the_worker_serves_afterwards(target):
     """Silent connections beyond MAX_HANDSHAKING push out the oldest silent one (so they cannot lock a
     master out); connections beyond MAX_CONNECTIONS get a 'busy' error naming the cap; once they go, the
@@ -555,13 +682,13 @@ def test_a_session_evicted_while_its_forward_waits_is_replayed_not_refused(tiny_
     assert (type(got[4]), got[4].code, got[4].cached) == (wire.Error, "cache_behind", 0), got[4]
 
 
-async def _in_process_worker(tiny_model, port: int, **kw):
+async def _in_process_worker(tiny_model, port: int, name: str = "w", **kw):
     """A Worker serving all 6 layers in this process (so a test can look at its queues), and its task."""
     from cake.model.loader import load_layers
     from cake.worker import Worker
 
     stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 4096)
-    worker = Worker("w", stack, config, max_frame=1 << 23, **kw)
+    worker = Worker(name, stack, config, max_frame=1 << 23, **kw)
     server = asyncio.ensure_future(worker.serve("127.0.0.1", port))
     for _ in range(200):
         try:
