@@ -19,8 +19,10 @@ import torch
 from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
+from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
-from cake.master import RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, worker_hardware
+from cake.master import (RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said,
+                         worker_hardware)
 from cake.model.config import load_config
 from cake.topology import Stage, Worker, format_layers, load_topology
 
@@ -92,7 +94,8 @@ def run_check(model_dir: str, topology_path: str | None, options: Options, devic
     if ready and options.relay:
         relays = asyncio.run(_probe_relays(relay_pairs(stages), config.hidden_size, options))
     local = [i for s in stages if s.worker is None for i in range(s.start, s.end)]
-    print(f"{config.num_hidden_layers} layers in {len(stages)} stage(s): " + " -> ".join(map(str, stages)))
+    print(f"{config.arch}: {config.num_hidden_layers} layers in {len(stages)} stage(s): "
+          + " -> ".join(map(str, stages)))
     print("master: embedding, head" + (f", layers {format_layers(local)}" if local else ""))
     for st in statuses:
         w = st.worker
@@ -100,8 +103,10 @@ def run_check(model_dir: str, topology_path: str | None, options: Options, devic
             print(f"{w.name} ({w.address}): ERROR {st.error}")
             continue
         i = st.info
-        print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}), "
+        print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}"
+              f"{quantization_said(i)}), "
               f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
+              + (f", weights {gb(i.weight_bytes)}" if i.weight_bytes else "")
               + ("; its topology file differs from this one (it relays to the workers its own file names)"
                  if i.topology and i.topology != topology.digest else ""))
     for (a, b), problem in relays:

@@ -17,7 +17,7 @@ from cake.client import Options
 from cake.errors import CakeError
 from cake.generate import GenerationStats, generate
 from cake.master import Master
-from cake.model.config import load_eos_ids, load_generation_config
+from cake.model.config import load_config, load_eos_ids, load_generation_config
 from cake.sampling import SamplingParams
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
@@ -52,6 +52,9 @@ class MasterArgs:
     output_ids: str | None = None
     quiet: bool = False
     busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
+    quantize: str | None = None  # none, int8, int4; None: as the folder holds (cake.model.loader.choose_quantization)
+    group_size: int = 32
+    max_memory: int | None = None  # bytes the master's own decoder layers may take (--max-memory)
 
 
 def sampling_params(args: MasterArgs) -> SamplingParams:
@@ -79,11 +82,13 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
 
 def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Master, Tokenizer, tuple[int, ...]]:
     """The master (weights loaded, workers not yet reached), its tokenizer and the model's EOS ids."""
+    load_config(args.model_dir)  # an unsupported model is one line before anything else is read
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
                       relay=args.relay, pipeline=args.pipeline)
-    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread)
+    master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread,
+                    args.quantize, args.group_size, args.max_memory)
     return master, tokenizer, load_eos_ids(args.model_dir, master.config)
 
 

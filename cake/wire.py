@@ -106,6 +106,9 @@ class Info(Message):
     topology: str = ""  # the digest of the worker's topology file (cake.topology.Topology.digest)
     machine: str = ""  # cake.devices.machine_id() of the worker's machine ("": not said)
     unit: str = ""  # cake.devices.compute_unit(): its GPU's UUID, or mps or cpu ("": not said)
+    quantization: str = ""  # how its matrices are kept: none, int8, int4 (group N) ("": not said)
+    weight_bytes: int = 0  # what its layers' weights take on its device (0: not said)
+    arch: str = ""  # the model's family (cake.model.config.ARCHITECTURES; "": not said)
 
 
 @dataclass

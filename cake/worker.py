@@ -36,6 +36,7 @@ from cake import auth, eventloop, wire
 from cake.client import Options, WorkerLink
 from cake.devices import compute_unit, dtype_name, machine_id
 from cake.errors import CakeError, ProtocolError
+from cake.memory import free_memory
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
 from cake.model.loader import load_layers
@@ -227,8 +228,10 @@ class Worker:
             name=self.name, layers=self.stack.indices, device=str(self.stack.device),
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
             num_layers=self.config.num_hidden_layers, capacity=self.stack.capacity,
-            memory=_free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
+            memory=free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
             topology=self.topology.digest, machine=machine_id(), unit=compute_unit(self.stack.device),
+            quantization=str(self.stack.quantization or "none"), weight_bytes=self.stack.weight_bytes,
+            arch=self.config.arch,
         )
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -601,15 +604,6 @@ def _gone() -> RequestError:
     return RequestError("gone", "the connection this forward was for has closed")
 
 
-def _free_memory(device: torch.device) -> int:
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, RuntimeError, AttributeError):
-        return 0
-
-
 @dataclass
 class WorkerArgs:
     model_dir: str
@@ -623,6 +617,9 @@ class WorkerArgs:
     kv_budget_mb: float = 2048
     max_frame_mb: float = 0  # 0: derived from the model and context
     busy_poll: str | None = None  # µs or 'auto'; None: $CAKE_BUSY_POLL_US, else auto
+    quantize: str | None = None  # none, int8, int4; None: as the folder holds (cake.model.loader.choose_quantization)
+    group_size: int = 32
+    max_memory: int | None = None  # bytes its decoder layers may take (--max-memory)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -673,7 +670,8 @@ def run_worker(args: WorkerArgs) -> None:
         sockets = bind(host, port)
     except OSError as e:
         raise _cannot_listen(address, e) from None
-    stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config)
+    stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config,
+                                quantize=args.quantize, group=args.group_size, max_memory=args.max_memory)
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
