@@ -1,15 +1,11 @@
 """The asyncio event loop every cake node runs on, with optional busy-polling.
 
-A node that blocks in epoll while another node computes is woken by the kernel when the next message
-arrives, and on the virtualised machines measured that wake-up costs 100-250 µs, several times a token
-(docs/benchmarks.md, "Why a hop costs ~1 ms"). With busy-polling the loop polls its sockets without
-sleeping for a window before it blocks, so a message that arrives inside the window is handled at once,
-at the price of one CPU core spinning while the node is busy and for the window after. That pays where
-cores are idle (a GPU node), and costs where the spinner takes the core the maths runs on (a small CPU
-machine), hence `auto`: on for CUDA nodes, off elsewhere. And only while the node serves one stream:
-on an H100, busy-polling made one session through two workers 14-18% faster but four batched sessions
-on the big benchmark model 9-21% slower, so a node that last stepped a batch of several rows sleeps as
-a plain loop does (`note_rows`).
+A node that blocks in epoll is woken by the kernel for each message, several times a token. With
+busy-polling the loop polls its sockets without sleeping for a window before it blocks, at the price of a
+spinning core. That pays where cores are idle (a GPU node) and costs where the spinner takes the core the
+maths runs on, hence `auto`: on for CUDA nodes, off elsewhere; and only while the node serves one stream,
+since batched sessions measured slower with it (`note_rows`). Figures: docs/benchmarks.md, "Threads and
+the event loop".
 """
 
 from __future__ import annotations
@@ -158,12 +154,8 @@ class Abandoned(Exception):
 async def run_steps(steps: Iterator, abandon: Callable[[], bool] | None = None) -> object:
     """Drive a computation that yields None between its steps (LayerStack.forward_steps) and finally
     its result, letting the loop serve other connections between steps; `abandon()` true between two
-    steps stops it (Abandoned). Inline, not on a thread: OpenMP gives every thread that computes its
-    own team of helper threads, and while a second team exists libgomp cuts every team's spinning short
-    (more helpers than cores). Measured on a 2-core CPU: 4 tiny layers' decode step 0.65 ms, 2.85 ms
-    once a pool thread had run a prompt; a prompt on a fresh thread took 20% longer than inline (8 big
-    layers, 128 tokens: 116 against 95 ms); an API master computing on the loop's default pool decoded
-    at 12.4 ms a token against 7.2 inline."""
+    steps stops it (Abandoned). Inline, not on a thread: a second thread's OpenMP team slows every later
+    CPU step of the process (docs/benchmarks.md, "Threads and the event loop")."""
     for out in steps:
         if out is not None:
             return out

@@ -42,24 +42,18 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def _wants_onednn(x: torch.Tensor) -> bool:
-    """Batched decode steps (4+ sessions, one position each) in f32 on the CPU: MKL's kernel for a few
-    rows falls off a cliff at four (measured: 16 big layers take 26 ms for one row, 29 ms for three,
-    49 ms for four), oneDNN's does not (41 ms for four)."""
+    """Batched decode steps (4+ sessions, one position each) in f32 on the CPU: MKL's kernel slows
+    sharply at four rows, oneDNN's does not (docs/benchmarks.md, CPU kernels)."""
     one_position = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
     return (_ONEDNN_LINEAR is not None and one_position and x.shape[0] >= 4
             and x.dtype == torch.float32 and x.device.type == "cpu")
 
 
 def _half_cpu_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
-    """For bf16 on the CPU, where torch's general kernel (F.linear, addmm, oneDNN's) is slow for a few
-    rows: 'mv' for one row (torch.mv's kernel reads the weights ~1.5x faster: 16 big layers' matrices
-    18.2 against 28.3 ms, a 128256-token head 10.3 against 15.1; an 8B layer's 16.5 against 27.1), 'wx'
-    for 2-24 rows of a matrix of a million weights or more (the product computed as W @ x^T: 22-32
-    against 29-41 ms for 2-24 rows; 17 against 20 for an 8B layer; from ~32 rows, or on small matrices,
-    F.linear wins), else ''.
-    Each gave F.linear's result bit for bit there (addmv/addmm where a bias or residual is added), so up
-    to 24 sessions a session's logits do not depend on which others share its batch. Not in
-    f16 (mv is slower there) nor f32 (F.linear and oneDNN are faster). Measured on an AVX-512 Xeon."""
+    """For bf16 on the CPU, where torch's general kernel is slow for a few rows: 'mv' for one row,
+    'wx' (W @ x^T) for 2-24 rows of a matrix of a million weights or more, else '' (F.linear). Both give
+    F.linear's result bit for bit, so a session's logits do not depend on which others share its batch.
+    Not in f16 or f32, where they are slower (docs/benchmarks.md, CPU kernels)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.shape[-1]:
         return ""
     rows = x.numel() // x.shape[-1]
@@ -237,9 +231,8 @@ class DecoderLayer:
     def decode(self, x: torch.Tensor, rows: list[Row], rot: torch.Tensor) -> torch.Tensor:
         """One position per row: x [B, H] -> [B, H], rot [B, hd, hd] (rope_rotations). The hot loop of
         generation, written for few operations: 2-D tensors, rope as one product, residual adds inside
-        the matrix products, cache views read with narrow/select instead of Python indexing (measured on
-        the CPU, one row: the benchmark's 8 tiny layers 1.36 -> 1.20 ms a step, 1.99 -> 1.73 ms right after
-        an output-head product; 16 big layers 30.6 -> ~28.5 ms)."""
+        the matrix products, cache views read with narrow/select instead of Python indexing (each saves
+        dispatches: docs/benchmarks.md, CPU kernels)."""
         q, k, v = self._qkv_one(x, rot)
         outs = []
         for b, row in enumerate(rows):
