@@ -105,6 +105,9 @@ def run_edge(fn, *args, **kwargs):
               help="Master: serve an OpenAI-compatible API here (a bare PORT binds 127.0.0.1) instead of one prompt.")
 @click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
               help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Master: measure, survey the workers and print the layer placement as a topology file on stdout "
+                   "(workers whose entry lists no layers are placed), then exit.")
 @click.option("--check", is_flag=True,
               help="Master: reach every worker, show what each serves and the round trip, test that each relays "
                    "to the next, then exit.")
@@ -112,7 +115,7 @@ def run_edge(fn, *args, **kwargs):
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, check, verbose, quiet):
+         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, plan_only, check, verbose, quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
     setup_logging(verbose, quiet)
     check_flags(click.get_current_context(), mode, api, check)
@@ -157,6 +160,11 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         output_ids=output_ids, quiet=quiet,
         busy_poll=busy_poll, quantize=quantize, group_size=group_size, max_memory=max_memory,
     )
+    if plan_only:
+        from cake.run_master import run_plan
+
+        run_edge(run_plan, args)
+        return
     if api:
         from cake.api import run_api
 
@@ -168,7 +176,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
 WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb")
 MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "top_k", "top_p", "repeat_penalty",
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
-               "api_key", "check")
+               "api_key", "plan_only", "check")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
 POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size")
 AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")

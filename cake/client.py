@@ -65,6 +65,7 @@ class Options:
     relay: bool = True  # consecutive workers pass hidden states to each other (see cake.worker)
     pipeline: str = "auto"  # a long prompt's chunks flow through the stages one behind another (Master)
 
+    plan: wire.Assign | None = None  # the master's placement, for a worker that restarted without its layers
 
 class LinkBroken(ConnectionError):
     """The connection under a request broke (or was closed) before its answer came."""
@@ -121,6 +122,16 @@ class WorkerLink:
         want = list(w.layers)
         if info.layers != want:
             writer.close()
+        if not info.placed and want and self.opt.plan is not None:
+            try:  # a worker the master placed came back without its layers: tell it again
+                await wire.write_message(writer, self.opt.plan)
+                info, _ = await eventloop.wait_for(wire.read_message(reader, self.opt.max_frame), self.opt.request_timeout)
+            except BaseException:
+                writer.close()
+                raise
+            if not isinstance(info, wire.Info):
+                writer.close()
+                raise WorkerError(f"{self.label} refused its layers: {getattr(info, 'message', info)}")
             raise WorkerError(
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")

@@ -82,14 +82,44 @@ def sampling_params(args: MasterArgs) -> SamplingParams:
 
 def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Master, Tokenizer, tuple[int, ...]]:
     """The master (weights loaded, workers not yet reached), its tokenizer and the model's EOS ids."""
-    load_config(args.model_dir)  # an unsupported model is one line before anything else is read
+    config = load_config(args.model_dir)  # an unsupported model is one line before anything else is read
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
                       relay=args.relay, pipeline=args.pipeline)
+    if topology.unplaced:
+        from cake.placement import assignment
+
+        topology, text = plan_cluster(args, config, topology, options, assign=True)
+        for line in text.splitlines():
+            log.info("plan: %s", line)
+        options.plan = assignment(topology)  # a placed worker that restarts unplaced is told again
     master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread,
                     args.quantize, args.group_size, args.max_memory)
     return master, tokenizer, load_eos_ids(args.model_dir, master.config)
+
+
+def plan_cluster(args: MasterArgs, config, topology, options: Options, assign: bool):
+    """Measure a layer here, survey the workers, plan (cake.placement); with `assign`, tell the workers."""
+    from cake import placement
+
+    master = placement.master_node(config, args.model_dir, args.device, args.dtype, args.quantize, args.group_size,
+                                   args.context, args.max_memory)
+    return eventloop.run(placement.place(config, topology, options, master, assign))
+
+
+def run_plan(args: MasterArgs) -> None:
+    """`cake --plan`: the plan as a topology file on stdout, and nothing else."""
+    config = load_config(args.model_dir)
+    topology = load_topology(args.topology)
+    if not topology.workers:
+        raise CakeError("--plan needs a --topology with workers (entries without 'layers' are placed)")
+    if not topology.unplaced:
+        raise CakeError("every worker in the topology lists its layers: nothing to plan; leave out 'layers' for the "
+                        "workers the master should place (and start them with that file)")
+    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
+    _, text = plan_cluster(args, config, topology, options, assign=False)
+    sys.stdout.write(text)
 
 
 def run_master(args: MasterArgs) -> None:

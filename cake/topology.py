@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -32,6 +32,7 @@ class Worker:
     port: int
     description: str
     layers: tuple[int, ...]
+    placed: bool = True  # False: the entry lists no layers, and the master places it (cake.placement)
 
     @property
     def address(self) -> str:
@@ -68,8 +69,22 @@ class Topology:
     def owner_of(self) -> dict[int, Worker]:
         return {layer: w for w in self.workers.values() for layer in w.layers}
 
+    @property
+    def unplaced(self) -> list[Worker]:
+        """Entries without `layers`, in file order: the master plans their layers."""
+        return [w for w in self.workers.values() if not w.placed]
+
+    def with_layers(self, layers: dict[str, list[int]]) -> "Topology":
+        """This topology with the given workers' layers (a plan) filled in."""
+        return Topology({name: replace(w, layers=tuple(layers.get(name, w.layers)), placed=True)
+                         for name, w in self.workers.items()})
+
     def stages(self, num_layers: int) -> list[Stage]:
         """Compile to the ordered list of stages covering layers 0..num_layers-1."""
+        if self.unplaced:
+            raise TopologyError(f"worker(s) {', '.join(w.name for w in self.unplaced)} list no layers and are not "
+                                f"placed yet; the master places them when it starts (see the plan with cake --plan), "
+                                f"or list their layers in the topology file")
         self.check_layers(num_layers)
         owners = self.owner_of()
         stages: list[Stage] = []
@@ -167,12 +182,16 @@ def parse_topology(data: object, source: str = "topology") -> Topology:
             raise TopologyError(f"workers '{addresses[host, port]}' and '{name}' have the same host "
                                 f"'{host}:{port}'; give each worker its own port")
         addresses[host, port] = name
+        if "layers" not in entry:  # the master places it
+            topo.workers[name] = Worker(name=name, host=host, port=port,
+                                        description=str(entry.get("description") or ""), layers=(), placed=False)
+            continue
         specs = entry.get("layers") or []
         if not isinstance(specs, list):
             raise TopologyError(f"worker '{name}': 'layers' must be a list like ['model.layers.0-5']")
         if not specs:
             raise TopologyError(f"worker '{name}' lists no layers; give it some, like layers: ['model.layers.0-5'], "
-                                f"or remove it")
+                                f"leave out 'layers' to let the master place it, or remove it")
         layers: list[int] = []
         for spec in specs:
             for layer in parse_layers(spec, name):

@@ -110,6 +110,11 @@ class Info(Message):
     weight_bytes: int = 0  # what its layers' weights take on its device (0: not said)
     arch: str = ""  # the model's family (cake.model.config.ARCHITECTURES; "": not said)
 
+    # Placement (cake.placement): what a worker whose topology entry lists no layers measured and offers
+    placed: bool = True  # False: it waits for an Assign
+    layer_us: int = 0  # one decode step through one layer of this model, at its dtype and quantization
+    room: int = 0  # bytes it offers for layers (free memory, at most --max-memory)
+    layer_bytes: int = 0  # what one layer takes there (weights + a session's KV cache for the context)
 
 @dataclass
 class Forward(Message):
@@ -165,6 +170,17 @@ class Ping(Message):
 
 
 @dataclass
+@dataclass
+class Assign(Message):
+    """master -> worker: the plan. Worker names[i] runs layers [starts[i], ends[i]); the worker loads its
+    own (from its model folder) and answers with its new Info. Refused while another master's sessions
+    are open there."""
+    TYPE: ClassVar[str] = "assign"
+    names: list[str]
+    starts: list[int]
+    ends: list[int]
+
+
 class Ok(Message):
     TYPE: ClassVar[str] = "ok"
 
@@ -189,7 +205,7 @@ class Error(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Ok, Error)
+    m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Assign, Ok, Error)
 }
 
 _ELEMENT_TYPES = {"list[int]": int, "list[str]": str}

@@ -96,10 +96,12 @@ class InUse:
 
 class Worker:
     def __init__(self, name: str, stack: LayerStack, config: LlamaConfig, key: str | None = None,
-                 kv_budget: int = 2 << 30, max_frame: int | None = None, topology: Topology | None = None):
+                 kv_budget: int = 2 << 30, max_frame: int | None = None, topology: Topology | None = None,
+                 placement: Placement | None = None):
         self.name = name
         self.topology = topology or Topology()
         self.conns: dict[str, Conn] = {}  # by token
+        self.placement = placement  # a worker the master places: what it measured, and how it loads layers
         self.peers: dict[str, WorkerLink] = {}  # relay connections to other workers, by name
         # Per next worker: (forward id, master connection token) of the last forwards relayed to it.
         self._relayed: dict[str, deque[tuple[int, str]]] = {}
@@ -231,7 +233,7 @@ class Worker:
             memory=free_memory(self.stack.device), conn=token, max_rows=self.max_rows, max_batch=MAX_BATCH,
             topology=self.topology.digest, machine=machine_id(), unit=compute_unit(self.stack.device),
             quantization=str(self.stack.quantization or "none"), weight_bytes=self.stack.weight_bytes,
-            arch=self.config.arch,
+            arch=self.config.arch, **(self.placement.said(self.stack) if self.placement else {}),
         )
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -380,6 +382,8 @@ class Worker:
             log.exception("request from %s failed", peer)
             first = (str(e).strip().splitlines() or [""])[0][:200]
             return wire.Error("internal", f"worker '{self.name}' failed ({type(e).__name__}: {first}); see its log",
+            if isinstance(msg, wire.Assign):
+                return await self._assign(dest, msg, peer), None
                               id=getattr(msg, "id", 0)), None
 
     async def _forward(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None):
@@ -390,6 +394,30 @@ class Worker:
             raise RequestError("bad_tensor", f"hidden states must be f32/f16/bf16, not {x.dtype}")
         if x.dim() != 3 or x.shape[2] != c.hidden_size:
             raise RequestError("bad_tensor", f"hidden states must be [batch, tokens, {c.hidden_size}], got {list(x.shape)}")
+    async def _assign(self, dest: Conn, msg: wire.Assign, peer: str) -> wire.Info:
+        """Take the layers a master's plan gives this worker (loaded from its model folder, off the event
+        loop), and the plan's topology for relays. One assignment at a time: another master's open
+        sessions refuse it."""
+        if self.placement is None:
+            raise RequestError("bad_request", f"worker '{self.name}' serves the layers its topology file lists; "
+                                              f"leave out its 'layers' there to let the master place it")
+        if not (len(msg.names) == len(msg.starts) == len(msg.ends)) or self.name not in msg.names:
+            raise RequestError("bad_request", f"the plan does not name worker '{self.name}'")
+        i = msg.names.index(self.name)
+        layers = list(range(max(0, msg.starts[i]), min(self.config.num_hidden_layers, msg.ends[i])))
+        others = {conn for conn, _ in self.sessions if conn != dest.id}
+        if others and layers != self.stack.indices:
+            raise RequestError("busy", f"worker '{self.name}' holds sessions of another master; stop that master or "
+                                       f"let its answers end, then start this one")
+        plan = {n: list(range(a, b)) for n, a, b in zip(msg.names, msg.starts, msg.ends) if n in self.topology.workers}
+        if layers != self.stack.indices:
+            log.info("%s assigns layers %s; loading them", peer, format_layers(layers))
+            for key in list(self.sessions):
+                self._end_session(key)
+            self.stack = await asyncio.to_thread(self.placement.load, layers)
+        self.topology = self.topology.with_layers(plan)
+        return self.info(dest.token)
+
         B, T, _ = x.shape
         if B == 0 or T == 0 or B > MAX_BATCH:
             raise RequestError("bad_tensor", f"batch {B} x tokens {T} is empty or over {MAX_BATCH} rows")
@@ -612,6 +640,21 @@ class WorkerArgs:
     address: str | None = None  # None: this worker's port in the topology (see run_worker)
     device: str = "auto"
     dtype: str = "auto"
+@dataclass
+class Placement:
+    """A worker whose topology entry lists no layers: it measured one layer and offers its room, then
+    loads what the master's plan assigns it."""
+
+    load: Callable[[list[int]], LayerStack]
+    layer_us: int
+    room: int
+    layer_bytes: int
+
+    def said(self, stack: LayerStack) -> dict:
+        return {"placed": bool(stack.layers), "layer_us": self.layer_us, "room": self.room,
+                "layer_bytes": self.layer_bytes}
+
+
     context: int | None = None
     key: str | None = None
     kv_budget_mb: float = 2048
@@ -670,13 +713,25 @@ def run_worker(args: WorkerArgs) -> None:
         sockets = bind(host, port)
     except OSError as e:
         raise _cannot_listen(address, e) from None
-    stack, config = load_layers(args.model_dir, list(me.layers), args.device, args.dtype, args.context, config,
-                                quantize=args.quantize, group=args.group_size, max_memory=args.max_memory)
+    def load(layers: list[int]) -> LayerStack:
+        return load_layers(args.model_dir, layers, args.device, args.dtype, args.context, config,
+                           quantize=args.quantize, group=args.group_size, max_memory=args.max_memory)[0]
+    stack = load(list(me.layers))
+    placement = None
+    if not me.placed:
+        from cake import placement as plan
+
+        fmt = stack.quantization
+        placement = Placement(load, plan.measure_layer_us(config, fmt, stack.dtype, stack.device),
+                              plan.room(stack.device, args.max_memory),
+                              plan.layer_bytes(config, fmt, stack.dtype, stack.capacity))
+        log.info("waiting for the master's plan: one layer takes %.3f ms here, room for %d layer(s)",
+                 placement.layer_us / 1e3, placement.room // max(1, placement.layer_bytes))
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
-                    max_frame=max_frame, topology=topo)
+                    max_frame=max_frame, topology=topo, placement=placement)
     poll_us = eventloop.busy_poll_us(stack.device.type, args.busy_poll)
     if poll_us:
         log.info("busy-polling for %d µs after each message (--busy-poll 0 turns it off)", poll_us)

@@ -48,7 +48,6 @@ def test_no_topology_is_all_master():
     ({}, "names no workers"),
     ({"a": {"host": "h:1", "layers": ["model.layers.0"]}, "b": {"host": "h:1", "layers": ["model.layers.1"]}},
      "workers 'a' and 'b' have the same host 'h:1'; give each worker its own port"),
-    ({"a": {"host": "h:1"}}, "worker 'a' lists no layers"),
     ({"a": {"host": "h:1", "layers": []}}, "worker 'a' lists no layers"),
 ])
 def test_validation_errors(data, needle):
@@ -101,3 +100,12 @@ def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
     t = load_topology(path)
     assert (t.workers["w2"].description, t.workers["w2"].host, t.workers["w2"].layers) == ("gpu box", "10.0.0.2",
                                                                                           (3, 4, 5))
+
+
+def test_an_entry_without_layers_is_placed_by_the_master():
+    t = parse_topology({"a": {"host": "h:1", "layers": ["model.layers.0-1"]}, "b": {"host": "h:2"}})
+    assert [w.name for w in t.unplaced] == ["b"] and t.workers["a"].placed
+    with pytest.raises(TopologyError, match=r"worker\(s\) b list no layers and are not placed yet"):
+        t.stages(4)
+    planned = t.with_layers({"b": [2, 3]})
+    assert not planned.unplaced and [str(s) for s in planned.stages(4)] == ["a[0-1]", "b[2-3]"]

@@ -1,0 +1,60 @@
+"""Placement end to end: workers whose topology entries list no layers measure a layer and offer their
+memory, the master plans (cake --plan prints it), assigns, and generates exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from cake.generate import generate
+from cake.run_master import MasterArgs, build_master
+from cake.sampling import SamplingParams
+from cake.topology import load_topology
+from conftest import EOS, reference_greedy, run, test_device
+
+N = 12
+PROMPT = [128000, 9906, 11, 1268, 527, 499, 30]
+# One tiny_model layer here: f32 weights (43008 x 4 bytes and two norms of 64) plus a session's KV cache
+# for the default context of 4096 (2 x 2 heads x 16 x 4096 x 4 bytes): 1.22 MB.
+LAYER = 43008 * 4 + 2 * 64 * 4 + 2 * 2 * 16 * 4096 * 4
+
+
+def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_model, cluster, tmp_path):
+    c = cluster(tiny_model, {"a": [], "b": []}, start=False)
+    lines = c.topology.read_text().splitlines()  # leave out each entry's layers: the master places them
+    c.topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+    assert all(not w.placed for w in load_topology(c.topology).workers.values())
+    c.extras = {"a": ("--max-memory", f"{int(2.5 * LAYER)}B"), "b": ("--max-memory", f"{int(5.5 * LAYER)}B")}
+    c.start_all()
+    shown = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "--topology", str(c.topology),
+                            "--plan", "--max-memory", "0", "--device", test_device()],
+                           capture_output=True, text=True, timeout=180)
+    assert shown.returncode == 0, shown.stderr
+    saved = tmp_path / "planned.yml"
+    saved.write_text(shown.stdout)
+    planned = load_topology(saved)  # what --plan prints is a topology file as it is
+    a, b = planned.workers["a"].layers, planned.workers["b"].layers
+    assert 1 <= len(a) <= 2 and len(a) + len(b) == 6 and sorted(a + b) == list(range(6))  # a has room for 2
+    assert planned.workers["a"].address == f"127.0.0.1:{c.ports['a']}"
+    assert "# measured:" in shown.stdout and shown.stderr.count("\n") < 40
+
+    args = MasterArgs(model_dir=str(tiny_model), topology=str(c.topology), device=test_device(), max_memory=0)
+    master, _, _ = build_master(args)  # plans and assigns (its own event loop, before the master's)
+
+    want = reference_greedy(tiny_model, PROMPT, N)
+
+    async def go():
+        await master.connect()
+        try:
+            assert {link.info.name: tuple(link.info.layers) for link in master.links.values()} == {"a": a, "b": b}
+            first = [t async for t in generate(master, PROMPT, SamplingParams(), N, EOS)]
+            c.kill("b")  # it comes back without its layers: the master tells it again when it reconnects
+            c.start("b")
+            await asyncio.to_thread(c.wait, "b")
+            return first, [t async for t in generate(master, PROMPT, SamplingParams(), N, EOS)]
+        finally:
+            await master.close()
+    assert run(go()) == (want, want)
+    assert "assigns layers" in c.log("a").read_text()
+    assert c.log("b").read_text().count("assigns layers") == 2
