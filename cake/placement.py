@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from dataclasses import replace
 
@@ -25,7 +24,6 @@ from cake.topology import Topology, Worker, format_layers
 
 log = logging.getLogger("cake.placement")
 
-PINGS = 5
 TIMED_STEPS = 7
 
 
@@ -85,21 +83,13 @@ def room(device: torch.device, max_memory: int | None, reserve: int = 0) -> int:
 
 async def survey(topology: Topology, options: Options) -> dict[str, tuple[wire.Info, float]]:
     """Each worker's handshake (what it measured and offers) and the median round trip to it, in ms."""
-    async def one(name: str) -> tuple[wire.Info, float]:
-        link = WorkerLink(topology.workers[name], options)
-        try:
-            await link.ensure_connected()
-            times = []
-            for _ in range(PINGS):
-                t0 = time.perf_counter()
-                await link.request(wire.Ping())
-                times.append(time.perf_counter() - t0)
-            return link.info, 1e3 * statistics.median(times)
-        finally:
-            link.shutdown()
-    names = list(topology.workers)
-    results = await asyncio.gather(*(one(n) for n in names))
-    return dict(zip(names, results))
+    from cake.check import probe
+
+    found = await asyncio.gather(*(probe(w, options) for w in topology.workers.values()))
+    for st in found:
+        if st.error:
+            raise CakeError(f"worker '{st.worker.name}' at {st.worker.address}: {st.error}")
+    return {st.worker.name: (st.info, st.rtt_ms) for st in found}
 
 
 def make_plan(config: LlamaConfig, topology: Topology, master: Node,

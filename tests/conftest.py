@@ -239,3 +239,15 @@ def screenshot(driver, name: str, tmp: Path) -> Path:
     if os.environ.get("CAKE_SCREENSHOTS"):
         shutil.copy(path, Path(os.environ["CAKE_SCREENSHOTS"]) / name)
     return path
+
+
+def count_batches(master) -> list[int]:
+    """Record the number of sessions of each batched step `master` takes from now on."""
+    sizes: list[int] = []
+    real = master.step_batch
+
+    async def spy(sessions, *rest):
+        sizes.append(len(sessions))
+        return await real(sessions, *rest)
+    master.step_batch = spy
+    return sizes

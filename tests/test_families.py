@@ -17,7 +17,7 @@ from cake.master import Master
 from cake.model.llama import Row
 from cake.split import split_model
 from cake.topology import load_topology
-from conftest import run, test_device
+from conftest import count_batches, run, test_device
 from test_pipeline import cake_generate
 
 N = 12
@@ -131,13 +131,7 @@ def test_batched_sessions_of_a_mixture_of_experts_equal_their_solo_answers(famil
     async def go():
         master = Master(model, load_topology(c.topology), device=test_device())
         await master.connect()
-        batches = []
-        real = master.step_batch
-
-        async def spy(sessions, *rest):
-            batches.append(len(sessions))
-            return await real(sessions, *rest)
-        master.step_batch = spy
+        batches = count_batches(master)
         try:
             return await asyncio.gather(*(cake_generate(model, None, p, n, master=master)
                                           for p, n in zip(prompts, lengths))), batches

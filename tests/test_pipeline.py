@@ -18,7 +18,8 @@ from cake.sampling import SamplingParams
 from cake.split import split_model
 from cake.tokenizer import Tokenizer
 from cake.topology import load_topology
-from conftest import EOS, handshake, reference_greedy, reference_model, run, test_device, write_topology
+from conftest import (EOS, count_batches, handshake, reference_greedy, reference_model, run, test_device,
+                      write_topology)
 
 N = 24
 SPLITS = {
@@ -283,14 +284,7 @@ def test_concurrent_sessions_are_batched_and_isolated(tiny_model, cluster):
     async def go():
         master = Master(tiny_model, load_topology(c.topology), device=test_device())
         await master.connect()
-        batches = []
-        real_step_batch = master.step_batch
-
-        async def spy(sessions, *rest):
-            batches.append(len(sessions))
-            return await real_step_batch(sessions, *rest)
-
-        master.step_batch = spy
+        batches = count_batches(master)
         try:
             outs = await asyncio.gather(*(cake_generate(tiny_model, None, p, n, master=master)
                                           for p, n in zip(prompts, lengths)))
