@@ -81,7 +81,8 @@ class StageView:
 class ClusterSnapshot:
     model: str
     num_layers: int
-    plan: str  # where the layers' placement comes from: "topology" (a file) or "master" (no topology: all local)
+    plan: str  # where the layers' placement comes from: "topology" (a file), "planned" (the master placed
+    # workers whose entries list no layers) or "master" (no topology: all local)
     topology: str | None  # the topology file
     active_sessions: int
     tokens_per_s: float  # generated over the last rate_window_s seconds
@@ -232,7 +233,8 @@ class ClusterView:
             stages.append(StageView(st.stage.name, [st.stage.start, st.stage.end - 1], st.stats.steps,
                                     [round(1e3 * c, 3) for _, c in recent],
                                     [round(1e3 * max(0.0, t - c), 3) for t, c in recent]))
-        return ClusterSnapshot(self.model, m.config.num_hidden_layers, "topology" if self.topology else "master",
+        source = "planned" if m.topology.planned else "topology" if self.topology else "master"
+        return ClusterSnapshot(self.model, m.config.num_hidden_layers, source,
                                self.topology, self.active, round(self.rate.per_s(), 2), self.rate.window, nodes,
                                stages)
 

@@ -58,6 +58,7 @@ class Stage:
 @dataclass
 class Topology:
     workers: dict[str, Worker] = field(default_factory=dict)
+    planned: bool = False  # some workers' layers come from the master's plan (with_layers), not the file
 
     @functools.cached_property
     def digest(self) -> str:
@@ -77,7 +78,7 @@ class Topology:
     def with_layers(self, layers: dict[str, list[int]]) -> "Topology":
         """This topology with the given workers' layers (a plan) filled in."""
         return Topology({name: replace(w, layers=tuple(layers.get(name, w.layers)), placed=True)
-                         for name, w in self.workers.items()})
+                         for name, w in self.workers.items()}, planned=self.planned or bool(self.unplaced))
 
     def stages(self, num_layers: int) -> list[Stage]:
         """Compile to the ordered list of stages covering layers 0..num_layers-1."""

@@ -41,6 +41,7 @@ def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_
 
     args = MasterArgs(model_dir=str(tiny_model), topology=str(c.topology), device=test_device(), max_memory=0)
     master, _, _ = build_master(args)  # plans and assigns (its own event loop, before the master's)
+    assert master.topology.planned  # what the cluster view reports as the plan's source
 
     want = reference_greedy(tiny_model, PROMPT, N)
 
