@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from cake import auth, eventloop, wire
+from cake.seal import Seal
 from cake.errors import CakeError, ProtocolError, WorkerError
 from cake.topology import Worker, format_layers
 
@@ -84,6 +85,7 @@ class WorkerLink:
         self.worker = worker
         self.opt = options
         self.writer: asyncio.StreamWriter | None = None
+        self.seal: Seal | None = None  # this connection's sealing of what it sends (with a cluster key)
         self.info: wire.Info | None = None
         self.generation = 0  # counts connections: a failure is recovered once per connection
         self._write = asyncio.Lock()
@@ -112,7 +114,7 @@ class WorkerLink:
             raise ConnectionError(f"cannot connect: {reason}") from None
         try:
             wire.tune_socket(writer)  # a ConnectionError when the worker reset it at once: another attempt follows
-            info = await eventloop.wait_for(self._handshake(reader, writer), timeout)
+            info, seals = await eventloop.wait_for(self._handshake(reader, writer), timeout)
         except asyncio.TimeoutError:
             writer.close()
             raise ConnectionError("no handshake reply (is the worker stuck?)") from None
@@ -136,15 +138,17 @@ class WorkerLink:
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")
         self.writer, self.info = writer, info  # the reader belongs to the read loop
+        self.seal, opener = seals
         self.generation += 1
-        self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation))
+        self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation, opener))
 
-    async def _read_loop(self, reader: asyncio.StreamReader, generation: int) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, generation: int, opener: Seal | None) -> None:
         try:
             while True:
                 try:
-                    reply, out = await wire.read_message(reader, self.opt.max_frame)
-                except wire.FrameError:
+                    reply, out = await wire.read_message(reader, self.opt.max_frame, opener)
+                except wire.FrameError as e:  # a broken (or, sealed, tampered-with) frame: the link is done for
+                    log.warning("%s sent a broken frame: %s; dropping the connection", self.label, e)
                     raise
                 except ProtocolError as e:  # framed intact but unreadable: its request fails, the link goes on
                     log.warning("%s sent an answer that breaks the protocol: %s", self.label, e)
@@ -192,10 +196,13 @@ class WorkerLink:
         self._reading = None
         if self.writer is not None:
             self.writer.close()
-        self.writer = None
+        self.writer, self.seal = None, None
 
-    async def _handshake(self, reader, writer) -> wire.Info:
+    async def _handshake(self, reader, writer) -> tuple[wire.Info, tuple[Seal | None, Seal | None]]:
+        """Hello, proofs, then the worker's info: sealed, with everything after, when there is a key.
+        Returns the info and (the seal of what this side sends, the one of what it receives)."""
         mine = auth.nonce()
+        seals: tuple[Seal | None, Seal | None] = (None, None)
         await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, mine))
         try:
             msg = await self._expect(reader, wire.Welcome)
@@ -207,19 +214,26 @@ class WorkerLink:
                     raise WorkerError(f"{self.label} does not know our cluster key; give every node the "
                                       f"same --cluster-key")
                 await wire.write_message(writer, wire.Auth(auth.proof(self.opt.key, "client", mine, msg.nonce)))
+                out, back = auth.link_keys(self.opt.key, mine, msg.nonce)
+                seals = (Seal(out), Seal(back))
             elif self.opt.key:
                 # It cannot prove it knows the key, so it could be anyone: hidden states carry the prompt.
                 raise WorkerError(f"{self.label} runs without a cluster key, so it cannot prove who it is; "
                                   f"start it with the same --cluster-key")
-            return await self._expect(reader, wire.Info)
+            return await self._expect(reader, wire.Info, seals[1]), seals
         except asyncio.IncompleteReadError:  # closed on us: restarting, or shedding a flood; try again
             raise ConnectionError("closed the connection during the handshake") from None
         except ProtocolError as e:
             raise WorkerError(f"{self.label} broke the handshake ({type(e).__name__}); is it a cake worker "
                               f"of the same version?") from None
 
-    async def _expect(self, reader, cls):
-        msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
+    async def _expect(self, reader, cls, opener: Seal | None = None):
+        try:
+            msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8, opener)
+        except wire.FrameError as e:
+            if opener is None:
+                raise
+            raise ConnectionError(f"its first sealed frame was broken on the way ({e})") from None
         if isinstance(msg, wire.Error):
             raise WorkerError(f"{self.label}: {msg.message}")
         if not isinstance(msg, cls):
@@ -301,7 +315,7 @@ class WorkerLink:
             if not getattr(msg, "id", 0):
                 waiter = asyncio.get_running_loop().create_future()
                 self._in_order.append(waiter)
-            await wire.write_message(self.writer, msg, tensor)
+            await wire.write_message(self.writer, msg, tensor, self.seal)
             return waiter
 
     async def request(self, msg: wire.Message, tensor: torch.Tensor | None = None

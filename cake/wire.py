@@ -22,6 +22,7 @@ import msgpack
 import torch
 
 from cake.errors import ProtocolError
+from cake.seal import TAG, Seal, SealBroken
 
 PROTOCOL = "cake"
 VERSION = 2  # 2: worker-to-worker relay (forward.relay_* / reply_conn / upstream_us, info.conn)
@@ -328,7 +329,32 @@ def encode(msg: Message, tensor: torch.Tensor | None = None) -> list[bytes | mem
 SMALL_PAYLOAD = 256 * 1024
 
 
-async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torch.Tensor | None = None) -> None:
+def encode_sealed(msg: Message, tensor: torch.Tensor | None, seal: Seal) -> bytearray:
+    """A sealed frame (see read_frame), built in one buffer: the hidden states are copied once, by the AEAD
+    as it seals them, straight to where they go out from."""
+    header = msg.to_header()
+    payload: bytes | memoryview = b""
+    if tensor is not None:
+        header["tensor"] = tensor_desc(tensor)
+        payload = tensor_bytes(tensor)
+    head = msgpack.packb(header, use_bin_type=True)
+    n = 4 + len(head) + TAG
+    frame = bytearray(4 + n + (len(payload) + TAG if len(payload) else 0))
+    _U32.pack_into(frame, 0, n)
+    out = memoryview(frame)
+    seal.seal_into(_U32.pack(len(payload)) + head, bytes(out[:4]), out[4:4 + n])
+    if len(payload):
+        seal.seal_into(payload, b"", out[4 + n:])
+    return frame
+
+
+async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torch.Tensor | None = None,
+                        seal: Seal | None = None) -> None:
+    """Write one frame; with `seal` (a keyed connection past its handshake) a sealed one."""
+    if seal is not None:
+        writer.write(encode_sealed(msg, tensor, seal))
+        await writer.drain()
+        return
     head, payload = encode(msg, tensor)
     if len(payload) <= SMALL_PAYLOAD:
         # One segment: with TCP_NODELAY two writes are two packets, and the reader wakes up twice.
@@ -339,19 +365,24 @@ async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torc
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict, bytes]:
+async def read_frame(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None) -> tuple[dict, bytes]:
     """One frame as (header dict, payload). ProtocolError for a frame that breaks the rules:
-    the caller closes the connection, since the byte stream can no longer be trusted."""
-    (n,) = _U32.unpack(await reader.readexactly(4))
-    if n < 4 or n > max_frame:
-        e = FrameError(f"frame of {n} bytes is outside the limit of 4..{max_frame}")
-        e.oversized = n > max_frame
-        raise e
-    (h,) = _U32.unpack(await reader.readexactly(4))
-    if h > MAX_HEADER or h > n - 4:
-        raise FrameError(f"header of {h} bytes does not fit the frame (limit {MAX_HEADER})")
-    head = await reader.readexactly(h)
-    payload = await reader.readexactly(n - 4 - h) if n - 4 - h else b""
+    the caller closes the connection, since the byte stream can no longer be trusted.
+
+    With `seal`, the frame is sealed: u32 N (clear) | N bytes sealing (u32 P | msgpack header), with the
+    4 bytes of N as associated data | when P > 0, P + 16 bytes sealing the payload. A piece that fails
+    its tag (changed, replayed, reordered, injected) is a FrameError."""
+    if seal is not None:
+        head, size = await _read_sealed_head(reader, max_frame, seal)
+    else:
+        (n,) = _U32.unpack(await reader.readexactly(4))
+        if n < 4 or n > max_frame:
+            raise _oversized(n, max_frame, f"frame of {n} bytes is outside the limit of 4..{max_frame}")
+        (h,) = _U32.unpack(await reader.readexactly(4))
+        if h > MAX_HEADER or h > n - 4:
+            raise FrameError(f"header of {h} bytes does not fit the frame (limit {MAX_HEADER})")
+        head, size = await reader.readexactly(h), n - 4 - h
+    payload = await _read_payload(reader, size, seal) if size else b""
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of types for garbage
@@ -365,6 +396,42 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[dict
     return header, payload
 
 
+def _oversized(n: int, max_frame: int, message: str) -> FrameError:
+    e = FrameError(message)
+    e.oversized = n > max_frame
+    return e
+
+
+BROKEN_SEAL = "a sealed frame failed its check (changed, replayed, reordered or injected on the way)"
+
+
+async def _read_sealed_head(reader: asyncio.StreamReader, max_frame: int, seal: Seal) -> tuple[bytes, int]:
+    prefix = await reader.readexactly(4)
+    (n,) = _U32.unpack(prefix)
+    if n < 4 + TAG or n > 4 + MAX_HEADER + TAG:
+        raise FrameError(f"sealed header of {n} bytes is outside the limit of {4 + TAG}..{4 + MAX_HEADER + TAG}")
+    try:
+        plain = seal.open(await reader.readexactly(n), prefix)
+    except SealBroken:
+        raise FrameError(BROKEN_SEAL) from None
+    (size,) = _U32.unpack_from(plain)
+    n = len(plain) + size  # the length an unsealed frame of the same message would have
+    if n > max_frame:
+        raise _oversized(n, max_frame, f"frame of {n} bytes is outside the limit of 4..{max_frame}")
+    return plain[4:], size
+
+
+async def _read_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None) -> bytes | bytearray:
+    if seal is None:
+        return await reader.readexactly(size)
+    payload = bytearray(size)  # the buffer the tensor is made on: the AEAD's copy is the only one
+    try:
+        seal.open_into(await reader.readexactly(size + TAG), b"", payload)
+    except SealBroken:
+        raise FrameError(BROKEN_SEAL) from None
+    return payload
+
+
 def _msgpack_with_other_keys(head: bytes) -> bool:
     """Whether `head` is valid msgpack after all, with map keys other than strings (strict_map_key refuses
     them: hashing keys an attacker picks can be made slow). Decoded as lists of pairs: nothing is hashed."""
@@ -375,10 +442,11 @@ def _msgpack_with_other_keys(head: bytes) -> bool:
         return False
 
 
-async def read_message(reader: asyncio.StreamReader, max_frame: int) -> tuple[Message, torch.Tensor | None]:
+async def read_message(reader: asyncio.StreamReader, max_frame: int,
+                       seal: Seal | None = None) -> tuple[Message, torch.Tensor | None]:
     """One message. A well-framed message that breaks the schema raises ProtocolError with
     `request_id` set to its readable `id`, so the error answer can name the request it refuses."""
-    header, payload = await read_frame(reader, max_frame)
+    header, payload = await read_frame(reader, max_frame, seal)
     try:
         msg = parse_message(header)
         tensor = None

@@ -37,6 +37,7 @@ from cake.client import Options, WorkerLink
 from cake.devices import compute_unit, dtype_name, machine_id
 from cake.errors import CakeError, ProtocolError
 from cake.memory import free_memory
+from cake.seal import Seal
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row
 from cake.model.loader import load_layers
@@ -73,10 +74,11 @@ class Conn:
     pending: int = 0  # answers from relaying workers' connections waiting to be written here
     closed: bool = False  # its sessions were freed: nothing may create new ones for it
     queued: set[asyncio.Task] = field(default_factory=set)  # forwards read here that run on tasks (_queue)
+    seal: Seal | None = None  # with a cluster key: the sealing of what this side sends (set by the handshake)
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
-            await wire.write_message(self.writer, msg, tensor)
+            await wire.write_message(self.writer, msg, tensor, self.seal)
 
 
 @dataclass
@@ -159,14 +161,14 @@ class Worker:
             wire.tune_socket(writer)  # a ConnectionError when the client reset it at once: closed quietly
             self._handshaking[conn.id] = writer
             try:
-                await asyncio.wait_for(self._handshake(reader, writer, conn.token), HANDSHAKE_TIMEOUT)
+                opener = await asyncio.wait_for(self._handshake(reader, conn), HANDSHAKE_TIMEOUT)
             finally:
                 self._handshaking.pop(conn.id, None)
             self.conns[conn.token] = conn
             log.info("client connected from %s", peer)
             while True:
                 try:
-                    msg, tensor = await wire.read_message(reader, self.max_frame)
+                    msg, tensor = await wire.read_message(reader, self.max_frame, opener)
                 except wire.FrameError as e:  # the byte stream is broken: say why (best effort), then close
                     if e.oversized:
                         e.args = (f"{e} (this worker's --max-frame-mb)",)
@@ -200,7 +202,10 @@ class Worker:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
             writer.close()
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, conn: Conn) -> Seal | None:
+        """Hello, proofs, then this worker's info: with a key, sealed, like everything after (conn.seal).
+        Returns the seal of what the client sends (None without a key)."""
+        writer, opener = conn.writer, None
         msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
         if not isinstance(msg, wire.Hello) or msg.proto != wire.PROTOCOL:
             raise wire.FrameError("first frame is not a cake hello")
@@ -218,12 +223,15 @@ class Worker:
                 await wire.write_message(writer, wire.Error(
                     "auth", f"worker '{self.name}' refused the cluster key; give every node the same --cluster-key"))
                 raise ProtocolError("client failed authentication")
+            theirs, mine_out = auth.link_keys(self.key, msg.nonce, mine)
+            opener, conn.seal = Seal(theirs), Seal(mine_out)
         if len(self.conns) >= MAX_CONNECTIONS:
-            await wire.write_message(writer, wire.Error(
+            await conn.send(wire.Error(
                 "busy", f"worker '{self.name}' already serves {MAX_CONNECTIONS} connections, the most it takes; "
                         f"stop masters you no longer use"))
             raise ProtocolError(f"over {MAX_CONNECTIONS} connections")
-        await wire.write_message(writer, self.info(token))
+        await conn.send(self.info(conn.token))
+        return opener
 
     def info(self, token: str = "") -> wire.Info:
         return wire.Info(
@@ -374,6 +382,8 @@ class Worker:
                 return wire.Ok(), None
             if isinstance(msg, wire.Ping):
                 return wire.Ok(), None
+            if isinstance(msg, wire.Assign):
+                return await self._assign(dest, msg, peer), None
             raise RequestError("bad_request", f"'{msg.TYPE}' is not a request a worker serves")
         except RequestError as e:
             log.warning("request from %s refused: %s", peer, e)
@@ -382,18 +392,8 @@ class Worker:
             log.exception("request from %s failed", peer)
             first = (str(e).strip().splitlines() or [""])[0][:200]
             return wire.Error("internal", f"worker '{self.name}' failed ({type(e).__name__}: {first}); see its log",
-            if isinstance(msg, wire.Assign):
-                return await self._assign(dest, msg, peer), None
                               id=getattr(msg, "id", 0)), None
 
-    async def _forward(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None):
-        c, conn = self.config, dest.id
-        if x is None:
-            raise RequestError("bad_request", "forward carries no hidden-state tensor")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise RequestError("bad_tensor", f"hidden states must be f32/f16/bf16, not {x.dtype}")
-        if x.dim() != 3 or x.shape[2] != c.hidden_size:
-            raise RequestError("bad_tensor", f"hidden states must be [batch, tokens, {c.hidden_size}], got {list(x.shape)}")
     async def _assign(self, dest: Conn, msg: wire.Assign, peer: str) -> wire.Info:
         """Take the layers a master's plan gives this worker (loaded from its model folder, off the event
         loop), and the plan's topology for relays. One assignment at a time: another master's open
@@ -418,6 +418,14 @@ class Worker:
         self.topology = self.topology.with_layers(plan)
         return self.info(dest.token)
 
+    async def _forward(self, dest: Conn, msg: wire.Forward, x: torch.Tensor | None):
+        c, conn = self.config, dest.id
+        if x is None:
+            raise RequestError("bad_request", "forward carries no hidden-state tensor")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise RequestError("bad_tensor", f"hidden states must be f32/f16/bf16, not {x.dtype}")
+        if x.dim() != 3 or x.shape[2] != c.hidden_size:
+            raise RequestError("bad_tensor", f"hidden states must be [batch, tokens, {c.hidden_size}], got {list(x.shape)}")
         B, T, _ = x.shape
         if B == 0 or T == 0 or B > MAX_BATCH:
             raise RequestError("bad_tensor", f"batch {B} x tokens {T} is empty or over {MAX_BATCH} rows")
@@ -633,14 +641,6 @@ def _gone() -> RequestError:
 
 
 @dataclass
-class WorkerArgs:
-    model_dir: str
-    name: str
-    topology: str
-    address: str | None = None  # None: this worker's port in the topology (see run_worker)
-    device: str = "auto"
-    dtype: str = "auto"
-@dataclass
 class Placement:
     """A worker whose topology entry lists no layers: it measured one layer and offers its room, then
     loads what the master's plan assigns it."""
@@ -655,6 +655,14 @@ class Placement:
                 "layer_bytes": self.layer_bytes}
 
 
+@dataclass
+class WorkerArgs:
+    model_dir: str
+    name: str
+    topology: str
+    address: str | None = None  # None: this worker's port in the topology (see run_worker)
+    device: str = "auto"
+    dtype: str = "auto"
     context: int | None = None
     key: str | None = None
     kv_budget_mb: float = 2048

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -170,6 +171,78 @@ async def handshake(port: int):
     info, _ = await wire.read_message(reader, 1 << 20)
     assert isinstance(info, wire.Info), info
     return reader, writer, info
+
+
+class Tap:
+    """A TCP proxy on 127.0.0.1 in front of 127.0.0.1:`port`: keeps what each connection carried each way
+    (`up`: client to server, `down`: back), and with `flip` = (direction, connection, offset) inverts
+    that one byte once, as an attacker on the path would."""
+
+    def __init__(self, port: int, flip: tuple[str, int, int] | None = None):
+        import socket
+        import threading
+
+        self.target, self.flip = port, flip
+        self.up: list[bytearray] = []
+        self.down: list[bytearray] = []
+        self.flipped = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self.sockets += [client, server]
+            i = len(self.up)
+            self.up.append(bytearray())
+            self.down.append(bytearray())
+            for src, dst, record, way in ((client, server, self.up[i], "up"), (server, client, self.down[i], "down")):
+                threading.Thread(target=self._pump, args=(src, dst, record, way, i), daemon=True).start()
+
+    def _pump(self, src, dst, record: bytearray, way: str, i: int) -> None:
+        import socket
+
+        try:
+            while data := src.recv(1 << 16):
+                if self.flip and self.flip[:2] == (way, i) and not self.flipped.is_set():
+                    at = self.flip[2] - len(record)
+                    if 0 <= at < len(data):
+                        data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+                        self.flipped.set()
+                record += data
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.fixture
+def tap():
+    made: list[Tap] = []
+
+    def make(port: int, flip: tuple[str, int, int] | None = None) -> Tap:
+        made.append(Tap(port, flip))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.close()
 
 
 # ---- a real browser ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from cake import auth, wire
 from cake.client import Options
 from cake.errors import WorkerError
 from cake.master import Master
+from cake.seal import Seal
 from cake.topology import load_topology
 from conftest import reference_greedy, run
 from test_pipeline import cake_generate
@@ -74,17 +75,18 @@ def test_key_from_environment_through_the_cli(tiny_model, cluster, prompt, tmp_p
 def test_worker_never_serves_an_unauthenticated_client(tiny_model, cluster):
     c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--cluster-key", KEY))
 
-    async def go(answer):
+    async def go(answer, sealed=False):
         reader, writer = await asyncio.open_connection("127.0.0.1", c.ports["w"])
         mine = auth.nonce()
         await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, mine))
         welcome, _ = await wire.read_message(reader, 1 << 20)
         assert welcome.auth and auth.verify(KEY, "worker", mine, welcome.nonce, welcome.proof)
         writer.write(b"".join(bytes(p) for p in wire.encode(answer(mine, welcome.nonce))))
+        opener = Seal(auth.link_keys(KEY, mine, welcome.nonce)[1]) if sealed else None
         replies = []
         try:
             while True:
-                replies.append((await asyncio.wait_for(wire.read_message(reader, 1 << 20), 1))[0])
+                replies.append((await asyncio.wait_for(wire.read_message(reader, 1 << 20, opener), 1))[0])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # closed by the worker
         except asyncio.TimeoutError:
@@ -101,7 +103,8 @@ def test_worker_never_serves_an_unauthenticated_client(tiny_model, cluster):
 
     assert kinds("other", "client") == [wire.Error]
     assert kinds(KEY, "worker") == [wire.Error]
-    assert kinds(KEY, "client") == [wire.Info]  # the right proof gets the worker's info
+    # the right proof gets the worker's info, sealed with this connection's key
+    assert [type(r) for r in run(go(lambda a, b: wire.Auth(auth.proof(KEY, "client", a, b)), sealed=True))] == [wire.Info]
 
 
 def test_loopback_detection_for_the_open_worker_warning():

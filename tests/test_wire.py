@@ -157,3 +157,73 @@ def test_tuning_a_connection_the_peer_already_reset_is_a_connection_error():
 
     with pytest.raises(ConnectionError, match="broke as it opened"):
         asyncio.run(go())
+
+
+# ---- sealed frames ----------------------------------------------------------------------------------------
+
+def sealed_frames(key: bytes, *messages) -> list[bytes]:
+    """Each (message, tensor) sealed in turn, as one direction of one connection would send them."""
+    from cake.seal import Seal
+
+    seal = Seal(key)
+    return [bytes(wire.encode_sealed(m, t, seal)) for m, t in messages]
+
+
+def read_sealed(data: bytes, key: bytes, count: int):
+    """Feed `data` to a reader that opens `count` sealed messages with `key`, as the receiving side does."""
+    from cake.seal import Seal
+
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        opener = Seal(key)
+        return [await wire.read_message(reader, 1 << 24, opener) for _ in range(count)]
+
+    return asyncio.run(go())
+
+
+KEY_A, KEY_B = b"a" * 32, b"b" * 32
+STEP = (wire.Forward(1, 0, 2, ["s"], [0]), torch.randn(1, 3, 16))
+PING = (wire.Ping(), None)
+
+
+def test_sealed_frames_round_trip_and_show_no_field_names():
+    frames = sealed_frames(KEY_A, STEP, PING, (wire.Result(1, 5), torch.randn(1, 3, 16).to(torch.bfloat16)))
+    got = read_sealed(b"".join(frames), KEY_A, 3)
+    assert got[0][0] == STEP[0] and torch.equal(got[0][1], STEP[1]) and got[1][0] == wire.Ping()
+    assert got[2][1].dtype == torch.bfloat16
+    for name in (b"forward", b"sessions", b"positions", b"tensor", b"result"):
+        assert not any(name in f for f in frames)
+
+
+@pytest.mark.parametrize("case", ["changed", "replayed", "reordered", "dropped", "injected", "other key"])
+def test_a_sealed_frame_that_was_tampered_with_breaks_the_stream(case):
+    one, two, three = sealed_frames(KEY_A, STEP, PING, STEP)
+    stranger = sealed_frames(KEY_B, PING)[0]  # well formed, sealed with a key this connection does not use
+    data = {
+        "changed": one[:40] + bytes([one[40] ^ 1]) + one[41:] + two,
+        "replayed": one + one,
+        "reordered": two + one,
+        "dropped": one + three,
+        "injected": one + stranger + two,
+        "other key": stranger,
+    }[case]
+    count = 1 if case == "other key" else 2
+    with pytest.raises(wire.FrameError, match="sealed frame failed its check"):
+        read_sealed(data, KEY_A, count)
+
+
+def test_a_sealed_frame_over_the_limit_is_refused_before_its_payload_is_read():
+    frame = sealed_frames(KEY_A, (wire.Forward(1, 0, 2, ["s"], [0]), torch.randn(1, 64, 64)))[0]
+
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(frame[:200])  # the header and only the start of the payload
+        from cake.seal import Seal
+
+        return await wire.read_message(reader, 1024, Seal(KEY_A))
+
+    with pytest.raises(wire.FrameError, match="outside the limit") as e:
+        asyncio.run(go())
+    assert e.value.oversized
