@@ -122,18 +122,19 @@ class WorkerLink:
             writer.close()
             raise
         want = list(w.layers)
-        if info.layers != want:
-            writer.close()
         if not info.placed and want and self.opt.plan is not None:
             try:  # a worker the master placed came back without its layers: tell it again
-                await wire.write_message(writer, self.opt.plan)
-                info, _ = await eventloop.wait_for(wire.read_message(reader, self.opt.max_frame), self.opt.request_timeout)
+                await wire.write_message(writer, self.opt.plan, None, seals[0])
+                info, _ = await eventloop.wait_for(wire.read_message(reader, self.opt.max_frame, seals[1]),
+                                                   self.opt.request_timeout)
             except BaseException:
                 writer.close()
                 raise
             if not isinstance(info, wire.Info):
                 writer.close()
                 raise WorkerError(f"{self.label} refused its layers: {getattr(info, 'message', info)}")
+        if info.layers != want:
+            writer.close()
             raise WorkerError(
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "
                 f"start it with the same topology file")
