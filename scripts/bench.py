@@ -1404,8 +1404,9 @@ def report(r: ModelResult, quick: bool) -> str:
 
 def quant_report(q: QuantResult, quick: bool) -> str:
     s, base = q.spec, q.base
-    out = [f"== {s.name}: quantized weights; {s.describe()}; on {q.device}; int8/int4 products with "
-           f"{q.quant_dtype} activations, int4 in groups of {q.group} ==",
+    schemes = [f.label for f in q.quantized]
+    out = [f"== {s.name}: quantized weights; {s.describe()}; on {q.device}; {'/'.join(schemes)} products with "
+           f"{q.quant_dtype} activations" + (f", int4 in groups of {q.group}" if "int4" in schemes else "") + " ==",
            f"prompt {q.prompt_tokens} tokens, {q.tokens} decode tokens, median of {q.repeats} run(s) after a warm-up; "
            f"{machine()}"]
     if quick:
