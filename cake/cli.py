@@ -35,7 +35,26 @@ def run_edge(fn, *args, **kwargs):
         sys.exit(130)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command("keygen", context_settings={"help_option_names": ["-h", "--help"]})
+def keygen() -> None:
+    """Print a new random cluster key (256 bits, as 64 hex digits) on stdout, nothing else: give it to every
+    node as --cluster-key or CAKE_CLUSTER_KEY."""
+    from cake.auth import keygen as new_key
+
+    click.echo(new_key())
+
+
+class CakeCommand(click.Command):
+    """The one command, plus `cake keygen` as a word of its own before any option."""
+
+    def main(self, args=None, **kwargs):
+        args = sys.argv[1:] if args is None else list(args)
+        if args[:1] == ["keygen"]:
+            return keygen.main(args[1:], prog_name="cake keygen", **kwargs)
+        return super().main(args, **kwargs)
+
+
+@click.command(cls=CakeCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, "--version", prog_name="cake")
 @click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -69,7 +88,8 @@ def run_edge(fn, *args, **kwargs):
               help="KV-cache capacity in tokens [default (or 0): 4096, capped by the model's "
                    "max_position_embeddings].")
 @click.option("--cluster-key", envvar=ENV_KEY, default=None, show_envvar=True,
-              help="Shared secret: mutual HMAC authentication between master and workers.")
+              help="Shared secret of every node: mutual authentication, then every frame encrypted and "
+                   "authenticated; `cake keygen` makes one.")
 @click.option("--kv-budget", type=float, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
 @click.option("--max-frame-mb", type=float, default=0,
               help="Worker: largest request it reads, in MiB (0 = a full context of hidden states); masters "
@@ -116,7 +136,8 @@ def run_edge(fn, *args, **kwargs):
 def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, plan_only, check, verbose, quiet):
-    """Distributed Llama 3 inference: run a worker on each machine, then a master to generate."""
+    """Distributed Llama 3 inference: run a worker on each machine, then a master to generate.
+    `cake keygen` prints a new random --cluster-key."""
     setup_logging(verbose, quiet)
     check_flags(click.get_current_context(), mode, api, check)
     run_edge(busy_poll_us, "cpu", busy_poll)  # a bad value is one line in every mode, before any loading

@@ -68,6 +68,14 @@ class Options:
 
     plan: wire.Assign | None = None  # the master's placement, for a worker that restarted without its layers
 
+def discard(writer: asyncio.StreamWriter) -> None:
+    """Close a connection that may have broken. A reset leaves its exception on the stream's closed-future
+    too, which nobody awaits: awaited here, so asyncio does not print it ('Future exception was never
+    retrieved', with a traceback, on a --check whose worker reset a handshake)."""
+    writer.close()
+    asyncio.ensure_future(writer.wait_closed()).add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 class LinkBroken(ConnectionError):
     """The connection under a request broke (or was closed) before its answer came."""
 
@@ -96,6 +104,8 @@ class WorkerLink:
         self._reported = 0  # the generation whose loss was logged
         self.closed = False  # shut down for good: nothing reconnects
         self.on_drop: Callable[[], None] | None = None  # called when an open connection is dropped
+        if options.key:
+            auth.stretch(options.key)  # once per process (a second or so), here rather than mid-connect
 
     @property
     def label(self) -> str:
@@ -116,10 +126,10 @@ class WorkerLink:
             wire.tune_socket(writer)  # a ConnectionError when the worker reset it at once: another attempt follows
             info, seals = await eventloop.wait_for(self._handshake(reader, writer), timeout)
         except asyncio.TimeoutError:
-            writer.close()
+            discard(writer)
             raise ConnectionError("no handshake reply (is the worker stuck?)") from None
         except BaseException:
-            writer.close()
+            discard(writer)
             raise
         want = list(w.layers)
         if not info.placed and want and self.opt.plan is not None:
@@ -196,7 +206,7 @@ class WorkerLink:
             self._reading.cancel()
         self._reading = None
         if self.writer is not None:
-            self.writer.close()
+            discard(self.writer)
         self.writer, self.seal = None, None
 
     async def _handshake(self, reader, writer) -> tuple[wire.Info, tuple[Seal | None, Seal | None]]:
@@ -211,11 +221,14 @@ class WorkerLink:
                 if not self.opt.key:
                     raise WorkerError(f"{self.label} requires a cluster key; pass --cluster-key or set "
                                       f"{auth.ENV_KEY}")
-                if not auth.verify(self.opt.key, "worker", mine, msg.nonce, msg.proof):
+                secret = auth.stretch(self.opt.key)
+                # This side proves first; a worker that refuses it answers error{auth} (a WorkerError here).
+                await wire.write_message(writer, wire.Auth(auth.proof(secret, "client", mine, msg.nonce)))
+                theirs = await self._expect(reader, wire.Auth)
+                if not auth.verify(secret, "worker", mine, msg.nonce, theirs.proof):
                     raise WorkerError(f"{self.label} does not know our cluster key; give every node the "
                                       f"same --cluster-key")
-                await wire.write_message(writer, wire.Auth(auth.proof(self.opt.key, "client", mine, msg.nonce)))
-                out, back = auth.link_keys(self.opt.key, mine, msg.nonce)
+                out, back = auth.link_keys(secret, mine, msg.nonce)
                 seals = (Seal(out), Seal(back))
             elif self.opt.key:
                 # It cannot prove it knows the key, so it could be anyone: hidden states carry the prompt.

@@ -25,7 +25,7 @@ from cake.errors import ProtocolError
 from cake.seal import TAG, Seal, SealBroken
 
 PROTOCOL = "cake"
-VERSION = 2  # 2: worker-to-worker relay (forward.relay_* / reply_conn / upstream_us, info.conn)
+VERSION = 3  # 3: the client proves first, sealed frames with a key; 2: worker-to-worker relay
 MAX_HEADER = 64 * 1024
 FORWARD_OVERHEAD = MAX_HEADER + 64  # a forward frame's bytes besides its hidden states, at most
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -72,17 +72,16 @@ class Hello(Message):
 
 @dataclass
 class Welcome(Message):
-    """worker -> client. With a cluster key, `proof` shows the worker knows it; the client must answer."""
+    """worker -> client. With `auth` (a cluster key) the client must prove it knows the key first."""
     TYPE: ClassVar[str] = "welcome"
     version: int
     nonce: bytes
     auth: bool
-    proof: bytes = b""
 
 
 @dataclass
 class Auth(Message):
-    """client -> worker, only when the worker asked for authentication."""
+    """With a cluster key: client -> worker, the client's proof; then worker -> client, the worker's."""
     TYPE: ClassVar[str] = "auth"
     proof: bytes
 

@@ -52,8 +52,13 @@ MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a 
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 MAX_QUEUED_FORWARDS = 16  # forwards of one connection on tasks (waiting for the compute lock, computing, answering)
+AUTH_LOG_EVERY = 1.0  # seconds: at most one line per this about failed authentications (a flood fills no disk)
 RELAY_BACKLOG = 16  # forwards waiting to be passed on to one next worker; past it they fail over to the master
 QUEUED_BYTES = 1 << 30  # their hidden states, all connections together (at least one frame); past it a connection waits
+
+
+class AuthFailed(ProtocolError):
+    """A client did not prove it knows the cluster key (logged, rate-limited, by Worker._auth_failed)."""
 
 
 class RequestError(CakeError):
@@ -111,6 +116,9 @@ class Worker:
         self.stack = stack
         self.config = config
         self.key = key or None
+        if self.key:
+            auth.stretch(self.key)  # once per process, before serving: a failed proof costs nothing more
+        self._auth_logged, self._auth_unlogged = float("-inf"), 0  # see _auth_failed
         self.kv_budget = kv_budget
         # A frame never needs more than a full context (or a full batch) of f32 hidden states.
         self.max_frame = max_frame or (
@@ -161,7 +169,7 @@ class Worker:
             wire.tune_socket(writer)  # a ConnectionError when the client reset it at once: closed quietly
             self._handshaking[conn.id] = writer
             try:
-                opener = await asyncio.wait_for(self._handshake(reader, conn), HANDSHAKE_TIMEOUT)
+                opener = await asyncio.wait_for(self._handshake(reader, conn, peer), HANDSHAKE_TIMEOUT)
             finally:
                 self._handshaking.pop(conn.id, None)
             self.conns[conn.token] = conn
@@ -185,6 +193,8 @@ class Worker:
             pass
         except asyncio.TimeoutError:
             log.warning("client %s did not finish the handshake in %.0fs; closed", peer, HANDSHAKE_TIMEOUT)
+        except AuthFailed:
+            pass  # logged by _auth_failed
         except ProtocolError as e:
             log.warning("closed connection from %s: %s", peer, e)
         except Exception:  # never let one connection take the worker down
@@ -202,9 +212,10 @@ class Worker:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
             writer.close()
 
-    async def _handshake(self, reader: asyncio.StreamReader, conn: Conn) -> Seal | None:
-        """Hello, proofs, then this worker's info: with a key, sealed, like everything after (conn.seal).
-        Returns the seal of what the client sends (None without a key)."""
+    async def _handshake(self, reader: asyncio.StreamReader, conn: Conn, peer: str) -> Seal | None:
+        """Hello, proofs (the client's first: one that cannot prove it gets nothing derived from the key),
+        then this worker's info: with a key, sealed, like everything after (conn.seal). Returns the seal
+        of what the client sends (None without a key)."""
         writer, opener = conn.writer, None
         msg, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
         if not isinstance(msg, wire.Hello) or msg.proto != wire.PROTOCOL:
@@ -215,15 +226,23 @@ class Worker:
                            f"run the same cake version on every node"))
             raise ProtocolError(f"protocol version {msg.version} != {wire.VERSION}")
         mine = auth.nonce()
-        proof = auth.proof(self.key, "worker", msg.nonce, mine) if self.key else b""
-        await wire.write_message(writer, wire.Welcome(wire.VERSION, mine, bool(self.key), proof))
+        await wire.write_message(writer, wire.Welcome(wire.VERSION, mine, bool(self.key)))
         if self.key:
-            reply, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
-            if not (isinstance(reply, wire.Auth) and auth.verify(self.key, "client", msg.nonce, mine, reply.proof)):
-                await wire.write_message(writer, wire.Error(
-                    "auth", f"worker '{self.name}' refused the cluster key; give every node the same --cluster-key"))
-                raise ProtocolError("client failed authentication")
-            theirs, mine_out = auth.link_keys(self.key, msg.nonce, mine)
+            secret = auth.stretch(self.key)
+            try:
+                reply, _ = await wire.read_message(reader, wire.MAX_HEADER + 8)
+            except ProtocolError as e:
+                reply = e
+            if not (isinstance(reply, wire.Auth) and auth.verify(secret, "client", msg.nonce, mine, reply.proof)):
+                self._auth_failed(peer, "a proof made with another key" if isinstance(reply, wire.Auth) else
+                                  f"no proof ({reply.TYPE if isinstance(reply, wire.Message) else reply})")
+                with contextlib.suppress(ConnectionError):
+                    await wire.write_message(writer, wire.Error(
+                        "auth", f"worker '{self.name}' refused the cluster key; give every node the same "
+                                f"--cluster-key"))
+                raise AuthFailed("client failed authentication")
+            await wire.write_message(writer, wire.Auth(auth.proof(secret, "worker", msg.nonce, mine)))
+            theirs, mine_out = auth.link_keys(secret, msg.nonce, mine)
             opener, conn.seal = Seal(theirs), Seal(mine_out)
         if len(self.conns) >= MAX_CONNECTIONS:
             await conn.send(wire.Error(
@@ -232,6 +251,17 @@ class Worker:
             raise ProtocolError(f"over {MAX_CONNECTIONS} connections")
         await conn.send(self.info(conn.token))
         return opener
+
+    def _auth_failed(self, peer: str, why: str) -> None:
+        """A warning naming the client that failed to prove the key: at most one a second, each saying how
+        many came since the one before."""
+        now = time.monotonic()
+        if now - self._auth_logged < AUTH_LOG_EVERY:
+            self._auth_unlogged += 1
+            return
+        more = f" ({self._auth_unlogged} more since the last such line)" if self._auth_unlogged else ""
+        log.warning("failed authentication from %s: %s%s", peer, why, more)
+        self._auth_logged, self._auth_unlogged = now, 0
 
     def info(self, token: str = "") -> wire.Info:
         return wire.Info(

@@ -44,7 +44,7 @@ def test_right_key_generates_exactly(tiny_model, cluster, prompt):
     assert run(cake_generate(tiny_model, None, prompt, n=8, master=master)) == reference_greedy(tiny_model, prompt, 8)
 
 
-@pytest.mark.parametrize("key, needle", [(None, "requires a cluster key"), ("wrong", "does not know our cluster key")])
+@pytest.mark.parametrize("key, needle", [(None, "requires a cluster key"), ("wrong", "refused the cluster key")])
 def test_missing_or_wrong_key_is_refused(tiny_model, cluster, key, needle):
     c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--cluster-key", KEY))
     with pytest.raises(WorkerError, match=needle):
@@ -72,39 +72,90 @@ def test_key_from_environment_through_the_cli(tiny_model, cluster, prompt, tmp_p
     assert "Traceback" not in bad.stderr
 
 
-def test_worker_never_serves_an_unauthenticated_client(tiny_model, cluster):
+async def knock(port: int, answer, sealed: bool = False):
+    """A raw client: hello, then `answer(client nonce, worker nonce)` in place of its proof (None: nothing).
+    Returns the worker's welcome header as it came on the wire, and the messages the worker sent after it
+    (the worker's proof in clear, then, with `sealed`, what it sealed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    mine = auth.nonce()
+    await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, mine))
+    welcome, _ = await wire.read_frame(reader, 1 << 20)
+    if answer is not None:
+        writer.write(b"".join(bytes(p) for p in wire.encode(answer(mine, welcome["nonce"]))))
+    opener = Seal(auth.link_keys(auth.stretch(KEY), mine, welcome["nonce"])[1]) if sealed else None
+    replies = []
+    try:
+        while True:
+            replies.append((await asyncio.wait_for(wire.read_message(reader, 1 << 20, opener if replies else None), 1))[0])
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # closed by the worker
+    except asyncio.TimeoutError:
+        pass  # still open
+    writer.close()
+    return welcome, replies, mine, welcome["nonce"]
+
+
+def test_worker_reveals_nothing_derived_from_the_key_before_the_client_proves_it(tiny_model, cluster):
     c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--cluster-key", KEY))
-
-    async def go(answer, sealed=False):
-        reader, writer = await asyncio.open_connection("127.0.0.1", c.ports["w"])
-        mine = auth.nonce()
-        await wire.write_message(writer, wire.Hello(wire.PROTOCOL, wire.VERSION, mine))
-        welcome, _ = await wire.read_message(reader, 1 << 20)
-        assert welcome.auth and auth.verify(KEY, "worker", mine, welcome.nonce, welcome.proof)
-        writer.write(b"".join(bytes(p) for p in wire.encode(answer(mine, welcome.nonce))))
-        opener = Seal(auth.link_keys(KEY, mine, welcome.nonce)[1]) if sealed else None
-        replies = []
-        try:
-            while True:
-                replies.append((await asyncio.wait_for(wire.read_message(reader, 1 << 20, opener), 1))[0])
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # closed by the worker
-        except asyncio.TimeoutError:
-            pass  # still open, waiting for requests
-        writer.close()
-        return replies
-
+    port, secret = c.ports["w"], auth.stretch(KEY)
+    # the welcome holds only the worker's fresh nonce, and a client that stays silent gets nothing more
+    welcome, replies, _, _ = run(knock(port, None))
+    assert set(welcome) == {"type", "version", "nonce", "auth"} and welcome["auth"] is True and replies == []
     # skipping authentication: a ping instead of the proof gets an error and a closed connection
-    replies = run(go(lambda a, b: wire.Ping()))
+    _, replies, _, _ = run(knock(port, lambda a, b: wire.Ping()))
     assert [type(r) for r in replies] == [wire.Error] and replies[0].code == "auth"
-    # a proof made with another key, or a reflected worker proof, likewise
-    def kinds(key: str, role: str) -> list[type]:
-        return [type(r) for r in run(go(lambda a, b: wire.Auth(auth.proof(key, role, a, b))))]
+    # a proof made with another key (stretched or not), or one with the worker's label, likewise
+    for bad in (auth.stretch("other"), KEY.encode(), secret):
+        role = "worker" if bad is secret else "client"
+        _, replies, _, _ = run(knock(port, lambda a, b: wire.Auth(auth.proof(bad, role, a, b))))
+        assert [(type(r), r.code) for r in replies] == [(wire.Error, "auth")]
+    # the right proof gets the worker's own, then its info sealed with this connection's key
+    _, replies, mine, theirs = run(knock(port, lambda a, b: wire.Auth(auth.proof(secret, "client", a, b)), sealed=True))
+    assert [type(r) for r in replies] == [wire.Auth, wire.Info]
+    assert auth.verify(secret, "worker", mine, theirs, replies[0].proof)
 
-    assert kinds("other", "client") == [wire.Error]
-    assert kinds(KEY, "worker") == [wire.Error]
-    # the right proof gets the worker's info, sealed with this connection's key
-    assert [type(r) for r in run(go(lambda a, b: wire.Auth(auth.proof(KEY, "client", a, b)), sealed=True))] == [wire.Info]
+
+def test_failed_authentications_are_logged_with_the_address_at_most_once_a_second(tiny_model, cluster):
+    """A worker says who failed to prove the key, at the default log level; a flood of failures makes one
+    line a second, which counts the ones it left out."""
+    import re
+    import time
+
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--cluster-key", KEY))
+    wrong = auth.stretch("guess")
+    attempts, lines, deadline = 0, [], time.monotonic() + 60
+    while not any("more since the last such line" in line for line in lines):
+        assert time.monotonic() < deadline, lines
+        run(knock(c.ports["w"], lambda a, b: wire.Auth(auth.proof(wrong, "client", a, b))))
+        attempts += 1
+        lines = [line for line in c.log("w").read_text().splitlines() if "failed authentication" in line]
+    assert re.search(r"failed authentication from 127\.0\.0\.1:\d+: a proof made with another key", lines[0])
+    assert len(lines) < attempts
+    assert sum(int(n) for n in re.findall(r"\((\d+) more since", "\n".join(lines))) + len(lines) == attempts
+    assert "Traceback" not in c.log("w").read_text()
+
+
+def test_keygen_prints_a_random_key_that_works_as_is(tiny_model, cluster, prompt):
+    import re
+
+    cmd = [sys.executable, "-c", "import sys, runpy; sys.argv = ['cake', 'keygen']; runpy.run_module('cake', "
+                                 "run_name='__main__'); assert 'torch' not in sys.modules, 'torch imported'"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=60) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert re.fullmatch(r"[0-9a-f]{64}\n", r.stdout), r.stdout
+    key = runs[0].stdout.strip()
+    assert key != runs[1].stdout.strip()
+    c = cluster(tiny_model, {"w": ["model.layers.0-5"]}, extra=("--cluster-key", key))
+    master = Master(tiny_model, load_topology(c.topology), options=Options(key=key))
+    assert run(cake_generate(tiny_model, None, prompt, n=4, master=master)) == reference_greedy(tiny_model, prompt, 4)
+
+
+def test_the_key_is_stretched_with_scrypt_once_per_process():
+    import hashlib
+
+    want = hashlib.scrypt(KEY.encode(), salt=auth.SALT, n=1 << 17, r=8, p=1, maxmem=1 << 28, dklen=32)
+    assert auth.stretch(KEY) == want and auth.stretch(KEY) is auth.stretch(KEY)
 
 
 def test_loopback_detection_for_the_open_worker_warning():
