@@ -32,7 +32,7 @@ DEFAULT_GROUP = 32
 GROUPS = (32, 64, 128, 256)  # what torch's int4 kernels take; the stored form takes any even size
 STORE_DTYPE = torch.bfloat16
 DEQUANT_BLOCK = 8 << 20  # bytes of dequantized rows the fallback product makes at a time
-_CHOICE: dict[tuple, bool] = {}  # (scheme, dtype, device type) -> use torch's kernel (QuantLinear._choose)
+_CHOICE: dict[tuple, bool] = {}  # (scheme, dtype, device type, big) -> use torch's kernel (QuantLinear._choose)
 
 
 def _bits(scheme: str) -> int:
@@ -135,8 +135,16 @@ def quantize_rows(read_rows, rows: int, cols: int, scheme: str, group: int, bloc
     """Quantize a matrix read a block of rows at a time (read_rows(start, end) -> float rows), so the
     full-precision matrix never exists whole."""
     block = max(1, block_bytes // max(1, cols * 4))
-    parts = [quantize(read_rows(r, min(rows, r + block)), scheme, group) for r in range(0, rows, block)]
-    return concat(parts)
+    out = None
+    for r in range(0, rows, block):  # each block written into the result: the matrix never exists twice
+        part = quantize(read_rows(r, min(rows, r + block)), scheme, group)
+        if out is None:
+            whole = (lambda t: None if t is None else t.new_empty((rows, *t.shape[1:])))
+            out = Quantized(scheme, whole(part.qweight), whole(part.scales), whole(part.zeros), cols, part.group)
+        for name in ("qweight", "scales", "zeros"):
+            if getattr(part, name) is not None:
+                getattr(out, name)[r:r + part.out_features] = getattr(part, name)
+    return out
 
 
 def concat(parts: list[Quantized]) -> Quantized:
@@ -206,16 +214,17 @@ class QuantLinear:
             out[..., r:e] = F.linear(x, self.q.dequantize(r, e, x.dtype))
         return out
 
-    # Kernel choice, once per process for each scheme, dtype and device: the kernel must agree with the
-    # dequantized product on a probe, then the faster of it and the fallback (one row, as a decode step
-    # runs, timed on the first matrix) is kept for every matrix of that kind.
+    # Kernel choice, once per process for each scheme, dtype, device and size class (a million weights):
+    # the kernel must agree with the dequantized product on a probe, and is kept unless the fallback is
+    # clearly faster on the first matrix of that class (one row, as a decode step runs).
     def _choose(self) -> None:
         make = self._int8_kernel if self.q.scheme == "int8" else self._int4_kernel
         try:
             kernel = make()
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):
             kernel = None
-        key = (self.q.scheme, self.dtype, self.q.qweight.device.type)
+        big = self.out_features * self.in_features >= 1 << 20  # small matrices time mostly overhead
+        key = (self.q.scheme, self.dtype, self.q.qweight.device.type, big)
         if kernel is not None and key not in _CHOICE:
             _CHOICE[key] = self._kernel_wins(kernel)
             log.info("%s products in %s on %s: %s", self.q.scheme, str(self.dtype).replace("torch.", ""), key[2],
@@ -240,13 +249,14 @@ class QuantLinear:
                         self.q.scheme, self.q.qweight.device)
             return False
         one = probe[:1]
-        return _time(kernel, one) < _time(self._dequant_product, one)
+        return _time(kernel, one) < 1.5 * _time(self._dequant_product, one)  # noise must not lose the kernel
 
     def _adopt(self) -> None:
         """The kernel is kept: free what only the fallback needed (the int4 CPU layout is a copy)."""
-        if self._packed is not None:
-            self.q = Quantized(self.q.scheme, self.q.qweight[:0], self.q.scales[:0],
-                               None if self.q.zeros is None else self.q.zeros[:0], self.in_features, self.q.group)
+        if self._packed is not None:  # fresh empty tensors: a [:0] view would keep the whole storage alive
+            empty = (lambda t: None if t is None else t.new_empty((0, *t.shape[1:])))
+            self.q = Quantized(self.q.scheme, empty(self.q.qweight), empty(self.q.scales), empty(self.q.zeros),
+                               self.in_features, self.q.group)
 
     def _int8_kernel(self):
         op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
