@@ -10,7 +10,9 @@ sessions share one pass over the weights (the bandwidth cost) while attention st
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -60,6 +62,25 @@ def _half_cpu_kernel(x: torch.Tensor, w: torch.Tensor) -> str:
     return "mv" if rows == 1 else "wx" if rows <= 24 and w.numel() >= 1 << 20 else ""
 
 
+@functools.cache
+def _add_inside_mv() -> bool:
+    """Whether torch.addmv beats torch.mv and a separate add for one bf16 row on this CPU, timed once on a
+    2048 x 2048 matrix: on the AVX-512 Xeons measured it does, on an AVX2 EPYC it was several times
+    slower (docs/benchmarks.md, CPU kernels). A separate add is also the reference's own rounding."""
+    g = torch.Generator().manual_seed(0)
+    w, x, c = (torch.randn(*shape, generator=g).bfloat16() for shape in ((2048, 2048), (2048,), (2048,)))
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(lambda: torch.addmv(c, w, x)) < best(lambda: torch.mv(w, x) + c)
+
+
 def _half_cpu_product(kernel: str, x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
     """x @ w^T (+ `add`: a bias [out] or a residual [rows, out], added inside the product) through the
     kernel _half_cpu_kernel chose, computed as w @ x^T."""
@@ -67,7 +88,10 @@ def _half_cpu_product(kernel: str, x: torch.Tensor, w: torch.Tensor, add: torch.
     x2 = x.reshape(-1, x.shape[-1])
     c = None if add is None else add.reshape(-1, out).t()  # [out, 1] for a bias, [out, rows] for a residual
     if kernel == "mv":
-        y = torch.mv(w, x2[0]) if c is None else torch.addmv(c.reshape(-1), w, x2[0])
+        if c is None:
+            y = torch.mv(w, x2[0])
+        else:
+            y = torch.addmv(c.reshape(-1), w, x2[0]) if _add_inside_mv() else torch.mv(w, x2[0]) + c.reshape(-1)
     else:
         y = torch.mm(w, x2.t()) if c is None else torch.addmm(c, w, x2.t())
     return y.reshape(out, -1).t().contiguous().view(*x.shape[:-1], out)
