@@ -227,8 +227,10 @@ def test_quantized_bundles_hold_the_documented_form_and_give_the_same_tokens(sch
         return i
     i = run(info())
     want = sum(t.numel() * t.element_size() for t in tensors.values())  # the bundle's own bytes
+    # An f32 node may hold its scales (and int4 zeros) as f32 for torch's kernel: up to twice their bytes.
+    scales = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".scales", ".zeros")))
     label = "int8" if scheme == "int8" else f"int4 (group {group})"
-    assert i.quantization == label and want * 0.9 <= i.weight_bytes <= want * 1.1
+    assert i.quantization == label and want <= i.weight_bytes <= want + scales
 
 
 def test_a_bundle_started_with_another_quantize_is_one_line(model, tmp_path):
