@@ -41,6 +41,12 @@ class WorkerStatus:
 async def probe(worker: Worker, options: Options) -> WorkerStatus:
     link = WorkerLink(worker, options)
     try:
+        try:
+            await link.connect_once()
+        except ConnectionError as e:  # nothing listens there: down now, no point waiting --retry-timeout
+            if "refused" in str(e):
+                return WorkerStatus(worker, error=f"{link.label} is unreachable ({e}): nothing listens there; "
+                                                  f"start it (a worker listens once its layers are loaded)")
         await link.ensure_connected()
         times = []
         for _ in range(PINGS):

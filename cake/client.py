@@ -28,6 +28,7 @@ from cake.topology import Worker, format_layers
 log = logging.getLogger("cake.master")
 
 END_TIMEOUT = 5.0  # seconds a master waits for a worker to confirm it freed sessions
+REVIVE_EVERY = 1.0  # seconds between the background attempts to reach a worker known to be down
 
 
 class RelayFailed(CakeError):
@@ -76,6 +77,11 @@ def discard(writer: asyncio.StreamWriter) -> None:
     asyncio.ensure_future(writer.wait_closed()).add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
+class WorkerDown(WorkerError):
+    """The worker stayed unreachable for --retry-timeout: requests through it fail at once with this, until
+    a background reconnect finds it back (WorkerLink.down)."""
+
+
 class LinkBroken(ConnectionError):
     """The connection under a request broke (or was closed) before its answer came."""
 
@@ -103,6 +109,8 @@ class WorkerLink:
         self._reading: asyncio.Task | None = None
         self._reported = 0  # the generation whose loss was logged
         self.closed = False  # shut down for good: nothing reconnects
+        self.down: WorkerDown | None = None  # it stayed unreachable: requests fail at once until _revive reaches it
+        self._reviving: asyncio.Task | None = None
         self.on_drop: Callable[[], None] | None = None  # called when an open connection is dropped
         if options.key:
             auth.stretch(options.key)  # once per process (a second or so), here rather than mid-connect
@@ -260,9 +268,42 @@ class WorkerLink:
             raise WorkerError(f"{self.label}: the connection was shut down")
         if self.writer is not None:
             return
+        if self.down is not None:
+            raise WorkerDown(str(self.down))
         async with self._connecting:  # one connection, however many requests are waiting for it
-            if self.writer is None:
+            if self.writer is not None:
+                return
+            if self.down is not None:  # known while this request waited for the lock
+                raise WorkerDown(str(self.down))
+            try:
                 await self._connect_until(deadline)
+            except WorkerDown as e:
+                if self.generation:  # it was up once (a server goes on): at start-up the master just fails
+                    self._went_down(e)
+                raise
+
+    def _went_down(self, e: WorkerDown) -> None:
+        """It stayed away for the whole --retry-timeout: from now on requests fail at once (a 503 naming it,
+        not another wait each), while a background task tries to reach it again."""
+        self.down = e
+        log.warning("%s is down: requests through it fail at once until it is back (trying again every %gs)",
+                    self.label, REVIVE_EVERY)
+        if self._reviving is None or self._reviving.done():
+            self._reviving = asyncio.ensure_future(self._revive())
+
+    async def _revive(self) -> None:
+        while not self.closed and self.writer is None:
+            await asyncio.sleep(REVIVE_EVERY)
+            async with self._connecting:
+                if self.closed or self.writer is not None:
+                    break
+                try:
+                    await self.connect()
+                except (ConnectionError, WorkerError) as e:  # still away, or not yet right: keep trying
+                    log.debug("%s: still down (%s)", self.label, e)
+        if self.writer is not None:
+            self.down = None
+            log.warning("%s is back; requests go through it again", self.label)
 
     async def connect_once(self) -> None:
         """Connect if not connected, in one attempt (ConnectionError or WorkerError when it fails)."""
@@ -284,7 +325,7 @@ class WorkerLink:
                                 max(0.0, deadline - time.monotonic()))
                 reason = str(e)
             if time.monotonic() + delay > deadline:
-                raise WorkerError(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:g}s; "
+                raise WorkerDown(f"{self.label} is unreachable ({reason}) after {self.opt.retry_timeout:g}s; "
                                   f"start it, or check its address in the topology file")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -296,6 +337,8 @@ class WorkerLink:
     def shutdown(self) -> None:
         """Drop this connection for good: requests in flight fail instead of reconnecting."""
         self.closed = True
+        if self._reviving is not None:
+            self._reviving.cancel()
         self._drop(LinkBroken("shut down"))
 
     def expect(self, rid: int) -> asyncio.Future:

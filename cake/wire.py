@@ -310,7 +310,8 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
             if hasattr(socket, name):  # Linux; macOS has only some of these
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except OSError as e:
-        raise ConnectionError(f"the connection broke as it opened ({e.strerror or type(e).__name__})") from None
+        # Not the errno's text: "Bad file descriptor" reads as a bug in cake, when the peer reset it.
+        raise ConnectionError("the connection was reset as it opened") from None
 
 
 # ---- frames -------------------------------------------------------------------------------------------

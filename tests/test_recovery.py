@@ -235,6 +235,22 @@ def test_connections_reset_as_they_are_accepted_are_retried_mid_generation(tiny_
     assert "replaying 1 session(s) from position 0 after 'b' lost them" in caplog.text
 
 
+def test_check_reports_a_worker_nothing_listens_for_at_once(tiny_model, cluster):
+    """`cake --check` with one worker down (its port refuses connections): its row says so without
+    waiting --retry-timeout (it took the full 30 s), the other worker's row is still checked."""
+    c = cluster(tiny_model, LAYOUT)
+    c.kill("b")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "--topology", str(c.topology),
+                           "--check", "--retry-timeout", "30"], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1 and took < 20, (took, proc.stderr)
+    rows = {line.split(" ")[0]: line for line in proc.stdout.splitlines()}
+    assert "ok, layers 0-2" in rows["a"]
+    assert f"ERROR worker 'b' at 127.0.0.1:{c.ports['b']} is unreachable" in rows["b"] and "nothing listens" in rows["b"]
+    assert proc.stderr.strip().splitlines()[-1] == "error: 1 of 2 worker(s) not ready: b; see above"
+
+
 def test_check_retries_a_worker_whose_connections_reset_and_reports_it_in_one_line(tiny_model, cluster):
     """`cake --check` against a port that resets connections as it accepts them: each reset is a failed
     attempt (it retried none and printed 'OSError: [Errno 9] Bad file descriptor' on the worker's row),

@@ -155,7 +155,7 @@ def test_tuning_a_connection_the_peer_already_reset_is_a_connection_error():
         finally:
             server.close()
 
-    with pytest.raises(ConnectionError, match="broke as it opened"):
+    with pytest.raises(ConnectionError, match="the connection was reset as it opened"):
         asyncio.run(go())
 
 
