@@ -46,6 +46,9 @@ MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
 MAX_LOGPROBS = 5  # the completion's logprobs, as OpenAI allows
 MAX_BODY = 16 << 20  # bytes: a long conversation for a 128k context is a few MiB of JSON
+MAX_CONCURRENCY = 64  # generations at once (decode steps of concurrent ones are batched; a worker takes 256)
+MAX_QUEUED = 256  # requests past those that wait for a place; past them, 429
+MAX_TOKEN_BYTES = 256  # of text one token stands for at most, in any tokenizer cake serves (Llama 3's longest: 128)
 SHUTDOWN_TIMEOUT = 5.0  # seconds running requests get to wind down before their handlers are cancelled
 PAGES = {"/": "chat.html", "/cluster": "cluster.html"}  # public paths -> the page each serves (cake/static)
 
@@ -161,6 +164,15 @@ def parse_stop(body: dict) -> list[str]:
     return stops
 
 
+def _refuse_what_cannot_fit(chars: int, capacity: int, param: str) -> None:
+    """Text that needs more tokens than the context holds whatever the tokenizer makes of it (each token
+    stands for at most MAX_TOKEN_BYTES bytes, and a character is at least one byte) is refused before it
+    is tokenized: a 16 MiB body of text would hold the event loop for seconds, only to be refused after."""
+    if chars > capacity * MAX_TOKEN_BYTES:
+        raise ApiError(400, f"the {param} ({chars} characters) cannot fit the context of {capacity} tokens; "
+                            f"shorten it", param=param, code="context_length_exceeded")
+
+
 def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: SamplingParams, capacity: int,
                   default_max_tokens: int, vocab_size: int | None = None) -> CompletionRequest:
     """Validate an OpenAI request body; every problem is a 400 naming the field."""
@@ -168,6 +180,7 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
         raise ApiError(400, "the request body must be a JSON object")
     if chat:
         messages = parse_messages(body.get("messages"))
+        _refuse_what_cannot_fit(sum(len(m["content"]) for m in messages), capacity, "messages")
         try:
             prompt_ids = tokenizer.encode_chat(messages)
         except Exception as e:  # the model's own template may reject a conversation (role order, ...)
@@ -181,6 +194,7 @@ def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: Samp
             prompt = prompt[0]  # a batch of one prompt
         vocab = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)  # the tokenizer's and the model's
         if isinstance(prompt, str):
+            _refuse_what_cannot_fit(len(prompt), capacity, "prompt")
             prompt_ids = tokenizer.encode_raw(prompt)
         elif (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
               and all(0 <= t < vocab for t in prompt)):
@@ -422,6 +436,9 @@ class ApiServer:
         self.port = 0
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.max_concurrency, self.max_queued = MAX_CONCURRENCY, MAX_QUEUED
+        self._admitted = 0  # generating or waiting for a place
+        self._places: asyncio.Semaphore | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
@@ -479,7 +496,10 @@ class ApiServer:
                 self._authenticate(request)
             return await handler(request)
         except ApiError as e:
-            return e.response()
+            response = e.response()
+            if e.status == 429:
+                response.headers["Retry-After"] = "1"
+            return response
         except CakeError as e:  # the cluster could not serve it: a worker is down or failing
             log.warning("%s %s failed: %s", request.method, request.path, e)
             return ApiError(503, str(e), kind="server_error", code="cluster_unavailable").response()
@@ -531,6 +551,22 @@ class ApiServer:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:  # Python's parser gives up on deep nesting: the client's doing, not a 500
+            raise ApiError(400, "the request body nests too deep") from None
+        if self._admitted >= self.max_concurrency + self.max_queued:
+            raise ApiError(429, f"this server is busy: {self.max_concurrency} generations running and "
+                                f"{self.max_queued} waiting; try again shortly", kind="requests",
+                           code="rate_limit_exceeded")
+        if self._places is None:
+            self._places = asyncio.Semaphore(self.max_concurrency)
+        self._admitted += 1
+        try:
+            async with self._places:
+                return await self._generate(request, body, chat)
+        finally:
+            self._admitted -= 1
+
+    async def _generate(self, request: web.Request, body: object, chat: bool) -> web.StreamResponse:
         req = parse_request(body, chat, self.tokenizer, self.defaults, self.master.capacity, self.default_max_tokens,
                             self.master.config.vocab_size)
         if self.stopping:

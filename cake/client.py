@@ -82,6 +82,15 @@ class WorkerDown(WorkerError):
     a background reconnect finds it back (WorkerLink.down)."""
 
 
+def answer_limit(info: wire.Info, most: int) -> int:
+    """The largest frame this side reads from a worker: the answer to the largest request it may send
+    there (info.max_rows rows of f32 hidden states, the widest dtype on the wire, and a header), at most
+    `most`; `most` from a worker that does not say. A longer frame is refused before its payload is read."""
+    if info.max_rows > 0 and info.hidden_size > 0:
+        return min(most, info.max_rows * info.hidden_size * 4 + wire.FORWARD_OVERHEAD)
+    return most
+
+
 class LinkBroken(ConnectionError):
     """The connection under a request broke (or was closed) before its answer came."""
 
@@ -159,13 +168,15 @@ class WorkerLink:
         self.writer, self.info = writer, info  # the reader belongs to the read loop
         self.seal, opener = seals
         self.generation += 1
-        self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation, opener))
+        self._reading = asyncio.ensure_future(self._read_loop(reader, self.generation, opener,
+                                                              answer_limit(info, self.opt.max_frame)))
 
-    async def _read_loop(self, reader: asyncio.StreamReader, generation: int, opener: Seal | None) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, generation: int, opener: Seal | None,
+                         limit: int) -> None:
         try:
             while True:
                 try:
-                    reply, out = await wire.read_message(reader, self.opt.max_frame, opener)
+                    reply, out = await wire.read_message(reader, limit, opener)
                 except wire.FrameError as e:  # a broken (or, sealed, tampered-with) frame: the link is done for
                     log.warning("%s sent a broken frame: %s; dropping the connection", self.label, e)
                     raise

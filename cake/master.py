@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ class PositionLogits:
 
 
 RECENT_STEPS = 64  # decode steps each stage remembers, for the cluster view (cake.cluster_view)
+KV_BUDGET = 2 << 30  # bytes of KV cache the master's own layers keep (a worker's --kv-budget default)
 
 
 @dataclass
@@ -135,7 +136,8 @@ class LocalStage:
                  executor: ThreadPoolExecutor | None = None):
         self.stage = stage
         self.stack = stack
-        self.caches: dict[str, KVCache] = {}
+        self.caches: OrderedDict[str, KVCache] = OrderedDict()  # least recently used first
+        self.budget = KV_BUDGET
         self.stats = StageStats()
         self.in_thread = in_thread
         self.executor = executor
@@ -163,9 +165,26 @@ class LocalStage:
             if cache is None:
                 if p != 0:
                     raise SessionsLost("master", 0)
+                self._make_room(set(sessions))
                 cache = self.caches[s] = self.stack.new_cache()
+            self.caches.move_to_end(s)
             rows.append(Row(cache, p))
         return rows
+
+    def _make_room(self, batch: set[str]) -> None:
+        """Evict the least recently used sessions outside `batch` until a new cache fits the budget, as a
+        worker does (an evicted session is replayed on its next step)."""
+        if self.stack.spares:  # new_cache reuses a kept one: no more memory
+            return
+        need = self.stack.new_cache_bytes()
+        used = sum(c.nbytes for c in self.caches.values())
+        for s in [s for s in self.caches if s not in batch]:
+            if used + need <= self.budget:
+                break
+            cache = self.caches.pop(s)
+            used -= cache.nbytes
+            self.stack.release(cache)
+            log.info("evicted session %s from the master's layers to stay under their KV budget", s[:8])
 
     async def end(self, sessions: list[str]) -> None:
         caches = [c for c in (self.caches.pop(s, None) for s in sessions) if c is not None]

@@ -274,6 +274,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
+    dtype, shape, nbytes = tensor_size(desc)
+    if nbytes != len(payload):
+        raise ProtocolError(f"tensor {desc['dtype']}{shape} needs {nbytes} bytes but the frame carries {len(payload)}")
+    if not payload:
+        return torch.empty(shape, dtype=dtype)
+    buf = payload if isinstance(payload, bytearray) else bytearray(payload)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def tensor_size(desc: Any) -> tuple[torch.dtype, list[int], int]:
+    """A tensor description checked: its dtype, shape and the bytes its payload must have."""
     if not isinstance(desc, dict):
         raise ProtocolError("'tensor' must be a map with dtype and shape")
     dtype_name, shape = desc.get("dtype"), desc.get("shape")
@@ -283,15 +294,7 @@ def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in shape)):
         raise ProtocolError(f"tensor shape must be a list of 1 to {MAX_RANK} non-negative ints")
     dtype = WIRE_DTYPES[dtype_name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if math.prod(shape) * itemsize != len(payload):
-        raise ProtocolError(
-            f"tensor {dtype_name}{shape} needs {math.prod(shape) * itemsize} bytes but the frame carries {len(payload)}"
-        )
-    if not payload:
-        return torch.empty(shape, dtype=dtype)
-    buf = payload if isinstance(payload, bytearray) else bytearray(payload)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)
+    return dtype, shape, math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def tune_socket(writer: asyncio.StreamWriter) -> None:
@@ -365,35 +368,86 @@ async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torc
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None) -> tuple[dict, bytes]:
-    """One frame as (header dict, payload). ProtocolError for a frame that breaks the rules:
-    the caller closes the connection, since the byte stream can no longer be trusted.
+async def read_frame(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None,
+                     stall: float = 0.0) -> tuple[dict, bytes]:
+    """One frame as (header dict, payload). FrameError for a frame that breaks the framing: the caller
+    closes the connection, since the byte stream can no longer be trusted. The header is read and
+    checked first: a payload the message may not carry (none, or not the size its tensor description
+    gives) is skipped unread into memory and refused (ProtocolError: the stream stays in step).
 
     With `seal`, the frame is sealed: u32 N (clear) | N bytes sealing (u32 P | msgpack header), with the
     4 bytes of N as associated data | when P > 0, P + 16 bytes sealing the payload. A piece that fails
-    its tag (changed, replayed, reordered, injected) is a FrameError."""
+    its tag (changed, replayed, reordered, injected) is a FrameError.
+
+    With `stall` (seconds): once a frame has begun, the rest must come within it, else FrameError (a peer
+    that starts a frame and stops holds its connection's buffers no longer than that)."""
+    prefix = await reader.readexactly(4)  # waiting for a frame to begin: as long as it takes
+    timer = asyncio.get_running_loop().call_later(
+        stall, reader.set_exception, FrameError(f"a frame stalled: its rest did not come within {stall:g}s")
+    ) if stall else None
+    try:
+        return await _read_rest(reader, prefix, max_frame, seal)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+async def _read_rest(reader: asyncio.StreamReader, prefix: bytes, max_frame: int,
+                     seal: Seal | None) -> tuple[dict, bytes]:
     if seal is not None:
-        head, size = await _read_sealed_head(reader, max_frame, seal)
+        head, size = await _read_sealed_head(reader, prefix, max_frame, seal)
     else:
-        (n,) = _U32.unpack(await reader.readexactly(4))
+        (n,) = _U32.unpack(prefix)
         if n < 4 or n > max_frame:
             raise _oversized(n, max_frame, f"frame of {n} bytes is outside the limit of 4..{max_frame}")
         (h,) = _U32.unpack(await reader.readexactly(4))
         if h > MAX_HEADER or h > n - 4:
             raise FrameError(f"header of {h} bytes does not fit the frame (limit {MAX_HEADER})")
         head, size = await reader.readexactly(h), n - 4 - h
-    payload = await _read_payload(reader, size, seal) if size else b""
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises a zoo of types for garbage
         if _msgpack_with_other_keys(head):  # intact, only not our schema: the connection can go on
-            error = ProtocolError("the header has a map key that is not a string")
-            error.request_id = 0
-            raise error from None
+            await _skip_payload(reader, size, seal)
+            raise _refused({}, "the header has a map key that is not a string") from None
         raise FrameError(f"header is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise FrameError("header is not a map")
-    return header, payload
+    problem = _payload_problem(header, size)
+    if problem:
+        await _skip_payload(reader, size, seal)
+        raise _refused(header, problem)
+    return header, await _read_payload(reader, size, seal) if size else b""
+
+
+def _payload_problem(header: dict, size: int) -> str:
+    """'' when a payload of `size` bytes is what this header says comes; else why not."""
+    if "tensor" not in header:
+        return "frame carries a payload but no 'tensor' description" if size else ""
+    try:
+        _, shape, nbytes = tensor_size(header["tensor"])
+    except ProtocolError as e:
+        return str(e)
+    if nbytes != size:
+        return f"tensor {header['tensor']['dtype']}{shape} needs {nbytes} bytes but the frame carries {size}"
+    return ""
+
+
+async def _skip_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None) -> None:
+    """Read past a payload that is refused, a piece at a time (it is never held whole)."""
+    left = size + (TAG if seal is not None and size else 0)
+    while left:
+        left -= len(await reader.readexactly(min(left, 1 << 16)))
+    if seal is not None and size:
+        seal.count += 1  # its piece had a nonce of its own
+
+
+def _refused(header: dict, message: str) -> ProtocolError:
+    """A ProtocolError for an intact frame, naming the request it refuses (its readable `id`), if any."""
+    e = ProtocolError(message)
+    rid = header.get("id")
+    e.request_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid < 2**62 else 0
+    return e
 
 
 def _oversized(n: int, max_frame: int, message: str) -> FrameError:
@@ -405,8 +459,8 @@ def _oversized(n: int, max_frame: int, message: str) -> FrameError:
 BROKEN_SEAL = "a sealed frame failed its check (changed, replayed, reordered or injected on the way)"
 
 
-async def _read_sealed_head(reader: asyncio.StreamReader, max_frame: int, seal: Seal) -> tuple[bytes, int]:
-    prefix = await reader.readexactly(4)
+async def _read_sealed_head(reader: asyncio.StreamReader, prefix: bytes, max_frame: int,
+                            seal: Seal) -> tuple[bytes, int]:
     (n,) = _U32.unpack(prefix)
     if n < 4 + TAG or n > 4 + MAX_HEADER + TAG:
         raise FrameError(f"sealed header of {n} bytes is outside the limit of {4 + TAG}..{4 + MAX_HEADER + TAG}")
@@ -442,20 +496,14 @@ def _msgpack_with_other_keys(head: bytes) -> bool:
         return False
 
 
-async def read_message(reader: asyncio.StreamReader, max_frame: int,
-                       seal: Seal | None = None) -> tuple[Message, torch.Tensor | None]:
-    """One message. A well-framed message that breaks the schema raises ProtocolError with
-    `request_id` set to its readable `id`, so the error answer can name the request it refuses."""
-    header, payload = await read_frame(reader, max_frame, seal)
+async def read_message(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None,
+                       stall: float = 0.0) -> tuple[Message, torch.Tensor | None]:
+    """One message (see read_frame). A well-framed message that breaks the schema raises ProtocolError
+    with `request_id` set to its readable `id`, so the error answer can name the request it refuses."""
+    header, payload = await read_frame(reader, max_frame, seal, stall)
     try:
         msg = parse_message(header)
-        tensor = None
-        if "tensor" in header:
-            tensor = tensor_from(header["tensor"], payload)
-        elif payload:
-            raise ProtocolError("frame carries a payload but no 'tensor' description")
+        tensor = tensor_from(header["tensor"], payload) if "tensor" in header else None
     except ProtocolError as e:
-        rid = header.get("id")
-        e.request_id = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid < 2**62 else 0
-        raise
+        raise _refused(header, str(e)) from None
     return msg, tensor

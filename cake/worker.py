@@ -50,6 +50,8 @@ MAX_BATCH = 256
 RELAYS_REMEMBERED = 8  # per next worker: the last forwards to tell their masters about if that connection breaks
 MAX_CONNECTIONS = 64  # masters and relaying workers at once (a cluster needs a handful)
 MAX_HANDSHAKING = 32  # connections not yet through the handshake (each gets HANDSHAKE_TIMEOUT)
+IDLE_TIMEOUT = 300.0  # seconds a connection may send nothing before a new one replaces it, when the worker is full
+FRAME_STALL = 60.0  # seconds the rest of a frame may take once it has begun
 MAX_PENDING_ANSWERS = 64  # relayed answers queued for one connection that does not read them: then it is closed
 MAX_QUEUED_FORWARDS = 16  # forwards of one connection on tasks (waiting for the compute lock, computing, answering)
 AUTH_LOG_EVERY = 1.0  # seconds: at most one line per this about failed authentications (a flood fills no disk)
@@ -80,6 +82,7 @@ class Conn:
     closed: bool = False  # its sessions were freed: nothing may create new ones for it
     queued: set[asyncio.Task] = field(default_factory=set)  # forwards read here that run on tasks (_queue)
     seal: Seal | None = None  # with a cluster key: the sealing of what this side sends (set by the handshake)
+    last_read: float = field(default_factory=time.monotonic)  # when its last frame came (see Worker._close_idle)
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         async with self.lock:
@@ -119,6 +122,9 @@ class Worker:
         if self.key:
             auth.stretch(self.key)  # once per process, before serving: a failed proof costs nothing more
         self._auth_logged, self._auth_unlogged = float("-inf"), 0  # see _auth_failed
+        # Seconds: a silent connection replaced when full, a frame begun and stalled (both env-settable).
+        self.idle_timeout = float(os.environ.get("CAKE_IDLE_TIMEOUT", IDLE_TIMEOUT))
+        self.stall_timeout = float(os.environ.get("CAKE_FRAME_STALL", FRAME_STALL))
         self.kv_budget = kv_budget
         # A frame never needs more than a full context (or a full batch) of f32 hidden states.
         self.max_frame = max_frame or (
@@ -176,7 +182,7 @@ class Worker:
             log.info("client connected from %s", peer)
             while True:
                 try:
-                    msg, tensor = await wire.read_message(reader, self.max_frame, opener)
+                    msg, tensor = await wire.read_message(reader, self.max_frame, opener, self.stall_timeout)
                 except wire.FrameError as e:  # the byte stream is broken: say why (best effort), then close
                     if e.oversized:
                         e.args = (f"{e} (this worker's --max-frame-mb)",)
@@ -188,6 +194,7 @@ class Worker:
                     log.warning("bad request from %s: %s", peer, e)
                     await conn.send(wire.Error("bad_request", str(e), id=getattr(e, "request_id", 0)))
                     continue
+                conn.last_read = time.monotonic()
                 await self._serve(conn, msg, tensor, peer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -244,13 +251,28 @@ class Worker:
             await wire.write_message(writer, wire.Auth(auth.proof(secret, "worker", msg.nonce, mine)))
             theirs, mine_out = auth.link_keys(secret, msg.nonce, mine)
             opener, conn.seal = Seal(theirs), Seal(mine_out)
-        if len(self.conns) >= MAX_CONNECTIONS:
+        if len(self.conns) >= MAX_CONNECTIONS and not self._close_idle():
             await conn.send(wire.Error(
                 "busy", f"worker '{self.name}' already serves {MAX_CONNECTIONS} connections, the most it takes; "
                         f"stop masters you no longer use"))
             raise ProtocolError(f"over {MAX_CONNECTIONS} connections")
         await conn.send(self.info(conn.token))
         return opener
+
+    def _close_idle(self) -> bool:
+        """The worker is full: close the connection that has sent nothing for longest, if that is over
+        idle_timeout and nothing of it is in progress, to make room (its sessions are freed; its master
+        reconnects and replays if it comes back). False if none is."""
+        now = time.monotonic()
+        idle = [c for c in self.conns.values() if now - c.last_read > self.idle_timeout and not c.queued]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_read)
+        log.warning("closed a connection silent for %.0fs to make room: this worker serves %d, the most it takes",
+                    now - oldest.last_read, MAX_CONNECTIONS)
+        self.conns.pop(oldest.token, None)
+        oldest.writer.close()
+        return True
 
     def _auth_failed(self, peer: str, why: str) -> None:
         """A warning naming the client that failed to prove the key: at most one a second, each saying how
