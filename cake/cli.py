@@ -57,8 +57,9 @@ class CakeCommand(click.Command):
 @click.command(cls=CakeCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, "--version", prog_name="cake")
 @click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Llama 3 model folder (or a cake-split-model bundle, for a worker).")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Llama 3 model folder (or a cake-split-model bundle, for a worker). A worker without it takes "
+                   "the model's config and its layers from the master, into --cache-dir.")
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
               help="Topology YAML; without it every layer runs on the master (a worker started from a "
                    "cake-split-model bundle uses the bundle's).")
@@ -91,6 +92,9 @@ class CakeCommand(click.Command):
               help="Shared secret of every node: mutual authentication, then every frame encrypted and "
                    "authenticated; `cake keygen` makes one.")
 @click.option("--kv-budget", type=float, default=2048, help="Worker: MiB of KV cache before idle sessions are evicted.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Worker without --model: where the layers the master ships are kept, checked by hash and reused "
+                   "[default: $XDG_CACHE_HOME/cake, else ~/.cache/cake].")
 @click.option("--max-frame-mb", type=float, default=0,
               help="Worker: largest request it reads, in MiB (0 = a full context of hidden states); masters "
                    "split longer prompts and larger batches to fit.")
@@ -125,6 +129,9 @@ class CakeCommand(click.Command):
               help="Master: serve an OpenAI-compatible API here (a bare PORT binds 127.0.0.1) instead of one prompt.")
 @click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
               help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
+@click.option("--ship-rate", default=None, metavar="SIZE",
+              help="Master: most bytes a second it ships weights at to each worker without model files (50MB, "
+                   "1GB) [default: as fast as the network and the worker's disk take them].")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Master: measure, survey the workers and print the layer placement as a topology file on stdout "
                    "(workers whose entry lists no layers are placed), then exit.")
@@ -133,9 +140,10 @@ class CakeCommand(click.Command):
                    "to the next, then exit.")
 @click.option("--verbose", "-v", count=True, help="More logging on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, max_frame_mb, prompt,
+def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, cache_dir, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, plan_only, check, verbose, quiet):
+         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, ship_rate, plan_only, check, verbose,
+         quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate.
     `cake keygen` prints a new random --cluster-key."""
     setup_logging(verbose, quiet)
@@ -145,6 +153,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         from cake.memory import parse_size
 
         max_memory = run_edge(parse_size, max_memory)
+    if ship_rate is not None:
+        ship_rate = run_edge(parse_rate, ship_rate)
     if threads > 0:
         import torch
 
@@ -154,16 +164,21 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
 
         os.environ[ENV] = "0"
     if mode == "worker":
-        bundled = os.path.join(model_dir, "topology.yml")  # a cake-split-model bundle carries its topology
+        bundled = os.path.join(model_dir, "topology.yml") if model_dir else ""  # a bundle carries its topology
         topology = topology or (bundled if os.path.isfile(bundled) else None)
         if not name or not topology:
             raise click.UsageError("a worker needs --name and --topology (a cake-split-model bundle has its own)")
+        if model_dir and cache_dir:
+            raise click.UsageError("--cache-dir: for a worker without --model (one with --model loads from it and "
+                                   "takes no weights from the master)")
         from cake.worker import WorkerArgs, run_worker
 
         run_edge(run_worker, WorkerArgs(model_dir, name, topology, address, device, dtype, context, cluster_key,
                                         kv_budget, max_frame_mb, busy_poll, quantize=quantize,
-                                        group_size=group_size, max_memory=max_memory))
+                                        group_size=group_size, max_memory=max_memory, cache_dir=cache_dir))
         return
+    if not model_dir:
+        raise click.UsageError("the master needs --model: the model folder it runs and ships to the workers")
     if check:
         from cake.check import run_check
         from cake.client import Options
@@ -179,7 +194,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
         retry_timeout=retry_timeout, request_timeout=request_timeout, relay=relay, pipeline=pipeline,
         output_ids=output_ids, quiet=quiet,
-        busy_poll=busy_poll, quantize=quantize, group_size=group_size, max_memory=max_memory,
+        busy_poll=busy_poll, quantize=quantize, group_size=group_size, max_memory=max_memory, ship_rate=ship_rate,
     )
     if plan_only:
         from cake.run_master import run_plan
@@ -194,13 +209,26 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
     run_edge(run_master, args)
 
 
-WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb")
+WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb", "cache_dir")
 MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "top_k", "top_p", "repeat_penalty",
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
-               "api_key", "plan_only", "check")
+               "api_key", "plan_only", "check", "ship_rate")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
 POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size")
 AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")
+
+
+def parse_rate(text: str) -> int:
+    """--ship-rate: a size a second, above 0."""
+    from cake.memory import parse_size
+
+    try:
+        rate = parse_size(text)
+    except CakeError:
+        rate = 0
+    if rate <= 0:
+        raise CakeError(f"--ship-rate '{text}' is not a size above 0; write it like 50MB or 1GB (a second)")
+    return rate
 
 
 def check_flags(ctx: click.Context, mode: str, api: str | None, check: bool) -> None:

@@ -66,8 +66,9 @@ class Options:
     max_frame: int = 1 << 31
     relay: bool = True  # consecutive workers pass hidden states to each other (see cake.worker)
     pipeline: str = "auto"  # a long prompt's chunks flow through the stages one behind another (Master)
-
     plan: wire.Assign | None = None  # the master's placement, for a worker that restarted without its layers
+    supply: Callable | None = None  # gives a worker without model files its config and layers (cake.shipping)
+
 
 def discard(writer: asyncio.StreamWriter) -> None:
     """Close a connection that may have broken. A reset leaves its exception on the stream's closed-future
@@ -148,6 +149,12 @@ class WorkerLink:
         except BaseException:
             discard(writer)
             raise
+        if info.fetches and self.opt.supply is not None:  # no model files there: the master supplies them first
+            try:
+                info = await self.opt.supply(self, reader, writer, seals, info)  # cake.shipping.Supplier
+            except BaseException:
+                writer.close()
+                raise
         want = list(w.layers)
         if not info.placed and want and self.opt.plan is not None:
             try:  # a worker the master placed came back without its layers: tell it again

@@ -28,12 +28,13 @@ def write_topology(path: Path, workers: dict[str, tuple[int, list[str]]], descri
     return path
 
 
-def worker_command(model: str | Path, name: str, topology: str | Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cake", "--mode", "worker", "--model", str(model), "--name", name,
-            "--topology", str(topology), "--address", f"127.0.0.1:{port}", *extra]
+def worker_command(model: str | Path | None, name: str, topology: str | Path, port: int, *extra: str) -> list[str]:
+    """No `model`: the worker takes its layers from the master (cake.weight_cache)."""
+    return [sys.executable, "-m", "cake", "--mode", "worker", *(["--model", str(model)] if model else []),
+            "--name", name, "--topology", str(topology), "--address", f"127.0.0.1:{port}", *extra]
 
 
-def start_worker(model: str | Path, name: str, topology: str | Path, port: int, *extra: str,
+def start_worker(model: str | Path | None, name: str, topology: str | Path, port: int, *extra: str,
                  log: Path | None = None, env: dict | None = None, wrap: list[str] | None = None) -> subprocess.Popen:
     """`wrap`: a command the worker's command line is appended to (the benchmark's CPU pinning)."""
     out = open(log, "ab") if log else subprocess.DEVNULL

@@ -161,7 +161,8 @@ async def place(config: LlamaConfig, topology: Topology, options: Options, maste
     text = render(planned, result, nodes, config)
     if assign:
         msg = assignment(planned)
-        await asyncio.gather(*(_assign(w, planned.workers[w.name].layers, msg, options) for w in topology.unplaced))
+        await asyncio.gather(*(_assign(w, planned.workers[w.name], msg, options, found[w.name][0].fetches)
+                               for w in topology.unplaced))
     return planned, text
 
 
@@ -172,10 +173,18 @@ def assignment(planned: Topology) -> wire.Assign:
     return wire.Assign(names, [r[0] if r else 0 for r in ranges], [r[-1] + 1 if r else 0 for r in ranges])
 
 
-async def _assign(worker: Worker, layers: tuple[int, ...], msg: wire.Assign, options: Options) -> None:
-    link = WorkerLink(worker, options)  # as it is before the plan: serving no layers
+async def _assign(worker: Worker, planned: Worker, msg: wire.Assign, options: Options, fetches: bool) -> None:
+    """Tell a worker its layers. One without model files that gets layers is given them first, on a
+    connection that expects them (the master's supplier ships them, then assigns: cake.shipping)."""
+    layers = planned.layers
+    shipped = fetches and bool(layers)
+    link = WorkerLink(planned, replace(options, plan=msg)) if shipped else WorkerLink(worker, options)
     try:
-        reply, _ = await link.request(msg)
+        if shipped:
+            await link.ensure_connected()
+            reply = link.info
+        else:  # as it is before the plan: serving no layers
+            reply, _ = await link.request(msg)
         if not isinstance(reply, wire.Info) or tuple(reply.layers) != layers:
             raise CakeError(f"worker '{worker.name}' did not take layers {format_layers(layers)}; see its log")
     finally:

@@ -55,6 +55,7 @@ class MasterArgs:
     quantize: str | None = None  # none, int8, int4; None: as the folder holds (cake.model.loader.choose_quantization)
     group_size: int = 32
     max_memory: int | None = None  # bytes the master's own decoder layers may take (--max-memory)
+    ship_rate: int | None = None  # bytes per second it ships weights to each worker without model files
 
 
 def sampling_params(args: MasterArgs) -> SamplingParams:
@@ -86,7 +87,7 @@ def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Mas
     topology = load_topology(args.topology)
     tokenizer = Tokenizer(args.model_dir)
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
-                      relay=args.relay, pipeline=args.pipeline)
+                      relay=args.relay, pipeline=args.pipeline, supply=supplier(args, config, topology))
     if topology.unplaced:
         from cake.placement import assignment
 
@@ -97,6 +98,16 @@ def build_master(args: MasterArgs, compute_in_thread: bool = False) -> tuple[Mas
     master = Master(args.model_dir, topology, args.device, args.dtype, args.context, options, compute_in_thread,
                     args.quantize, args.group_size, args.max_memory)
     return master, tokenizer, load_eos_ids(args.model_dir, master.config)
+
+
+def supplier(args: MasterArgs, config, topology):
+    """What the workers without model files get from this master (cake.shipping): nothing is read or sent
+    until one of them asks."""
+    if not topology.workers:
+        return None
+    from cake.shipping import Supplier
+
+    return Supplier(args.model_dir, config, args.ship_rate)
 
 
 def plan_cluster(args: MasterArgs, config, topology, options: Options, assign: bool):
@@ -117,7 +128,8 @@ def run_plan(args: MasterArgs) -> None:
     if not topology.unplaced:
         raise CakeError("every worker in the topology lists its layers: nothing to plan; leave out 'layers' for the "
                         "workers the master should place (and start them with that file)")
-    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout)
+    options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
+                      supply=supplier(args, config, topology))
     _, text = plan_cluster(args, config, topology, options, assign=False)
     sys.stdout.write(text)
 

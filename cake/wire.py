@@ -34,6 +34,7 @@ _U32 = struct.Struct(">I")
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i64": torch.int64,
+    "u8": torch.uint8,  # bytes: a config file or a chunk of shipped weights (cake.shipping)
 }
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 
@@ -109,12 +110,13 @@ class Info(Message):
     quantization: str = ""  # how its matrices are kept: none, int8, int4 (group N) ("": not said)
     weight_bytes: int = 0  # what its layers' weights take on its device (0: not said)
     arch: str = ""  # the model's family (cake.model.config.ARCHITECTURES; "": not said)
-
     # Placement (cake.placement): what a worker whose topology entry lists no layers measured and offers
     placed: bool = True  # False: it waits for an Assign
     layer_us: int = 0  # one decode step through one layer of this model, at its dtype and quantization
     room: int = 0  # bytes it offers for layers (free memory, at most --max-memory)
     layer_bytes: int = 0  # what one layer takes there (weights + a session's KV cache for the context)
+    fetches: bool = False  # no model folder: it takes the model's config and its layers from the master
+
 
 @dataclass
 class Forward(Message):
@@ -170,7 +172,6 @@ class Ping(Message):
 
 
 @dataclass
-@dataclass
 class Assign(Message):
     """master -> worker: the plan. Worker names[i] runs layers [starts[i], ends[i]); the worker loads its
     own (from its model folder) and answers with its new Info. Refused while another master's sessions
@@ -181,6 +182,49 @@ class Assign(Message):
     ends: list[int]
 
 
+@dataclass
+class ModelConfig(Message):
+    """master -> worker that fetches its weights (info.fetches): the model's config.json (the payload, u8),
+    the folder of the worker's cache it goes in, and how the shipped matrices are stored. Answered with
+    the worker's Info, measured as for a placed worker (cake.weight_cache)."""
+    TYPE: ClassVar[str] = "config"
+    bundle: str
+    quantization: str = "none"
+    group: int = 0
+
+
+@dataclass
+class Manifest(Message):
+    """master -> worker: the files that hold its layers (names, sizes, and their digests, 32 bytes each, one
+    after the other: the SHA-256 of the SHA-256s of each 1 MiB block, cake.weight_cache.content_digest).
+    Answered with Have, or an error (a name it refuses, no room on its disk)."""
+    TYPE: ClassVar[str] = "manifest"
+    names: list[str]
+    sizes: list[int]
+    digests: bytes
+
+
+@dataclass
+class Have(Message):
+    """worker -> master: the bytes of each manifest file it holds, checked against the digest (its size:
+    the whole file, less: the whole blocks of one to resume), and the largest chunk it reads (whole blocks)."""
+    TYPE: ClassVar[str] = "have"
+    held: list[int]
+    max_chunk: int
+
+
+@dataclass
+class Chunk(Message):
+    """master -> worker: bytes [offset, offset + n) of manifest file number `file` (the payload, u8), whole
+    blocks of 1 MiB from a block's start (the file's last may be shorter), and the SHA-256 of each block,
+    32 bytes each, one after the other. Answered with Ok once written."""
+    TYPE: ClassVar[str] = "chunk"
+    file: int
+    offset: int
+    sums: bytes
+
+
+@dataclass
 class Ok(Message):
     TYPE: ClassVar[str] = "ok"
 
@@ -205,7 +249,8 @@ class Error(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Assign, Ok, Error)
+    m.TYPE: m for m in (Hello, Welcome, Auth, Info, Forward, Result, End, Ping, Assign, ModelConfig, Manifest,
+                        Have, Chunk, Ok, Error)
 }
 
 _ELEMENT_TYPES = {"list[int]": int, "list[str]": str}

@@ -34,7 +34,7 @@ import torch
 
 from cake import auth, eventloop, wire
 from cake.client import Options, WorkerLink
-from cake.devices import compute_unit, dtype_name, machine_id
+from cake.devices import compute_unit, dtype_name, machine_id, pick_device
 from cake.errors import CakeError, ProtocolError
 from cake.memory import free_memory
 from cake.seal import Seal
@@ -57,6 +57,7 @@ MAX_QUEUED_FORWARDS = 16  # forwards of one connection on tasks (waiting for the
 AUTH_LOG_EVERY = 1.0  # seconds: at most one line per this about failed authentications (a flood fills no disk)
 RELAY_BACKLOG = 16  # forwards waiting to be passed on to one next worker; past it they fail over to the master
 QUEUED_BYTES = 1 << 30  # their hidden states, all connections together (at least one frame); past it a connection waits
+SHIP_FRAME = wire.FORWARD_OVERHEAD + (4 << 20)  # a worker with no model yet: a chunk of the weights shipped to it
 
 
 class AuthFailed(ProtocolError):
@@ -105,13 +106,14 @@ class InUse:
 
 
 class Worker:
-    def __init__(self, name: str, stack: LayerStack, config: LlamaConfig, key: str | None = None,
+    def __init__(self, name: str, stack: LayerStack | None, config: LlamaConfig | None, key: str | None = None,
                  kv_budget: int = 2 << 30, max_frame: int | None = None, topology: Topology | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, fetch: Fetch | None = None):
         self.name = name
+        self.fetch = fetch  # no --model: the master sends the config, then the layers (cake.weight_cache)
+        self.placement = placement  # a worker the master places: what it measured, and how it loads layers
         self.topology = topology or Topology()
         self.conns: dict[str, Conn] = {}  # by token
-        self.placement = placement  # a worker the master places: what it measured, and how it loads layers
         self.peers: dict[str, WorkerLink] = {}  # relay connections to other workers, by name
         # Per next worker: (forward id, master connection token) of the last forwards relayed to it.
         self._relayed: dict[str, deque[tuple[int, str]]] = {}
@@ -126,11 +128,8 @@ class Worker:
         self.idle_timeout = float(os.environ.get("CAKE_IDLE_TIMEOUT", IDLE_TIMEOUT))
         self.stall_timeout = float(os.environ.get("CAKE_FRAME_STALL", FRAME_STALL))
         self.kv_budget = kv_budget
-        # A frame never needs more than a full context (or a full batch) of f32 hidden states.
-        self.max_frame = max_frame or (
-            max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.FORWARD_OVERHEAD)
-        # What a forward may carry under that limit (in f32, the widest wire dtype): masters split larger work.
-        self.max_rows = max(1, (self.max_frame - wire.FORWARD_OVERHEAD) // (config.hidden_size * 4))
+        self._frame_asked = max_frame
+        self.max_frame, self.max_rows = frame_limits(stack, config, max_frame)
         self.sessions: OrderedDict[tuple[int, str], SessionEntry] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
@@ -155,8 +154,12 @@ class Worker:
         else:
             servers = [await asyncio.start_server(self.handle, host, port, limit=1 << 20)]
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for server in servers for s in server.sockets)
-        log.info("worker '%s' serving layers %s on %s (%s, %s)", self.name, format_layers(self.stack.indices),
-                 addrs, self.stack.device, dtype_name(self.stack.dtype))
+        if self.stack is None:
+            log.info("worker '%s' on %s has no model files: it takes the model's config and its layers from the "
+                     "master, into %s", self.name, addrs, self.fetch.root)
+        else:
+            log.info("worker '%s' serving layers %s on %s (%s, %s)", self.name, format_layers(self.stack.indices),
+                     addrs, self.stack.device, dtype_name(self.stack.dtype))
         try:
             await asyncio.gather(*(server.serve_forever() for server in servers))
         finally:
@@ -285,7 +288,17 @@ class Worker:
         log.warning("failed authentication from %s: %s%s", peer, why, more)
         self._auth_logged, self._auth_unlogged = now, 0
 
+    def take_model(self, config: LlamaConfig, stack: LayerStack, placement: Placement) -> None:
+        """A worker without --model, once the master's config came (cake.weight_cache): its stack, still
+        empty, and how it loads the layers it is given."""
+        self.config, self.stack, self.placement = config, stack, placement
+        self.max_frame, self.max_rows = frame_limits(stack, config, self._frame_asked)
+        if not self._frame_asked:  # a chunk of its weights fits, whatever the model's shape
+            self.max_frame = max(self.max_frame, SHIP_FRAME)
+
     def info(self, token: str = "") -> wire.Info:
+        if self.config is None:  # no model yet: the master sends its config first
+            return self.fetch.bare_info(self, token)
         return wire.Info(
             name=self.name, layers=self.stack.indices, device=str(self.stack.device),
             dtype=dtype_name(self.stack.dtype), hidden_size=self.config.hidden_size,
@@ -426,6 +439,13 @@ class Worker:
     async def _dispatch(self, dest: Conn, msg: wire.Message, tensor: torch.Tensor | None, peer: str):
         """Serve `msg` for the connection `dest` (whose sessions it uses and which gets the answer)."""
         try:
+            if isinstance(msg, (wire.ModelConfig, wire.Manifest, wire.Chunk)):
+                if self.fetch is None:
+                    raise RequestError("bad_request", f"worker '{self.name}' loads its layers from its --model "
+                                                      f"folder: it takes no weights from a master")
+                return await self.fetch.serve(self, dest, msg, tensor), None
+            if self.stack is None and isinstance(msg, (wire.Forward, wire.Assign)):
+                raise RequestError("bad_layers", f"worker '{self.name}' has no model yet: its master sends it first")
             if isinstance(msg, wire.Forward):
                 return await self._forward(dest, msg, tensor)
             if isinstance(msg, wire.End):
@@ -692,6 +712,16 @@ def _gone() -> RequestError:
     return RequestError("gone", "the connection this forward was for has closed")
 
 
+def frame_limits(stack: LayerStack | None, config: LlamaConfig | None, asked: int | None) -> tuple[int, int]:
+    """The largest frame a worker reads, and the rows of hidden states a forward may carry under it (in
+    f32, the widest wire dtype: masters split larger work). A frame never needs more than a full context
+    (or a full batch) of f32 hidden states; with no model yet, a chunk of the weights shipped to it."""
+    if config is None:
+        return asked or SHIP_FRAME, 0
+    frame = asked or (max(stack.capacity, MAX_BATCH) * config.hidden_size * 4 + wire.FORWARD_OVERHEAD)
+    return frame, max(1, (frame - wire.FORWARD_OVERHEAD) // (config.hidden_size * 4))
+
+
 @dataclass
 class Placement:
     """A worker whose topology entry lists no layers: it measured one layer and offers its room, then
@@ -701,15 +731,16 @@ class Placement:
     layer_us: int
     room: int
     layer_bytes: int
+    fetches: bool = False  # no model folder: its layers come from the master (cake.weight_cache)
 
     def said(self, stack: LayerStack) -> dict:
         return {"placed": bool(stack.layers), "layer_us": self.layer_us, "room": self.room,
-                "layer_bytes": self.layer_bytes}
+                "layer_bytes": self.layer_bytes, "fetches": self.fetches}
 
 
 @dataclass
 class WorkerArgs:
-    model_dir: str
+    model_dir: str | None  # None: the master ships the config and the layers, into cache_dir
     name: str
     topology: str
     address: str | None = None  # None: this worker's port in the topology (see run_worker)
@@ -723,6 +754,7 @@ class WorkerArgs:
     quantize: str | None = None  # none, int8, int4; None: as the folder holds (cake.model.loader.choose_quantization)
     group_size: int = 32
     max_memory: int | None = None  # bytes its decoder layers may take (--max-memory)
+    cache_dir: str | None = None  # without model_dir: where the shipped layers go (None: the user's cache folder)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -750,8 +782,9 @@ def bind(host: str, port: int) -> list[socket.socket]:
 def run_worker(args: WorkerArgs) -> None:
     topo = load_topology(args.topology)
     me = topo.worker(args.name)
-    config = load_config(args.model_dir)
-    topo.check_layers(config.num_hidden_layers)
+    config = load_config(args.model_dir) if args.model_dir else None  # without: the master sends it
+    if config is not None:
+        topo.check_layers(config.num_hidden_layers)
     # By default: this worker's port from the topology, on every interface, unless the topology puts it on
     # loopback (then nothing else could reach it anyway, and nothing else should).
     address = args.address or f"{me.host if auth.is_loopback(me.host) else '0.0.0.0'}:{me.port}"
@@ -765,7 +798,7 @@ def run_worker(args: WorkerArgs) -> None:
                     "will look for it there", port, me.name, me.address)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
     max_frame = int(args.max_frame_mb * (1 << 20))
-    least = wire.FORWARD_OVERHEAD + config.hidden_size * 4  # the header and one row of f32 hidden states
+    least = wire.FORWARD_OVERHEAD + (config.hidden_size * 4 if config else 1 << 20)  # a row of f32, or a 1 MiB block
     if args.max_frame_mb != 0 and max_frame < least:
         raise CakeError(f"--max-frame-mb {args.max_frame_mb:g} cannot hold one token's hidden states; give at "
                         f"least {least / (1 << 20):.3f}, or 0 for a full context")
@@ -776,9 +809,13 @@ def run_worker(args: WorkerArgs) -> None:
     def load(layers: list[int]) -> LayerStack:
         return load_layers(args.model_dir, layers, args.device, args.dtype, args.context, config,
                            quantize=args.quantize, group=args.group_size, max_memory=args.max_memory)[0]
-    stack = load(list(me.layers))
-    placement = None
-    if not me.placed:
+    stack = load(list(me.layers)) if config else None
+    placement = fetch = None
+    if config is None:
+        from cake.weight_cache import open_cache
+
+        fetch = open_cache(args, me)
+    elif not me.placed:
         from cake import placement as plan
 
         fmt = stack.quantization
@@ -791,8 +828,8 @@ def run_worker(args: WorkerArgs) -> None:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)
     worker = Worker(args.name, stack, config, key=args.key, kv_budget=int(args.kv_budget_mb * (1 << 20)),
-                    max_frame=max_frame, topology=topo, placement=placement)
-    poll_us = eventloop.busy_poll_us(stack.device.type, args.busy_poll)
+                    max_frame=max_frame, topology=topo, placement=placement, fetch=fetch)
+    poll_us = eventloop.busy_poll_us((stack.device if stack else pick_device(args.device)).type, args.busy_poll)
     if poll_us:
         log.info("busy-polling for %d µs after each message (--busy-poll 0 turns it off)", poll_us)
     try:

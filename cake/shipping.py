@@ -1,0 +1,282 @@
+"""The master's side of weights delivered to workers that have no model files (the worker's side is
+cake.weight_cache).
+
+A worker that says `fetches` in its handshake is supplied on that connection, before it serves: first
+the model's config.json (it then measures its layer, as a placed worker does), then, once it has layers
+to serve (its topology entry's, or the plan's), the files that hold them, then its assignment, which it
+loads from its cache. Everything goes over the connection's own frames, so a cluster key seals it.
+
+Each layer is one file made from the master's model folder as a cake-split-model bundle holds it: a
+safetensors header with the model's tensor names, then their bytes as the master stores them (floats,
+or a quantized bundle's parts). Its digest (the SHA-256 of its 1 MiB blocks' SHA-256s) is computed once
+per master process (in threads, every byte read once); the worker checks its cache against it and says
+what it holds, so only the rest is sent, from where an interrupted copy ends. Chunks of whole blocks (as
+large as the worker asks: one block) go out with their blocks' SHA-256s, WINDOW bytes of them unanswered
+at most: each is answered once written, so the worker's disk sets the pace and its memory holds a chunk
+or two. Sending hashes nothing: the blocks' sums were kept from the first pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cake import eventloop, wire
+from cake.errors import WorkerError
+from cake.memory import gb
+from cake.model.config import LlamaConfig
+from cake.model.llama import DecoderLayer
+from cake.model.loader import Quantization, stored_quantization
+from cake.model.weights import DTYPES, Entry, WeightFiles
+from cake.progress import Progress
+from cake.seal import Seal
+from cake.topology import format_layers
+from cake.content_hash import BLOCK, content_digest
+
+if TYPE_CHECKING:
+    from cake.client import WorkerLink
+
+log = logging.getLogger("cake.shipping")
+
+WINDOW = 16 << 20  # bytes sent and not yet answered
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+RETRIED = ("corrupt",)  # a worker's error that a new attempt (reconnect, manifest, resume) may cure
+
+
+def bundle_name(model_dir: str | Path, config_bytes: bytes, fmt: Quantization) -> str:
+    """The folder of a worker's cache the model goes in: the model folder's name and a digest of its config
+    and storage format ('Meta-Llama-3-8B-Instruct-3f2a9c1d07e5')."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(model_dir).resolve().name).strip("._-")[:60] or "model"
+    return f"{name}-{hashlib.sha256(config_bytes + str(fmt).encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class LayerFile:
+    """One layer's file as the worker will hold it: the safetensors header (with its 8-byte length), then
+    the tensors' bytes, read from the master's files when their turn comes."""
+
+    name: str
+    head: bytes
+    parts: list[Entry]
+    sums: list[bytes] = field(default_factory=list)  # each block's SHA-256 (hash)
+    digest: bytes = b""  # cake.weight_cache.content_digest of those
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + sum(e.end - e.start for e in self.parts)
+
+    def read(self, offset: int, n: int) -> bytearray:
+        """Bytes [offset, offset + n)."""
+        out = bytearray(n)
+        view = memoryview(out)
+        at = 0  # where the current piece starts in the file
+        for piece in [None, *self.parts]:
+            size = len(self.head) if piece is None else piece.end - piece.start
+            lo, hi = max(offset, at), min(offset + n, at + size)
+            if lo < hi:
+                dst = view[lo - offset:hi - offset]
+                if piece is None:
+                    dst[:] = self.head[lo - at:hi - at]
+                else:
+                    _read_exactly(piece.path, piece.start + lo - at, dst)
+            at += size
+        return out
+
+    def block_sums(self, offset: int, n: int) -> bytes:
+        """The SHA-256s of the blocks [offset, offset + n) covers (offset at a block's start)."""
+        return b"".join(self.sums[offset // BLOCK:-(-(offset + n) // BLOCK)])
+
+    def hash(self) -> None:
+        self.sums = [hashlib.sha256(self.read(at, min(BLOCK, self.size - at))).digest()
+                     for at in range(0, self.size, BLOCK)]
+        self.digest = content_digest(self.sums)
+
+
+def _read_exactly(path: Path, start: int, out: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        got = 0
+        while got < len(out):
+            n = f.readinto(out[got:])
+            if not n:
+                raise WorkerError(f"'{path}' ends early; the master's model folder is truncated")
+            got += n
+
+
+def layer_file(files: WeightFiles, config: LlamaConfig, index: int) -> LayerFile:
+    """Layer `index` of the master's folder as one safetensors file (a quantized matrix as its parts)."""
+    names = []
+    for n in DecoderLayer.tensor_names(index, config):
+        base = n.removesuffix(".weight")
+        names += [f"{base}.{p}" for p in ("qweight", "scales", "zeros") if f"{base}.{p}" in files] or [n]
+    entries = [files.entry(n) for n in names]  # a missing tensor is a clear error before anything is sent
+    meta = {"format": "pt", **{k: v for k, v in files.metadata(names[0]).items() if k.startswith("cake.")}}
+    header: dict = {"__metadata__": meta}
+    offset = 0
+    for name, e in zip(names, entries):
+        size = e.end - e.start
+        header[name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return LayerFile(f"layer-{index:05d}.safetensors", len(blob).to_bytes(8, "little") + blob, entries)
+
+
+class Channel:
+    """A worker's connection while the master supplies it, before its requests start: the frames of every
+    request (sealed with a cluster key), an answer at a time, each within the request timeout."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 seals: tuple[Seal | None, Seal | None], max_frame: int, timeout: float, label: str):
+        self.reader, self.writer = reader, writer
+        self.seal, self.opener = seals
+        self.max_frame, self.timeout, self.label = max_frame, timeout, label
+
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
+        await wire.write_message(self.writer, msg, tensor, self.seal)
+
+    async def recv(self) -> wire.Message:
+        try:
+            msg, _ = await eventloop.wait_for(wire.read_message(self.reader, self.max_frame, self.opener),
+                                              self.timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no answer in {self.timeout:g}s while supplying its weights") from None
+        except (asyncio.IncompleteReadError, wire.FrameError) as e:
+            raise ConnectionError(f"the connection broke while supplying its weights ({type(e).__name__})") from None
+        if isinstance(msg, wire.Error):
+            if msg.code in RETRIED:
+                raise ConnectionError(msg.message)
+            raise WorkerError(f"{self.label}: {msg.message}")
+        return msg
+
+    async def ask(self, msg: wire.Message, want: type, tensor: torch.Tensor | None = None):
+        await self.send(msg, tensor)
+        reply = await self.recv()
+        if not isinstance(reply, want):
+            raise WorkerError(f"{self.label} answered '{msg.TYPE}' with '{reply.TYPE}'; run the same cake version on "
+                              f"every node")
+        return reply
+
+
+class Supplier:
+    """What a master gives the workers that fetch their weights (client.Options.supply): the config, the
+    files of the layers they are to serve, and the assignment."""
+
+    def __init__(self, model_dir: str | Path, config: LlamaConfig, rate: int | None = None):
+        self.dir = Path(model_dir)
+        self.config = config
+        self.rate = rate  # bytes per second to each worker (--ship-rate); None: as fast as it goes
+        self.config_bytes = (self.dir / "config.json").read_bytes()
+        self.files = WeightFiles(self.dir)
+        probe = "model.layers.0.self_attn.q_proj.weight"
+        self.fmt = stored_quantization(self.files, probe) or Quantization()
+        self.bundle = bundle_name(self.dir, self.config_bytes, self.fmt)
+        self._made: dict[int, LayerFile] = {}
+        self._lock = threading.Lock()
+        self.sent = 0  # bytes shipped by this master, all workers together
+
+    async def __call__(self, link: WorkerLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       seals: tuple[Seal | None, Seal | None], info: wire.Info) -> wire.Info:
+        ch = Channel(reader, writer, seals, link.opt.max_frame, link.opt.request_timeout, link.label)
+        # Every time: a worker that holds another master's model takes this one (or says it is busy).
+        config = torch.frombuffer(bytearray(self.config_bytes), dtype=torch.uint8)
+        info = await ch.ask(wire.ModelConfig(self.bundle, self.fmt.scheme, self.fmt.group), wire.Info, config)
+        want = list(link.worker.layers)
+        if not want or info.layers == want:
+            return info
+        files = await self.layer_files(want)
+        await self.ship(ch, files, link)
+        return await ch.ask(self.assignment(link), wire.Info)
+
+    def assignment(self, link: WorkerLink) -> wire.Assign:
+        """The plan when the master has one that names this worker, else its own topology entry's layers."""
+        plan, w = link.opt.plan, link.worker
+        if plan is not None and w.name in plan.names:
+            return plan
+        return wire.Assign([w.name], [w.layers[0]], [w.layers[-1] + 1])
+
+    async def layer_files(self, layers: list[int]) -> list[LayerFile]:
+        """The files of these layers, hashed (once per master: a worker that comes back costs nothing)."""
+        todo = {i: layer_file(self.files, self.config, i) for i in layers if i not in self._made}
+        if todo:
+            size, t0 = gb(sum(f.size for f in todo.values())), time.monotonic()
+            if len(todo) > 1:  # a big share takes a while (every byte is read): say so first
+                log.info("hashing layers %s to ship (%s)", format_layers(list(todo)), size)
+            await asyncio.gather(*(asyncio.to_thread(self._hash, i, f) for i, f in todo.items()))
+            log.info("hashed layers %s to ship (%s) in %.1fs", format_layers(list(todo)), size, time.monotonic() - t0)
+        return [self._made[i] for i in layers]
+
+    def _hash(self, index: int, f: LayerFile) -> None:
+        f.hash()
+        with self._lock:
+            self._made[index] = f
+
+    async def ship(self, ch: Channel, files: list[LayerFile], link: WorkerLink) -> None:
+        """The manifest, then every byte the worker lacks, in chunks, WINDOW bytes unanswered at most."""
+        have = await ch.ask(wire.Manifest([f.name for f in files], [f.size for f in files],
+                                          b"".join(f.digest for f in files)), wire.Have)
+        if len(have.held) != len(files) or have.max_chunk < 1:
+            raise WorkerError(f"{link.label} answered the manifest with a malformed 'have'")
+        todo = [(i, held) for i, (f, held) in enumerate(zip(files, have.held)) if held < f.size]
+        need = sum(files[i].size - held for i, held in todo)
+        total = sum(f.size for f in files)
+        name = link.worker.name
+        if not need:
+            log.info("worker '%s' has the %d file(s) of layers %s in its cache (%s, checked by hash): nothing to "
+                     "ship", name, len(files), format_layers(link.worker.layers), gb(total))
+            return
+        resumed = sum(1 for _, held in todo if held)
+        log.info("shipping %s to worker '%s': %d of %d file(s)%s%s", gb(need), name, len(todo), len(files),
+                 f", {len(files) - len(todo)} already in its cache" if len(todo) < len(files) else "",
+                 f", {resumed} resumed" if resumed else "")
+        progress = Progress(need, lambda line: log.info("shipping to worker '%s': %s", name, line))
+        chunk = max(BLOCK, min(WINDOW, have.max_chunk) // BLOCK * BLOCK)
+        if self.rate:  # an even pace: a chunk every quarter of a second or so
+            chunk = min(chunk, max(BLOCK, self.rate // 4 // BLOCK * BLOCK))
+        window = asyncio.Semaphore(max(2, WINDOW // chunk))
+        sent: asyncio.Queue[int | None] = asyncio.Queue()
+
+        async def sender() -> None:
+            pushed, t0 = 0, time.monotonic()
+            try:
+                pieces = [(i, off, min(chunk, files[i].size - off)) for i, held in todo
+                          for off in range(held, files[i].size, chunk)]
+                ahead = asyncio.ensure_future(asyncio.to_thread(files[pieces[0][0]].read, *pieces[0][1:]))
+                for k, (i, off, n) in enumerate(pieces):
+                    data = await ahead
+                    if k + 1 < len(pieces):  # the next chunk is read while this one goes out
+                        j, o, m = pieces[k + 1]
+                        ahead = asyncio.ensure_future(asyncio.to_thread(files[j].read, o, m))
+                    await window.acquire()
+                    await ch.send(wire.Chunk(i, off, files[i].block_sums(off, n)),
+                                  torch.frombuffer(data, dtype=torch.uint8))
+                    sent.put_nowait(n)
+                    pushed += n
+                    if self.rate:  # --ship-rate
+                        await asyncio.sleep(max(0.0, pushed / self.rate - (time.monotonic() - t0)))
+            finally:
+                sent.put_nowait(None)
+
+        task = asyncio.ensure_future(sender())
+        try:
+            while (n := await sent.get()) is not None:
+                reply = await ch.recv()
+                if not isinstance(reply, wire.Ok):
+                    raise WorkerError(f"{link.label} answered a chunk with '{reply.TYPE}'")
+                progress.add(n)
+                self.sent += n
+                window.release()
+            await task  # its error, if it failed
+        finally:
+            task.cancel()
+        log.info("shipped %d file(s) to worker '%s': %s", len(todo), name, progress.summary())
