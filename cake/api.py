@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
+import functools
 import os
 import hmac
 import json
@@ -47,7 +49,8 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
 MAX_LOGPROBS = 5  # the completion's logprobs, as OpenAI allows
 MAX_BODY = 16 << 20  # bytes: a long conversation for a 128k context is a few MiB of JSON
 MAX_CONCURRENCY = 64  # generations at once (decode steps of concurrent ones are batched; a worker takes 256)
-MAX_QUEUED = 256  # requests past those that wait for a place; past them, 429
+QUEUE_PER_PLACE = 4  # requests that may wait for a place, per place; past them, 429
+TOKENIZE_INLINE = 4096  # characters: shorter text is tokenized on the event loop (well under a millisecond)
 MAX_TOKEN_BYTES = 256  # of text one token stands for at most, in any tokenizer cake serves (Llama 3's longest: 128)
 SHUTDOWN_TIMEOUT = 5.0  # seconds running requests get to wind down before their handlers are cancelled
 PAGES = {"/": "chat.html", "/cluster": "cluster.html"}  # public paths -> the page each serves (cake/static)
@@ -171,6 +174,16 @@ def _refuse_what_cannot_fit(chars: int, capacity: int, param: str) -> None:
     if chars > capacity * MAX_TOKEN_BYTES:
         raise ApiError(400, f"the {param} ({chars} characters) cannot fit the context of {capacity} tokens; "
                             f"shorten it", param=param, code="context_length_exceeded")
+
+
+def _text_length(body: object) -> int:
+    """Characters of prompt or message text a request body carries: what tokenizing spends its time on."""
+    if not isinstance(body, dict):
+        return 0
+    messages = body.get("messages")
+    texts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    texts.append(body.get("prompt"))
+    return sum(len(t) for t in texts if isinstance(t, str))
 
 
 def parse_request(body: object, chat: bool, tokenizer: Tokenizer, defaults: SamplingParams, capacity: int,
@@ -422,7 +435,7 @@ class ApiServer:
 
     def __init__(self, master: Master, tokenizer: Tokenizer, eos: tuple[int, ...], model_id: str,
                  defaults: SamplingParams, default_max_tokens: int = 256, api_key: str | None = None,
-                 topology: str | None = None):
+                 topology: str | None = None, max_concurrency: int = MAX_CONCURRENCY):
         self.master, self.tokenizer, self.eos = master, tokenizer, eos
         self.model_id = model_id
         self.defaults = defaults
@@ -436,7 +449,9 @@ class ApiServer:
         self.port = 0
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.max_concurrency, self.max_queued = MAX_CONCURRENCY, MAX_QUEUED
+        self.max_concurrency, self.max_queued = max_concurrency, QUEUE_PER_PLACE * max_concurrency
+        # One thread, so the tokenizer is never entered twice at once; long texts wait there, not on the loop.
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cake-tokenize")
         self._admitted = 0  # generating or waiting for a place
         self._places: asyncio.Semaphore | None = None
 
@@ -478,6 +493,7 @@ class ApiServer:
             await runner.cleanup()
             await self.view.close()
             await self.master.close()
+            self._tokenizing.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     def stop(self) -> None:
@@ -528,7 +544,9 @@ class ApiServer:
         return web.json_response(self.view.snapshot().to_json())
 
     def _model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "cake"}
+        config = self.master.config
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "cake",
+                "architecture": config.arch, "context_length": self.master.capacity}
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})
@@ -567,8 +585,12 @@ class ApiServer:
             self._admitted -= 1
 
     async def _generate(self, request: web.Request, body: object, chat: bool) -> web.StreamResponse:
-        req = parse_request(body, chat, self.tokenizer, self.defaults, self.master.capacity, self.default_max_tokens,
-                            self.master.config.vocab_size)
+        parse = functools.partial(parse_request, body, chat, self.tokenizer, self.defaults, self.master.capacity,
+                                  self.default_max_tokens, self.master.config.vocab_size)
+        if _text_length(body) > TOKENIZE_INLINE:  # other requests, /v1/models too, are answered meanwhile
+            req = await asyncio.get_running_loop().run_in_executor(self._tokenizing, parse)
+        else:
+            req = parse()
         if self.stopping:
             raise ApiError(503, "the server is shutting down", kind="server_error")
         run = Run(self.master, self.tokenizer, self.eos, req, on_token=self.view.token)
@@ -663,7 +685,7 @@ def parse_api_address(value: str) -> tuple[str, int]:
     return parsed
 
 
-def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
+def build_server(args: MasterArgs, api_key: str | None = None, max_concurrency: int = MAX_CONCURRENCY) -> ApiServer:
     """The master, tokenizer and defaults of `cake --api`: the sampling flags, else generation_config.json
     (greedy when it does not sample), and --max-tokens become the defaults of requests that omit them."""
     if args.max_tokens < 1:
@@ -671,14 +693,15 @@ def build_server(args: MasterArgs, api_key: str | None = None) -> ApiServer:
     defaults = sampling_params(args)
     master, tokenizer, eos = build_master(args, compute_in_thread=True)  # local maths off the event loop
     return ApiServer(master, tokenizer, eos, Path(args.model_dir).resolve().name, defaults, args.max_tokens, api_key,
-                     args.topology)
+                     args.topology, max_concurrency)
 
 
-def run_api(args: MasterArgs, address: str, api_key: str | None = None) -> None:
+def run_api(args: MasterArgs, address: str, api_key: str | None = None,
+            max_concurrency: int = MAX_CONCURRENCY) -> None:
     """`cake --mode master --api HOST:PORT`: serve the cluster until SIGINT/SIGTERM."""
     host, port = parse_api_address(address)
     eventloop.busy_poll_us("cpu", args.busy_poll)  # a bad value fails before the weights load
-    server = build_server(args, api_key)
+    server = build_server(args, api_key, max_concurrency)
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the cluster", host)
     eventloop.run(_serve_until_signalled(server, host, port), eventloop.busy_poll_us(server.master.device.type,

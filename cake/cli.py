@@ -129,6 +129,9 @@ class CakeCommand(click.Command):
               help="Master: serve an OpenAI-compatible API here (a bare PORT binds 127.0.0.1) instead of one prompt.")
 @click.option("--api-key", envvar="CAKE_API_KEY", default=None, show_envvar=True,
               help="Master with --api: require 'Authorization: Bearer KEY' on API requests.")
+@click.option("--max-concurrency", type=int, default=64,
+              help="Master with --api: generations at once (their decode steps are batched); up to 4 times as "
+                   "many requests wait for a place, and past them a request gets a 429.")
 @click.option("--ship-rate", default=None, metavar="SIZE",
               help="Master: most bytes a second it ships weights at to each worker without model files (50MB, "
                    "1GB) [default: as fast as the network and the worker's disk take them].")
@@ -142,7 +145,7 @@ class CakeCommand(click.Command):
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def main(mode, model_dir, topology, name, address, device, dtype, quantize, group_size, max_memory, threads, cuda_graphs, busy_poll, context, cluster_key, kv_budget, cache_dir, max_frame_mb, prompt,
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
-         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, ship_rate, plan_only, check, verbose,
+         retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, max_concurrency, ship_rate, plan_only, check, verbose,
          quiet):
     """Distributed Llama 3 inference: run a worker on each machine, then a master to generate.
     `cake keygen` prints a new random --cluster-key."""
@@ -204,7 +207,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
     if api:
         from cake.api import run_api
 
-        run_edge(run_api, args, api, api_key)
+        run_edge(run_api, args, api, api_key, max_concurrency)
         return
     run_edge(run_master, args)
 
@@ -212,9 +215,9 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
 WORKER_ONLY = ("name", "address", "kv_budget", "max_frame_mb", "cache_dir")
 MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "top_k", "top_p", "repeat_penalty",
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
-               "api_key", "plan_only", "check", "ship_rate")
+               "api_key", "max_concurrency", "plan_only", "check", "ship_rate")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
-POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size")
+POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size", "max_concurrency")
 AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")
 
 

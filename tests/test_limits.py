@@ -197,6 +197,54 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(api, chat
     assert time.monotonic() - t0 < 5
 
 
+def test_a_long_text_is_tokenized_off_the_event_loop_and_other_requests_are_answered_meanwhile(api):
+    """The tokenizer is held inside a long prompt (the test holds it); /v1/models is answered meanwhile, and
+    the long request completes once tokenizing does."""
+    import threading
+
+    tokenizer = api.server.tokenizer
+    entered, release = threading.Event(), threading.Event()
+    encode = tokenizer.encode_raw
+
+    def held(text: str) -> list[int]:
+        if len(text) > 4096:
+            entered.set()
+            assert release.wait(60)
+        return encode(text)
+
+    tokenizer.encode_raw = held
+    answers = []
+    long = threading.Thread(target=lambda: answers.append(
+        post_raw(api.url + "/v1/completions", json.dumps({"prompt": "tok " * 2000, "max_tokens": 1}).encode())))
+    try:
+        long.start()
+        assert entered.wait(60)
+        with urllib.request.urlopen(api.url + "/v1/models", timeout=10) as r:
+            card = json.loads(r.read())["data"][0]
+        assert not release.is_set() and long.is_alive()  # answered while the long text was being tokenized
+        assert card["architecture"] == "llama" and card["context_length"] == 4096
+    finally:
+        release.set()
+        long.join(60)
+        tokenizer.encode_raw = encode
+    assert answers and answers[0][0] == 200 and answers[0][2]["usage"]["prompt_tokens"] > 2000
+
+
+def test_max_concurrency_is_an_option_of_the_api(tiny_model):
+    """`--max-concurrency` reaches the server: 1 place and a queue of 4; 0 is refused by name."""
+    import subprocess
+    import sys
+
+    from cake.api import build_server
+    from cake.run_master import MasterArgs
+
+    server = build_server(MasterArgs(model_dir=str(tiny_model)), max_concurrency=1)
+    assert (server.max_concurrency, server.max_queued) == (1, 4)
+    r = subprocess.run([sys.executable, "-m", "cake.cli", "--model", str(tiny_model), "--api", "1",
+                        "--max-concurrency", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--max-concurrency 0 must be above 0" in r.stderr
+
+
 def test_past_the_concurrency_cap_and_its_queue_requests_get_openais_429(api):
     from test_api import send_request
 
