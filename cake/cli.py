@@ -9,6 +9,7 @@ import sys
 import click
 
 from cake.auth import ENV_KEY
+from cake.command import Command
 from cake import __version__
 from cake.dtypes import CHOICES as DTYPE_CHOICES
 from cake.eventloop import ENV as BUSY_POLL_ENV
@@ -35,7 +36,7 @@ def run_edge(fn, *args, **kwargs):
         sys.exit(130)
 
 
-@click.command("keygen", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("keygen", cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 def keygen() -> None:
     """Print a new random cluster key (256 bits, as 64 hex digits) on stdout, nothing else: give it to every
     node as --cluster-key or CAKE_CLUSTER_KEY."""
@@ -44,7 +45,7 @@ def keygen() -> None:
     click.echo(new_key())
 
 
-class CakeCommand(click.Command):
+class CakeCommand(Command):
     """The one command, plus `cake keygen` as a word of its own before any option."""
 
     def main(self, args=None, **kwargs):
@@ -54,11 +55,11 @@ class CakeCommand(click.Command):
         return super().main(args, **kwargs)
 
 
-@click.command(cls=CakeCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command("cake", cls=CakeCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, "--version", prog_name="cake")
 @click.option("--mode", type=click.Choice(["master", "worker"]), default="master", help="Run as master or worker.")
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Llama 3 model folder (or a cake-split-model bundle, for a worker). A worker without it takes "
+              help="Model folder (or a cake-split-model bundle, for a worker). A worker without it takes "
                    "the model's config and its layers from the master, into --cache-dir.")
 @click.option("--topology", type=click.Path(dir_okay=False), default=None,
               help="Topology YAML; without it every layer runs on the master (a worker started from a "
@@ -147,7 +148,7 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
          system_prompt, raw, max_tokens, temperature, top_k, top_p, repeat_penalty, repeat_last_n, seed,
          retry_timeout, request_timeout, relay, pipeline, output_ids, api, api_key, max_concurrency, ship_rate, plan_only, check, verbose,
          quiet):
-    """Distributed Llama 3 inference: run a worker on each machine, then a master to generate.
+    """Distributed LLM inference: run a worker on each machine, then a master to generate.
     `cake keygen` prints a new random --cluster-key."""
     setup_logging(verbose, quiet)
     check_flags(click.get_current_context(), mode, api, check)
@@ -217,8 +218,8 @@ MASTER_ONLY = ("prompt", "system_prompt", "raw", "max_tokens", "temperature", "t
                "repeat_last_n", "seed", "retry_timeout", "request_timeout", "relay", "pipeline", "output_ids", "api",
                "api_key", "max_concurrency", "plan_only", "check", "ship_rate")
 ONE_PROMPT = ("prompt", "system_prompt", "raw", "output_ids")  # what --api and --check have no use for
-POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size", "max_concurrency")
-AT_LEAST_ZERO = ("threads", "max_frame_mb", "max_tokens", "repeat_last_n", "context")
+POSITIVE = ("kv_budget", "retry_timeout", "request_timeout", "group_size", "max_concurrency", "max_tokens")
+AT_LEAST_ZERO = ("threads", "max_frame_mb", "repeat_last_n", "context")
 
 
 def parse_rate(text: str) -> int:

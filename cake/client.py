@@ -137,9 +137,10 @@ class WorkerLink:
             reader, writer = await eventloop.wait_for(
                 asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            # asyncio's strerror is "Connect call failed (address)": say what failed (Connection refused).
-            reason = os.strerror(e.errno) if getattr(e, "errno", None) else type(e).__name__
-            raise ConnectionError(f"cannot connect: {reason}") from None
+            # asyncio's strerror is "Connect call failed (address)": say what failed ("connection refused").
+            reason = (os.strerror(e.errno).lower() if getattr(e, "errno", None) else
+                      f"no answer within {timeout:.0f}s" if isinstance(e, asyncio.TimeoutError) else type(e).__name__)
+            raise ConnectionError(reason) from None
         try:
             wire.tune_socket(writer)  # a ConnectionError when the worker reset it at once: another attempt follows
             info, seals = await eventloop.wait_for(self._handshake(reader, writer), timeout)
@@ -339,7 +340,7 @@ class WorkerLink:
                 return
             except ConnectionError as e:
                 if not reason and self.generation == 0:  # at start-up: say what is awaited, not 30 s of silence
-                    log.warning("%s: %s; retrying for up to %gs (is it started, at that address?)", self.label, e,
+                    log.warning("%s: %s; retrying for up to %.0fs (is it started, at that address?)", self.label, e,
                                 max(0.0, deadline - time.monotonic()))
                 reason = str(e)
             if time.monotonic() + delay > deadline:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from cake.command import Command
+
 from cake import launch
 from cake.cli import run_edge, setup_logging
 from cake.run_master import MasterArgs, run_master
@@ -47,7 +49,7 @@ def demo(workdir: Path, prompt: str, max_tokens: int, layers: int, hidden: int) 
         click.echo("workers stopped", err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command("cake-demo", cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--prompt", default="Tell me about distributed inference.", help="The prompt.")
 @click.option("--max-tokens", "-n", default=32, help="Tokens to generate.")
 @click.option("--layers", default=8, help="Decoder layers of the demo model.")

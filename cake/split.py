@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from cake.command import Command
+
 import torch
 
 from cake.errors import CakeError, ModelError
@@ -203,7 +205,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
     return bundles
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("cake-split-model", cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model-path", required=True, type=click.Path(exists=True, file_okay=False), help="Source model folder.")
 @click.option("--topology", required=True, type=click.Path(dir_okay=False), help="Topology YAML.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Where the bundles go.")

@@ -142,3 +142,39 @@ def test_help_and_version_answer_without_loading_torch():
     v = subprocess.run([sys.executable, "-m", "cake", "--version"], capture_output=True, text=True, timeout=60)
     from cake import __version__
     assert v.returncode == 0 and v.stdout.strip() == f"cake, version {__version__}"
+
+
+def cake(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cake", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--frobnicate"], "error: No such option '--frobnicate'."),
+    (["--mode", "boss"], "error: Invalid value for '--mode': 'boss' is not one of 'master', 'worker'."),
+    (["-n", "0"], "error: --max-tokens 0 must be above 0"),
+])
+def test_usage_errors_are_one_line_in_the_style_of_every_other_error(args, line, tiny_model):
+    r = cake("--model", str(tiny_model), *args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == f"{line} (see cake --help)", r.stderr
+    split = subprocess.run([sys.executable, "-m", "cake.split", "--topology", "t.yml"], capture_output=True,
+                           text=True, timeout=60)
+    assert split.returncode == 2 and split.stderr.strip() == ("error: Missing option '--model-path'. "
+                                                              "(see cake-split-model --help)"), split.stderr
+
+
+def test_a_context_above_the_models_length_says_it_was_capped(tiny_model):
+    r = cake("--model", str(tiny_model), "-n", "1", "-p", "hi", "--context", "100000")
+    assert r.returncode == 0, r.stderr
+    assert "--context 100000 is more than the model's 8192 positions: capped to 8192" in r.stderr
+
+
+def test_a_worker_nothing_listens_for_is_connection_refused_in_whole_seconds(tiny_model, tmp_path):
+    port = launch.free_port()
+    topology = write_topology(tmp_path / "t.yml", {"w": (port, ["model.layers.0-5"])})
+    r = cake("--model", str(tiny_model), "--topology", str(topology), "-n", "1", "--retry-timeout", "1.5")
+    assert r.returncode == 1
+    assert f"worker 'w' at 127.0.0.1:{port}: connection refused; retrying for up to 1s" in r.stderr \
+        or f"worker 'w' at 127.0.0.1:{port}: connection refused; retrying for up to 2s" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: worker 'w' at 127.0.0.1:{port} is unreachable (connection refused) after 1.5s"), r.stderr

@@ -12,7 +12,7 @@ import torch
 
 from cake.devices import dtype_name, pick_device, pick_dtype
 from cake.errors import ModelError
-from cake.memory import check_room, free_memory
+from cake.memory import check_room, free_memory, gb
 from cake.model import quant
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import DecoderLayer, Head, LayerStack
@@ -30,7 +30,14 @@ def resolve_context(config: LlamaConfig, context: int | None) -> int:
     want = context or DEFAULT_CONTEXT
     if want < 1:
         raise ModelError(f"--context must be at least 1, got {want}")
+    if context and context > config.max_position_embeddings and context not in _said_capped:
+        _said_capped.add(context)  # once per process, not once per load
+        log.warning("--context %d is more than the model's %d positions: capped to %d", context,
+                    config.max_position_embeddings, config.max_position_embeddings)
     return min(want, config.max_position_embeddings)
+
+
+_said_capped: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -205,8 +212,9 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
             log.info("loading layers: %d of %d done", k + 1, len(layers))
     stack = LayerStack(config, built, resolve_context(config, context), dt, dev, fmt)
     if layers:
-        log.info("loaded %d layer(s) on %s as %s, weights %s, %.2f GB in %.1fs", len(layers), dev, dtype_name(dt),
-                 fmt, stack.weight_bytes / 1e9, time.perf_counter() - t0)
+        log.info("loaded %d layer(s) on %s as %s%s, %s in %.1fs", len(layers), dev, dtype_name(dt),
+                 "" if fmt.scheme == "none" else f" with {fmt} matrices", gb(stack.weight_bytes),
+                 time.perf_counter() - t0)
     return stack, config
 
 
