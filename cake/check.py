@@ -1,9 +1,10 @@
 """`cake --check`: reach every worker in the topology and show what it serves, without loading weights.
 
 For setting up a cluster: each worker's handshake (version, cluster key, layers against the topology),
-its device, dtype, context and free memory, and the round-trip time to it; then, for each pair of
-consecutive workers, whether the first can relay hidden states to the second (one token of zeros
-through both, in a throwaway session).
+its device, dtype, context and free memory, and the round-trip time to it; where workers list no layers,
+the plan the master would make and what it would ship to workers without model files; then, for each pair
+of consecutive workers that serve their layers, whether the first can relay hidden states to the second
+(one token of zeros through both, in a throwaway session).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
 from cake.master import (RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said,
                          worker_hardware)
-from cake.model.config import load_config
-from cake.topology import Stage, Worker, format_layers, load_topology
+from cake.model.config import LlamaConfig, load_config
+from cake.run_master import MasterArgs
+from cake.shipping import Supplier
+from cake.topology import Stage, Topology, Worker, format_layers, load_topology
 
 PINGS = 5
 RELAY_PROBE_TIMEOUT = 10.0  # seconds for one token through two workers' layers
@@ -87,44 +90,88 @@ async def probe_relay(a: Stage, b: Stage, hidden_size: int, options: Options) ->
             link.shutdown()
 
 
-def run_check(model_dir: str, topology_path: str | None, options: Options, device: str = "auto") -> None:
-    config = load_config(model_dir)
-    topology = load_topology(topology_path)
-    stages = topology.stages(config.num_hidden_layers)
+def run_check(args: MasterArgs, options: Options) -> None:
+    config = load_config(args.model_dir)
+    topology = load_topology(args.topology)
+    topology.check_layers(config.num_hidden_layers)
+    supplier = _supplier(args, config, topology)
+    options = replace(options, supply=supplier, look=True)
     statuses = asyncio.run(_probe_all(list(topology.workers.values()), options))
     for st in statuses:  # what the master would refuse when it connects
         if st.info is not None:
             st.error = model_mismatch(st.info, config)
     ready = not any(st.error for st in statuses)
+    planned, plan_lines = topology, []
+    if topology.unplaced and ready:
+        planned, plan_lines = _plan(args, config, topology, statuses)
+    stages = planned.stages(config.num_hidden_layers) if not planned.unplaced else []
     relays = []
     if ready and options.relay:
-        relays = asyncio.run(_probe_relays(relay_pairs(stages), config.hidden_size, options))
-    local = [i for s in stages if s.worker is None for i in range(s.start, s.end)]
-    print(f"{config.arch}: {config.num_hidden_layers} layers in {len(stages)} stage(s): "
-          + " -> ".join(map(str, stages)))
-    print("master: embedding, head" + (f", layers {format_layers(local)}" if local else ""))
+        relays = asyncio.run(_probe_relays(relay_pairs(stages), config.hidden_size, options, statuses))
+    local = [i for i in range(config.num_hidden_layers) if i not in planned.owner_of()]
+    print(f"{config.arch}: {config.num_hidden_layers} layers"
+          + (f" in {len(stages)} stage(s): " + " -> ".join(map(str, stages)) if stages else ""))
+    print("\n".join(plan_lines) or "master: embedding, head" + (f", layers {format_layers(local)}" if local else ""))
     for st in statuses:
-        w = st.worker
-        if st.error:
-            print(f"{w.name} ({w.address}): ERROR {st.error}")
-            continue
-        i = st.info
-        print(f"{w.name} ({w.address}): ok, layers {format_layers(i.layers)} on {i.device} ({i.dtype}"
-              f"{quantization_said(i)}), "
-              f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
-              + (f", weights {gb(i.weight_bytes)}" if i.weight_bytes else "")
-              + ("; its topology file differs from this one (it relays to the workers its own file names)"
-                 if i.topology and i.topology != topology.digest else ""))
+        print(_worker_line(st, planned, topology, supplier))
     for (a, b), problem in relays:
-        if problem:
+        if problem is None:
+            print(f"relay {a} -> {b}: not tried (a worker on it takes its layers when the master starts)")
+        elif problem:
             print(f"relay {a} -> {b}: FAILED, the master will carry these hidden states itself: {problem}")
         else:
             print(f"relay {a} -> {b}: ok")
-    if ready:
-        print(pipeline_line(stages, statuses, options, device))
+    if ready and stages:
+        print(pipeline_line(stages, statuses, options, args.device))
     bad = [st.worker.name for st in statuses if st.error]
     if bad:
         raise CakeError(f"{len(bad)} of {len(statuses)} worker(s) not ready: {', '.join(bad)}; see above")
+
+
+def _supplier(args: MasterArgs, config: LlamaConfig, topology: Topology) -> Supplier | None:
+    """A worker without model files is given the config (it measures a layer then), never a layer."""
+    return Supplier(args.model_dir, config) if topology.workers else None
+
+
+def _plan(args: MasterArgs, config: LlamaConfig, topology: Topology,
+          statuses: list[WorkerStatus]) -> tuple[Topology, list[str]]:
+    """The plan the master would make now, as lines for the check (cake.placement)."""
+    from cake import placement
+
+    master = placement.master_node(config, args.model_dir, args.device, args.dtype, args.quantize, args.group_size,
+                                   args.context, args.max_memory)
+    found = {st.worker.name: (st.info, st.rtt_ms) for st in statuses}
+    planned, result, nodes = placement.make_plan(config, topology, master, found)
+    local = [i for i in range(config.num_hidden_layers) if i not in planned.owner_of()]
+    m = nodes["master"]
+    return planned, [f"plan: one decode token about {result.token_ms:.2f} ms (layers x time per layer + one hop "
+                     f"per worker); `cake --plan` prints it as a topology file",
+                     f"master: embedding, head, layers {format_layers(local) if local else 'none'}; "
+                     f"{m.layer_ms:.3f} ms a layer, room {gb(m.room)} for {m.capacity} layer(s)"]
+
+
+def _worker_line(st: WorkerStatus, planned: Topology, topology: Topology, supplier: Supplier | None) -> str:
+    w = st.worker
+    if st.error:
+        return f"{w.name} ({w.address}): ERROR {st.error}"
+    i = st.info
+    layers = planned.workers[w.name].layers
+    placed = not topology.workers[w.name].layers
+    line = (f"{w.name} ({w.address}): ok, {'planned ' if placed else ''}layers "
+            f"{format_layers(layers) if layers else 'none'} on {i.device} ({i.dtype}{quantization_said(i)}), "
+            f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
+            + (f", weights {gb(i.weight_bytes)}" if i.weight_bytes else ""))
+    if i.layer_us:
+        line += (f", {i.layer_us / 1e3:.3f} ms a layer, room {gb(i.room)} for "
+                 f"{i.room // max(1, i.layer_bytes)} layer(s)")
+    if i.fetches and supplier is not None and layers and list(i.layers) != list(layers):
+        line += (f"; no model files: the master ships it layers {format_layers(layers)}, "
+                 f"{gb(supplier.ship_size(layers))} at most (what its cache holds, checked by hash, is not sent)")
+    elif i.fetches and layers:
+        line += "; no model files: its cache holds its layers"
+    if i.topology and i.topology != topology.digest:
+        line += "; its topology file differs from this one (it relays to the workers its own file names)"
+    return line
 
 
 def pipeline_line(stages: list[Stage], statuses: list[WorkerStatus], options: Options, device: str) -> str:
@@ -142,5 +189,10 @@ async def _probe_all(workers: list[Worker], options: Options) -> list[WorkerStat
     return list(await asyncio.gather(*(probe(w, options) for w in workers)))
 
 
-async def _probe_relays(pairs: list[tuple[Stage, Stage]], hidden_size: int, options: Options):
-    return [((a, b), await probe_relay(a, b, hidden_size, options)) for a, b in pairs]
+async def _probe_relays(pairs: list[tuple[Stage, Stage]], hidden_size: int, options: Options,
+                        statuses: list[WorkerStatus]):
+    """Each pair's problem ('' for none), or None where a worker does not serve its stage's layers yet."""
+    serving = {st.worker.name: list(st.info.layers) for st in statuses if st.info is not None}
+    ready = [serving.get(s.worker.name) == list(range(s.start, s.end)) for a, b in pairs for s in (a, b)]
+    return [((a, b), await probe_relay(a, b, hidden_size, options) if ready[2 * k] and ready[2 * k + 1] else None)
+            for k, (a, b) in enumerate(pairs)]

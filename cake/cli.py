@@ -183,13 +183,6 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         return
     if not model_dir:
         raise click.UsageError("the master needs --model: the model folder it runs and ships to the workers")
-    if check:
-        from cake.check import run_check
-        from cake.client import Options
-
-        run_edge(run_check, model_dir, topology, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay,
-                                                         pipeline=pipeline), device)
-        return
     from cake.run_master import MasterArgs, run_master
 
     args = MasterArgs(
@@ -200,6 +193,13 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         output_ids=output_ids, quiet=quiet,
         busy_poll=busy_poll, quantize=quantize, group_size=group_size, max_memory=max_memory, ship_rate=ship_rate,
     )
+    if check:
+        from cake.check import run_check
+        from cake.client import Options
+
+        run_edge(run_check, args, Options(key=cluster_key, retry_timeout=retry_timeout, relay=relay,
+                                          pipeline=pipeline))
+        return
     if plan_only:
         from cake.run_master import run_plan
 

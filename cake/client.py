@@ -68,6 +68,8 @@ class Options:
     pipeline: str = "auto"  # a long prompt's chunks flow through the stages one behind another (Master)
     plan: wire.Assign | None = None  # the master's placement, for a worker that restarted without its layers
     supply: Callable | None = None  # gives a worker without model files its config and layers (cake.shipping)
+    look: bool = False  # --check, --plan: connect to look, not to serve: a worker without model files gets the
+    # config (so it measures a layer) but no layers, and may not hold the layers its entry lists yet
 
 
 def discard(writer: asyncio.StreamWriter) -> None:
@@ -168,7 +170,7 @@ class WorkerLink:
             if not isinstance(info, wire.Info):
                 writer.close()
                 raise WorkerError(f"{self.label} refused its layers: {getattr(info, 'message', info)}")
-        if info.layers != want:
+        if info.layers != want and not (self.opt.look and info.fetches):
             writer.close()
             raise WorkerError(
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "

@@ -25,6 +25,7 @@ from cake.topology import Topology, Worker, format_layers
 log = logging.getLogger("cake.placement")
 
 TIMED_STEPS = 7
+MEASURE_S = 0.2  # seconds of steps at least, for a layer that takes less (up to 60 steps)
 
 
 def layer_bytes(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, context: int) -> int:
@@ -59,14 +60,16 @@ def measure_layer_us(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype,
     stack.graphs = None
     cache = KVCache([index], c, 64, dtype, device)
     x = torch.randn(1, 1, c.hidden_size, generator=gen).to(device, dtype)
-    times = []
-    for step in range(2 + TIMED_STEPS):
+    times, start = [], time.perf_counter()
+    # The least disturbed step, over a fifth of a second at least: another process starting up beside this
+    # one (a worker's neighbour, on a shared machine) would otherwise take every one of a few short steps.
+    while len(times) < 2 + TIMED_STEPS or (time.perf_counter() - start < MEASURE_S and len(times) < 62):
         _sync(device)
         t0 = time.perf_counter()
-        stack.forward(x, [Row(cache, step)], index, index + 1)
+        stack.forward(x, [Row(cache, len(times))], index, index + 1)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return max(1, int(1e6 * min(times[2:])))  # the least disturbed step: other processes share this machine
+    return max(1, int(1e6 * min(times[2:])))
 
 
 def _sync(device: torch.device) -> None:

@@ -129,7 +129,7 @@ def run_plan(args: MasterArgs) -> None:
         raise CakeError("every worker in the topology lists its layers: nothing to plan; leave out 'layers' for the "
                         "workers the master should place (and start them with that file)")
     options = Options(key=args.key, retry_timeout=args.retry_timeout, request_timeout=args.request_timeout,
-                      supply=supplier(args, config, topology))
+                      supply=supplier(args, config, topology), look=True)
     _, text = plan_cluster(args, config, topology, options, assign=False)
     sys.stdout.write(text)
 

@@ -192,11 +192,15 @@ class Supplier:
         config = torch.frombuffer(bytearray(self.config_bytes), dtype=torch.uint8)
         info = await ch.ask(wire.ModelConfig(self.bundle, self.fmt.scheme, self.fmt.group), wire.Info, config)
         want = list(link.worker.layers)
-        if not want or info.layers == want:
+        if not want or info.layers == want or link.opt.look:
             return info
         files = await self.layer_files(want)
         await self.ship(ch, files, link)
         return await ch.ask(self.assignment(link), wire.Info)
+
+    def ship_size(self, layers: list[int]) -> int:
+        """Bytes the files of these layers take (headers read, nothing hashed): the most a worker is sent."""
+        return sum(layer_file(self.files, self.config, i).size for i in layers)
 
     def assignment(self, link: WorkerLink) -> wire.Assign:
         """The plan when the master has one that names this worker, else its own topology entry's layers."""

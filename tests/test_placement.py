@@ -59,3 +59,36 @@ def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_
     assert run(go()) == (want, want)
     assert "assigns layers" in c.log("a").read_text()
     assert c.log("b").read_text().count("assigns layers") == 2
+
+
+def test_check_shows_the_plan_and_what_would_be_shipped_and_ships_nothing(tiny_model, cluster, tmp_path):
+    """`cake --check` on unplaced workers, one without model files: the plan, each node's time per layer and
+    room, and the bytes the master would ship (the layers' weights: 43008 f32 each, plus a header); no file
+    reaches the worker's cache and no worker takes layers."""
+    import re
+
+    c = cluster(None, {"a": [], "b": []}, models={"a": tiny_model}, start=False)
+    lines = c.topology.read_text().splitlines()
+    c.topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+    cache = tmp_path / "cache-b"
+    c.extras = {"a": ("--max-memory", f"{int(2.5 * LAYER)}B"),
+                "b": ("--max-memory", f"{int(5.5 * LAYER)}B", "--cache-dir", str(cache))}
+    c.start_all()
+    shown = subprocess.run([sys.executable, "-m", "cake", "--model", str(tiny_model), "--topology", str(c.topology),
+                            "--check", "--max-memory", "0", "--device", test_device()],
+                           capture_output=True, text=True, timeout=180)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    out = shown.stdout
+    assert re.search(r"^plan: one decode token about [\d.]+ ms", out, re.M), out
+    assert "master: embedding, head, layers none;" in out
+    rows = {m[0]: m for m in re.findall(r"^(\w) \(127\.0\.0\.1:\d+\): ok, planned layers ([\d-]+) .*?, ([\d.]+) ms "
+                                          r"a layer, room [\d.]+ MB for (\d) layer\(s\)(.*)$", out, re.M)}
+    assert set(rows) == {"a", "b"}, out
+    assert (rows["a"][3], rows["b"][3]) == ("2", "5")  # room over one layer's weights and KV cache
+    first, _, last = rows["b"][1].partition("-")
+    n = int(last or first) - int(first) + 1
+    shipped = re.search(r"no model files: the master ships it layers [\d-]+, ([\d.]+) MB at most", rows["b"][4])
+    assert shipped and abs(float(shipped[1]) - n * (43008 + 2 * 64) * 4 / 1e6) < 0.01 * n + 0.05, out
+    assert re.search(r"^relay a\[[\d-]+\] -> b\[[\d-]+\]: not tried", out, re.M), out
+    assert not list(cache.rglob("*.safetensors")) and not list(cache.rglob("*.part"))
+    assert "assigns layers" not in c.log("a").read_text() + c.log("b").read_text()
