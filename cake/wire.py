@@ -522,13 +522,39 @@ async def _read_sealed_head(reader: asyncio.StreamReader, prefix: bytes, max_fra
 
 async def _read_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None) -> bytes | bytearray:
     if seal is None:
-        return await reader.readexactly(size)
+        payload = bytearray(size)  # the buffer the tensor is made on: bytes are copied once, into it
+        await _read_into(reader, payload)
+        return payload
     payload = bytearray(size)  # the buffer the tensor is made on: the AEAD's copy is the only one
     try:
         seal.open_into(await reader.readexactly(size + TAG), b"", payload)
     except SealBroken:
         raise FrameError(BROKEN_SEAL) from None
     return payload
+
+
+async def _read_into(reader: asyncio.StreamReader, out: bytearray) -> None:
+    """Fill `out` from the stream, moving bytes from asyncio's buffer straight into it: readexactly would
+    copy them into a bytes object first, and the tensor needs a writable buffer (a second copy). asyncio
+    has no readinto; this uses the StreamReader's buffer as readexactly does, else falls back to it."""
+    if not (isinstance(getattr(reader, "_buffer", None), bytearray) and hasattr(reader, "_wait_for_data")):
+        out[:] = await reader.readexactly(len(out))
+        return
+    view, got = memoryview(out), 0
+    while got < len(out):
+        if not reader._buffer:
+            if reader._exception is not None:
+                raise reader._exception
+            if reader._eof:
+                raise asyncio.IncompleteReadError(bytes(out[:got]), len(out))
+            await reader._wait_for_data("readinto")
+            continue
+        n = min(len(reader._buffer), len(out) - got)
+        with memoryview(reader._buffer) as buffered:
+            view[got:got + n] = buffered[:n]
+        del reader._buffer[:n]
+        got += n
+        reader._maybe_resume_transport()
 
 
 def _msgpack_with_other_keys(head: bytes) -> bool:

@@ -227,3 +227,31 @@ def test_a_sealed_frame_over_the_limit_is_refused_before_its_payload_is_read():
     with pytest.raises(wire.FrameError, match="outside the limit") as e:
         asyncio.run(go())
     assert e.value.oversized
+
+
+def test_a_payload_arriving_in_pieces_is_read_whole_into_a_writable_tensor_and_a_cut_one_is_incomplete():
+    """Unsealed payloads are read straight from the stream's buffer into the tensor's (wire._read_into):
+    pieces of any size make the same tensor, it can be written, and a stream that ends midway is an
+    IncompleteReadError as readexactly gave."""
+    x = torch.randn(3, 5, 64)
+    data = b"".join(bytes(p) for p in wire.encode(wire.Forward(3, 0, 2, ["s"], [0]), x))
+
+    async def read(pieces: list[int], eof_at: int | None = None):
+        reader = asyncio.StreamReader(limit=1 << 10)
+        got = asyncio.ensure_future(wire.read_message(reader, 1 << 24))
+        at = 0
+        end = len(data) if eof_at is None else eof_at
+        for n in pieces:
+            reader.feed_data(data[at:min(at + n, end)])
+            at = min(at + n, end)
+            await asyncio.sleep(0)  # the reader takes what has come before the next piece
+        if eof_at is not None:
+            reader.feed_eof()
+        return await got
+
+    for pieces in ([len(data)], [1] * 64 + [len(data) - 64], [700] * (len(data) // 700 + 1)):
+        msg, t = asyncio.run(read(pieces))
+        assert msg == wire.Forward(3, 0, 2, ["s"], [0]) and torch.equal(t, x)
+        t += 1  # writable: the frame's own buffer, not a read-only bytes object
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(read([500] * 20, eof_at=len(data) - 100))
