@@ -170,7 +170,9 @@ class WorkerLink:
             if not isinstance(info, wire.Info):
                 writer.close()
                 raise WorkerError(f"{self.label} refused its layers: {getattr(info, 'message', info)}")
-        if info.layers != want and not (self.opt.look and info.fetches):
+        # Looking, a worker the master places may serve an earlier plan's layers, and one without model
+        # files may not hold its layers yet.
+        if info.layers != want and not (self.opt.look and (info.fetches or not w.placed)):
             writer.close()
             raise WorkerError(
                 f"{self.label} serves layers {format_layers(info.layers)} but the topology gives it {format_layers(want)}; "

@@ -88,7 +88,8 @@ async def survey(topology: Topology, options: Options) -> dict[str, tuple[wire.I
     """Each worker's handshake (what it measured and offers) and the median round trip to it, in ms."""
     from cake.check import probe
 
-    found = await asyncio.gather(*(probe(w, options) for w in topology.workers.values()))
+    looking = replace(options, look=True)  # nothing is shipped yet, and earlier plans' layers are no error
+    found = await asyncio.gather(*(probe(w, looking) for w in topology.workers.values()))
     for st in found:
         if st.error:
             raise CakeError(f"worker '{st.worker.name}' at {st.worker.address}: {st.error}")
@@ -181,7 +182,8 @@ async def _assign(worker: Worker, planned: Worker, msg: wire.Assign, options: Op
     connection that expects them (the master's supplier ships them, then assigns: cake.shipping)."""
     layers = planned.layers
     shipped = fetches and bool(layers)
-    link = WorkerLink(planned, replace(options, plan=msg)) if shipped else WorkerLink(worker, options)
+    link = (WorkerLink(planned, replace(options, plan=msg)) if shipped else
+            WorkerLink(worker, replace(options, look=True)))  # it may serve an earlier plan's layers
     try:
         if shipped:
             await link.ensure_connected()

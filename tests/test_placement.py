@@ -60,6 +60,16 @@ def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_
     assert "assigns layers" in c.log("a").read_text()
     assert c.log("b").read_text().count("assigns layers") == 2
 
+    again, _, _ = build_master(args)  # the next master finds the workers serving the last plan's layers
+
+    async def next_master():
+        await again.connect()
+        try:
+            return [t async for t in generate(again, PROMPT, SamplingParams(), N, EOS)]
+        finally:
+            await again.close()
+    assert run(next_master()) == want
+
 
 def test_check_shows_the_plan_and_what_would_be_shipped_and_ships_nothing(tiny_model, cluster, tmp_path):
     """`cake --check` on unplaced workers, one without model files: the plan, each node's time per layer and
