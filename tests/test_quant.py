@@ -127,13 +127,14 @@ def test_stored_form_is_the_documented_formula(scheme):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_products_equal_the_dequantized_matrix_for_every_batch(scheme, dtype):
-    """Whatever kernel the node chose (torch's, or dequantized blocks), for 1, 3 and 9 rows."""
+    """Whatever kernel the node chose (torch's, or dequantized blocks), for 1, 3 and 9 rows, and for the 40
+    of a prompt (which may take the other way: quant.MANY_ROWS)."""
     torch.manual_seed(1)
     w = torch.randn(96, 256)
     q = quant.quantize(w, scheme, 32)
     lin = quant.QuantLinear(q, torch.device("cpu"), dtype)
     deq = ref_quantize(w, scheme, 32)
-    for rows in (1, 3, 9):
+    for rows in (1, 3, 9, 40):
         x = torch.randn(rows, 256).to(dtype)
         want = x.float() @ deq.T
         tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -33,6 +33,10 @@ GROUPS = (32, 64, 128, 256)  # what torch's int4 kernels take; the stored form t
 STORE_DTYPE = torch.bfloat16
 DEQUANT_BLOCK = 8 << 20  # bytes of dequantized rows the fallback product makes at a time
 _CHOICE: dict[tuple, bool] = {}  # (scheme, dtype, device type, big) -> use torch's kernel (QuantLinear._choose)
+# The same key -> whether a product of MANY_ROWS rows or more (a prompt) is faster from dequantized blocks:
+# torch's weight-only kernels loop over rows, a GEMM on dequantized blocks barely notices them.
+_MANY: dict[tuple, bool] = {}
+MANY_ROWS = 16
 
 
 def _bits(scheme: str) -> int:
@@ -190,6 +194,7 @@ class QuantLinear:
         self.out_features, self.in_features = q.out_features, q.in_features
         self.kernel_name, self._kernel = "dequant", None
         self._scales = self._packed = None
+        self._many_dequant = False  # prompts from dequantized blocks (only where the stored form is kept)
         self._choose()
 
     @property
@@ -199,7 +204,8 @@ class QuantLinear:
         return self.q.nbytes
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = self._kernel(x) if self._kernel is not None else self._dequant_product(x)
+        kernel = self._kernel is not None and not (self._many_dequant and x.numel() >= MANY_ROWS * self.in_features)
+        y = self._kernel(x) if kernel else self._dequant_product(x)
         return y if bias is None else y + bias
 
     def _dequant_product(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +237,15 @@ class QuantLinear:
                      "torch's kernel" if _CHOICE[key] else "dequantized blocks (the kernel is missing or slower)")
         if kernel is not None and _CHOICE[key]:
             self._kernel, self.kernel_name = kernel, f"{self.q.scheme}-kernel"
+            if self._packed is None:  # the stored form stays (int8): prompts may take the other way
+                if key not in _MANY:
+                    many = torch.randn(MANY_ROWS * 4, self.in_features, generator=torch.Generator().manual_seed(1))
+                    many = many.to(self.q.qweight.device, self.dtype)
+                    _MANY[key] = _time(self._dequant_product, many) < _time(kernel, many)
+                    if _MANY[key]:
+                        log.info("%s products of %d rows or more on %s: dequantized blocks (faster there)",
+                                 self.q.scheme, MANY_ROWS, key[2])
+                self._many_dequant = _MANY[key]
             self._adopt()
         else:
             self._scales = self._packed = None
