@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,7 @@ from cake.topology import Topology, Worker, format_layers
 log = logging.getLogger("cake.placement")
 
 TIMED_STEPS = 7
+CHUNK = 256  # tokens of a prompt chunk (the master's pipelined chunks are as long)
 MEASURE_S = 0.2  # seconds of steps at least, for a layer that takes less (up to 60 steps)
 
 
@@ -35,10 +36,19 @@ def layer_bytes(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, cont
     return max(share_bytes(config, [i], fmt, dtype) for i in range(config.num_hidden_layers)) + kv
 
 
+@dataclass(frozen=True)
+class LayerTime:
+    """What one decoder layer of this model takes on a node, measured there."""
+
+    decode_us: int  # one decode step (one token)
+    chunk_us: int  # one prompt chunk of CHUNK tokens
+
+
 @torch.inference_mode()
-def measure_layer_us(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, device: torch.device) -> int:
-    """One decode step through one layer of this model's shape, at this node's dtype and quantization,
-    on random weights (a mixture of experts with only the experts a token uses: the time of a step)."""
+def measure_layer(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, device: torch.device) -> LayerTime:
+    """One decode step and one prompt chunk through one layer of this model's shape, at this node's dtype and
+    quantization, on random weights (a mixture of experts with only the experts a token uses: the time of a
+    step; a chunk routes to more of them, so its time is a floor there)."""
     c = replace(config, num_experts=config.experts_per_token) if config.num_experts else config
     index = next((i for i in range(c.num_hidden_layers) if c.moe(i)), 0)
     gen = torch.Generator().manual_seed(0)
@@ -56,20 +66,31 @@ def measure_layer_us(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype,
         quantized = fmt.scheme != "none" and DecoderLayer.is_matrix(key)
         weights[key] = QuantLinear(quantize(w, fmt.scheme, fmt.group), device, dtype) if quantized else w.to(
             device, dtype)
-    stack = LayerStack(c, {index: DecoderLayer(index, c, weights)}, 64, dtype, device)
+    stack = LayerStack(c, {index: DecoderLayer(index, c, weights)}, CHUNK, dtype, device)
     stack.graphs = None
-    cache = KVCache([index], c, 64, dtype, device)
-    x = torch.randn(1, 1, c.hidden_size, generator=gen).to(device, dtype)
-    times, start = [], time.perf_counter()
-    # The least disturbed step, over a fifth of a second at least: another process starting up beside this
-    # one (a worker's neighbour, on a shared machine) would otherwise take every one of a few short steps.
-    while len(times) < 2 + TIMED_STEPS or (time.perf_counter() - start < MEASURE_S and len(times) < 62):
+
+    def run(tokens: int, position: int, cache: KVCache) -> float:
+        x = torch.randn(1, tokens, c.hidden_size, generator=gen).to(device, dtype)
         _sync(device)
         t0 = time.perf_counter()
-        stack.forward(x, [Row(cache, len(times))], index, index + 1)
+        stack.forward(x, [Row(cache, position)], index, index + 1)
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return max(1, int(1e6 * min(times[2:])))
+        return time.perf_counter() - t0
+
+    cache = KVCache([index], c, CHUNK, dtype, device)
+    steps, start = [], time.perf_counter()
+    # The least disturbed step, over a fifth of a second at least: another process starting up beside this
+    # one (a worker's neighbour, on a shared machine) would otherwise take every one of a few short steps.
+    while len(steps) < 2 + TIMED_STEPS or (time.perf_counter() - start < MEASURE_S and len(steps) < 62):
+        steps.append(run(1, len(steps), cache))
+    chunks = [run(CHUNK, 0, cache)]  # the first warms the kernels for this shape, unless it is long already
+    while len(chunks) < 3 and chunks[0] < 1.0:
+        chunks.append(run(CHUNK, 0, cache))
+    return LayerTime(max(1, int(1e6 * min(steps[2:]))), max(1, int(1e6 * min(chunks[1:] or chunks))))
+
+
+def measure_layer_us(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, device: torch.device) -> int:
+    return measure_layer(config, fmt, dtype, device).decode_us
 
 
 def _sync(device: torch.device) -> None:
