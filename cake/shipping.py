@@ -37,6 +37,7 @@ from cake.memory import gb
 from cake.model.config import LlamaConfig
 from cake.model.llama import DecoderLayer
 from cake.model.loader import Quantization, stored_quantization
+from cake.model.quant import FORMAT_VERSION
 from cake.model.weights import DTYPES, Entry, WeightFiles
 from cake.progress import Progress
 from cake.seal import Seal
@@ -181,7 +182,7 @@ class Supplier:
         probe = "model.layers.0.self_attn.q_proj.weight"
         self.fmt = stored_quantization(self.files, probe) or Quantization()
         self.bundle = bundle_name(self.dir, self.config_bytes, self.fmt)
-        self._made: dict[int, LayerFile] = {}
+        self._made: dict[tuple[Quantization, int], LayerFile] = {}
         self._lock = threading.Lock()
         self.sent = 0  # bytes shipped by this master, all workers together
 
@@ -194,7 +195,7 @@ class Supplier:
         want = list(link.worker.layers)
         if not want or info.layers == want or link.opt.look:
             return info
-        files = await self.layer_files(want)
+        files = await self.layer_files(want, self.shipped_format(info))
         await self.ship(ch, files, link)
         return await ch.ask(self.assignment(link), wire.Info)
 
@@ -209,21 +210,43 @@ class Supplier:
             return plan
         return wire.Assign([w.name], [w.layers[0]], [w.layers[-1] + 1])
 
-    async def layer_files(self, layers: list[int]) -> list[LayerFile]:
-        """The files of these layers, hashed (once per master: a worker that comes back costs nothing)."""
-        todo = {i: layer_file(self.files, self.config, i) for i in layers if i not in self._made}
+    def shipped_format(self, info: wire.Info) -> Quantization:
+        """What a worker is sent: its own format where it quantizes and this folder holds floats (quantized
+        here, once: cake.quantized_store), else the folder's as stored."""
+        said = info.quantization.split()
+        if self.fmt.scheme != "none" or not said or said[0] not in ("int8", "int4"):
+            return self.fmt
+        group = int(said[-1].rstrip(")")) if said[0] == "int4" and said[-1].rstrip(")").isdigit() else 0
+        return Quantization(said[0], group)
+
+    def _source(self, fmt: Quantization, layers: list[int]) -> WeightFiles:
+        if fmt == self.fmt:
+            return self.files
+        from cake.quantized_store import QuantizedStore
+        from cake.weight_cache import default_cache_dir
+
+        folder = default_cache_dir() / "master" / f"{self.bundle}-{fmt.scheme}{fmt.group or ''}-v{FORMAT_VERSION}"
+        return QuantizedStore(self.files, self.config, fmt, folder).files(layers)
+
+    async def layer_files(self, layers: list[int], fmt: Quantization | None = None) -> list[LayerFile]:
+        """The files of these layers in `fmt` (default: as stored), hashed (once per master and format: a
+        worker that comes back costs nothing)."""
+        fmt = fmt or self.fmt
+        missing = [i for i in layers if (fmt, i) not in self._made]
+        source = await asyncio.to_thread(self._source, fmt, missing) if missing else self.files
+        todo = {i: layer_file(source, self.config, i) for i in missing}
         if todo:
             size, t0 = gb(sum(f.size for f in todo.values())), time.monotonic()
             if len(todo) > 1:  # a big share takes a while (every byte is read): say so first
                 log.info("hashing layers %s to ship (%s)", format_layers(list(todo)), size)
-            await asyncio.gather(*(asyncio.to_thread(self._hash, i, f) for i, f in todo.items()))
+            await asyncio.gather(*(asyncio.to_thread(self._hash, (fmt, i), f) for i, f in todo.items()))
             log.info("hashed layers %s to ship (%s) in %.1fs", format_layers(list(todo)), size, time.monotonic() - t0)
-        return [self._made[i] for i in layers]
+        return [self._made[fmt, i] for i in layers]
 
-    def _hash(self, index: int, f: LayerFile) -> None:
+    def _hash(self, key: tuple[Quantization, int], f: LayerFile) -> None:
         f.hash()
         with self._lock:
-            self._made[index] = f
+            self._made[key] = f
 
     async def ship(self, ch: Channel, files: list[LayerFile], link: WorkerLink) -> None:
         """The manifest, then every byte the worker lacks, in chunks, WINDOW bytes unanswered at most."""

@@ -286,3 +286,47 @@ def test_the_options_say_what_is_wrong(tiny_model, tmp_path):
     for command, said in cases:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and said in done.stderr, (command, done.stderr)
+
+
+def test_a_worker_that_quantizes_is_shipped_quantized_bytes_and_generates_exactly(cluster, tmp_path, monkeypatch):
+    """Worker a keeps int8 matrices and the master's folder holds floats: the master quantizes a's layers
+    once (into its cache) and ships those, about a quarter of the floats' bytes; b gets floats. Greedy
+    tokens equal transformers' with a's layers' matrices quantized and dequantized by the test's own
+    formula (weights large enough that int8's error changes tokens: floats there would not pass)."""
+    from cake.synthetic import make_model
+    from test_quant import ref_quantize
+
+    model = make_model(tmp_path / "model", hidden=64, intermediate=160, layers=6, heads=4, kv_heads=2, seed=3,
+                       init_std=0.2)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "master-cache"))
+    c = cluster(None, {"a": ["model.layers.0-2"], "b": ["model.layers.3-5"]}, start=False)
+    caches = {n: tmp_path / f"cache-{n}" for n in ("a", "b")}
+    c.extras = {"a": ("--quantize", "int8", "--cache-dir", str(caches["a"])), "b": ("--cache-dir", str(caches["b"]))}
+    c.start_all()
+    master, _, _ = build_master(MasterArgs(model_dir=str(model), topology=str(c.topology), device=test_device()))
+
+    async def go():
+        await master.connect()
+        try:
+            return [t async for t in generate(master, PROMPT, SamplingParams(), N, EOS)]
+        finally:
+            await master.close()
+
+    got = run(go())
+    sent = master.options.supply.sent
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 2 and any(name.startswith(f"model.layers.{i}.") for i in range(3)):
+                p.copy_(ref_quantize(p, "int8", 0))
+        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=N, do_sample=False, eos_token_id=list(EOS),
+                            pad_token_id=EOS[0], attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))
+    assert got == want[0, len(PROMPT):].tolist()
+    held = {p.name: read_header(p)[0] for p in caches["a"].rglob("layer-*.safetensors")}
+    assert len(held) == 3 and all(h["__metadata__"]["cake.quantization"] == "int8" for h in held.values())
+    assert all(h["model.layers.0.mlp.down_proj.qweight"]["dtype"] == "I8" for n, h in held.items() if "00000" in n)
+    floats = 6 * 43008 * 4  # both workers' layers' matrices as f32
+    int8_part = sum(p.stat().st_size for p in caches["a"].rglob("layer-*.safetensors"))
+    assert int8_part < 0.3 * 3 * 43008 * 4 + 3 * 4096 and sent < 0.65 * floats + 6 * 4096
