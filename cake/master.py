@@ -26,9 +26,10 @@ from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
 from cake.memory import gb
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import KVCache, LayerStack, Row, chunk_spans
+from cake.model.kv_cache import KVCache, Row
 from cake.model.loader import choose_quantization, load_head, load_layers
 from cake.model.quant import DEFAULT_GROUP
+from cake.model.stack import LayerStack, chunk_spans
 from cake.model.weights import WeightFiles
 from cake.topology import Stage, Topology, format_layers
 
