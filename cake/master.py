@@ -117,7 +117,7 @@ def worker_hardware(host: str, info: wire.Info | None) -> tuple[str, str]:
 def pipelines_long_prompts(choice: str, hardware: set[tuple[str, str]]) -> bool:
     """--pipeline `choice` for stages that compute on `hardware` ((machine, compute unit) each): on, or
     auto and more than one machine or GPU (on one machine's CPU the stages would only take turns on the
-    same cores: measured 13% slower there)."""
+    same cores, which measured slower: docs/benchmarks.md, The cluster)."""
     return choice == "on" or (choice == "auto" and len(hardware) > 1)
 
 

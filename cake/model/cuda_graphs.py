@@ -16,7 +16,8 @@ stage's launches once and replays them with one call. Graphs fix every address a
   server does not capture anew for every request; prompts run eagerly.
 
 `CAKE_CUDA_GRAPHS=0` (or `cake --no-cuda-graphs`) turns them off. A capture that fails logs one warning
-and turns them off for the process: the eager path computes the same step.
+and turns them off for the process: the eager path computes the same step. What they save: docs/benchmarks.md,
+The cluster.
 """
 
 from __future__ import annotations
