@@ -26,9 +26,10 @@ from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
 from cake.memory import gb
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import KVCache, LayerStack, Row, chunk_spans
+from cake.model.kv_cache import KVCache, Row
 from cake.model.loader import choose_quantization, load_head, load_layers
 from cake.model.quant import DEFAULT_GROUP
+from cake.model.stack import LayerStack, chunk_spans
 from cake.model.weights import WeightFiles
 from cake.topology import Stage, Topology, format_layers
 
@@ -116,7 +117,7 @@ def worker_hardware(host: str, info: wire.Info | None) -> tuple[str, str]:
 def pipelines_long_prompts(choice: str, hardware: set[tuple[str, str]]) -> bool:
     """--pipeline `choice` for stages that compute on `hardware` ((machine, compute unit) each): on, or
     auto and more than one machine or GPU (on one machine's CPU the stages would only take turns on the
-    same cores: measured 13% slower there)."""
+    same cores, which measured slower: docs/benchmarks.md, The cluster)."""
     return choice == "on" or (choice == "auto" and len(hardware) > 1)
 
 

@@ -16,9 +16,12 @@ from cake.client import Options, WorkerLink
 from cake.errors import CakeError
 from cake.memory import free_memory, gb
 from cake.model.config import LlamaConfig
-from cake.model.llama import DecoderLayer, KVCache, LayerStack, Row
+from cake.model.kv_cache import KVCache, Row
+from cake.model.layer import DecoderLayer
 from cake.model.loader import Quantization, matrix_shape, share_bytes
 from cake.model.quant import QuantLinear, quantize
+from cake.model.stack import LayerStack
+from cake.model.tensor_names import is_matrix, layer_parts
 from cake.planner import Node, Plan, plan
 from cake.topology import Topology, Worker, format_layers
 
@@ -53,7 +56,7 @@ def measure_layer(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, de
     index = next((i for i in range(c.num_hidden_layers) if c.moe(i)), 0)
     gen = torch.Generator().manual_seed(0)
     weights = {}
-    for key, names in DecoderLayer.parts(c, index).items():
+    for key, names in layer_parts(c, index).items():
         if key.endswith("norm"):
             weights[key] = torch.ones(c.head_dim if key in ("q_norm", "k_norm") else c.hidden_size, dtype=dtype,
                                       device=device)
@@ -63,7 +66,7 @@ def measure_layer(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, de
             weights[key] = torch.zeros(rows, dtype=dtype, device=device)
             continue
         w = torch.randn(rows, matrix_shape(names[0], c)[1], generator=gen) * 0.02
-        quantized = fmt.scheme != "none" and DecoderLayer.is_matrix(key)
+        quantized = fmt.scheme != "none" and is_matrix(key)
         weights[key] = QuantLinear(quantize(w, fmt.scheme, fmt.group), device, dtype) if quantized else w.to(
             device, dtype)
     stack = LayerStack(c, {index: DecoderLayer(index, c, weights)}, CHUNK, dtype, device)

@@ -18,8 +18,8 @@ from pathlib import Path
 from cake.memory import gb
 from cake.model import quant
 from cake.model.config import LlamaConfig
-from cake.model.llama import DecoderLayer
 from cake.model.loader import META_GROUP, META_SCHEME, META_VERSION, Quantization, quantizable
+from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import INDEX, WeightFiles, read_header
 from cake.split import Quantizer, ShardWriter, copied
 
@@ -58,7 +58,7 @@ class QuantizedStore:
         tmp.mkdir(exist_ok=True)
         writer = ShardWriter(tmp, {META_SCHEME: self.fmt.scheme, META_GROUP: str(self.fmt.group),
                                    META_VERSION: str(quant.FORMAT_VERSION)})
-        for name in DecoderLayer.tensor_names(index, self.config):
+        for name in layer_tensor_names(index, self.config):
             parts = quantizer.parts(name) if quantizable(name) else [copied(name, self.source.entry(name))]
             for part in parts:
                 writer.add(part)

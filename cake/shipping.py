@@ -35,9 +35,9 @@ from cake import eventloop, wire
 from cake.errors import WorkerError
 from cake.memory import gb
 from cake.model.config import LlamaConfig
-from cake.model.llama import DecoderLayer
 from cake.model.loader import Quantization, stored_quantization
 from cake.model.quant import FORMAT_VERSION
+from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, Entry, WeightFiles
 from cake.progress import Progress
 from cake.seal import Seal
@@ -117,7 +117,7 @@ def _read_exactly(path: Path, start: int, out: memoryview) -> None:
 def layer_file(files: WeightFiles, config: LlamaConfig, index: int) -> LayerFile:
     """Layer `index` of the master's folder as one safetensors file (a quantized matrix as its parts)."""
     names = []
-    for n in DecoderLayer.tensor_names(index, config):
+    for n in layer_tensor_names(index, config):
         base = n.removesuffix(".weight")
         names += [f"{base}.{p}" for p in ("qweight", "scales", "zeros") if f"{base}.{p}" in files] or [n]
     entries = [files.entry(n) for n in names]  # a missing tensor is a clear error before anything is sent

@@ -27,9 +27,9 @@ import torch
 from cake.errors import CakeError, ModelError
 from cake.model import quant
 from cake.model.config import load_config
-from cake.model.llama import DecoderLayer
 from cake.model.loader import (META_GROUP, META_SCHEME, META_VERSION, Quantization, choose_quantization,
                                matrix_shape, quantizable, read_quantized)
+from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, INDEX, Entry, WeightFiles
 from cake.topology import load_topology
 
@@ -162,7 +162,7 @@ def split_model(model_path: str | Path, topology_path: str | Path, output: str |
             return quantizer.parts(name)
         return [copied(name, e)]
 
-    entries = {w.name: [p for i in w.layers for n in DecoderLayer.tensor_names(i, config) for p in parts(n)]
+    entries = {w.name: [p for i in w.layers for n in layer_tensor_names(i, config) for p in parts(n)]
                for w in topology.workers.values()}
     terminal = sys.stderr.isatty()
 

@@ -41,7 +41,7 @@ from cake.devices import compute_unit, machine_id, pick_device, pick_dtype
 from cake.errors import CakeError
 from cake.memory import free_memory, gb
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import LayerStack
+from cake.model.stack import LayerStack
 from cake.model.loader import Quantization, choose_quantization, load_layers, resolve_context
 from cake.model.weights import INDEX, read_header
 from cake.progress import Progress

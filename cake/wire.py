@@ -357,7 +357,7 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
         for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
             if hasattr(socket, name):  # Linux; macOS has only some of these
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError as e:
+    except OSError:
         # Not the errno's text: "Bad file descriptor" reads as a bug in cake, when the peer reset it.
         raise ConnectionError("the connection was reset as it opened") from None
 

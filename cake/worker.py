@@ -39,7 +39,8 @@ from cake.errors import CakeError, ProtocolError
 from cake.memory import free_memory
 from cake.seal import Seal
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import KVCache, LayerStack, Row
+from cake.model.kv_cache import KVCache, Row
+from cake.model.stack import LayerStack
 from cake.model.loader import load_layers
 from cake.topology import Topology, format_layers, load_topology, split_address
 

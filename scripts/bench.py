@@ -565,7 +565,7 @@ class Cake(Subject):
         holds (a one-row input, as a decode step has): seconds per kind, the median of `passes`."""
         import torch
 
-        from cake.model.llama import linear
+        from cake.model.kernels import linear
 
         dev, dtype = self.master.device, self.master.dtype
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)

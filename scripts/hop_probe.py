@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from cake import eventloop, launch, synthetic, wire  # noqa: E402
 from cake.client import Options, WorkerLink  # noqa: E402
 from cake.errors import CakeError  # noqa: E402
-from cake.model.llama import Row  # noqa: E402
+from cake.model.kv_cache import Row  # noqa: E402
 from cake.model.loader import load_layers  # noqa: E402
 from cake.topology import load_topology  # noqa: E402
 

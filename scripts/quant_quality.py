@@ -399,7 +399,7 @@ def quantized_copy(model, originals: dict[str, torch.Tensor], scheme: str, group
 def cake_nll(model_dir: Path, wins: torch.Tensor, scheme: str, group: int) -> float:
     """Mean next-token NLL through cake's own inference: a Master with no workers, quantizing at load."""
     from cake.master import Master
-    from cake.model.llama import Row
+    from cake.model.kv_cache import Row
     from cake.topology import load_topology
 
     master = Master(model_dir, load_topology(None), device="cpu", dtype="f32", quantize=scheme, group_size=group)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from cake.cluster_view import Rate, layer_ranges, per_token_ms, session_cache_bytes
 from cake.model.config import load_config
-from cake.model.llama import KVCache
+from cake.model.kv_cache import KVCache
 from cake.topology import Stage, Worker
 from conftest import Cluster, screenshot, wait_js
 from test_api import LAYOUT, MESSAGES, get, send_request, start_server

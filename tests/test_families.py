@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cake.master import Master
-from cake.model.llama import Row
+from cake.model.kv_cache import Row
 from cake.split import split_model
 from cake.topology import load_topology
 from conftest import count_batches, run, test_device

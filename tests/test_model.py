@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from cake.errors import ModelError
 from cake.model.config import LlamaConfig, load_config, load_eos_ids
 import torch.nn.functional as F
 
-from cake.model.llama import KVCache, Row, _add_inside_mv, add_linear, linear
+from cake.model.cuda_graphs import Captured, DecodeGraphs
+from cake.model.kernels import _add_inside_mv, add_linear, linear
+from cake.model.kv_cache import KVCache, Row
 from cake.model.rope import apply_rope, rope_inv_freq, rope_rotations, rope_swap, rope_table
 from cake.model.loader import load_head, load_layers, resolve_context
 from conftest import reference_model
@@ -266,19 +269,30 @@ def test_cuda_graph_decode_matches_transformers(tiny_model):
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
 
 
+class EagerGraphs(DecodeGraphs):
+    """DecodeGraphs whose captures record nothing: replaying one runs the fixed-shape step eagerly. A GPU
+    node's bookkeeping (what is captured, kept, replayed and forgotten; cache lengths) on a CPU."""
+
+    def _capture(self, hidden, caches, positions, start, end, span):
+        s = self.stack
+        x = hidden.to(device=s.device, dtype=s.dtype).clone()
+        pos, out = torch.tensor(positions, device=s.device), torch.empty_like(x)
+        step = SimpleNamespace(replay=lambda: out.copy_(s.decode_static(x, caches, pos, start, end, span)))
+        return Captured(step, x, pos, out)
+
+
 @pytest.mark.parametrize("replay", [False, True])
 def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
     """Batches of one-token rows and single rows through DecodeGraphs: spans, the batched step (products
     shared, attention per row), a batch's graph captured the second time it is stepped, cache lengths,
-    and an ended session's cache reused by the next one. replay=False runs the fixed-shape step eagerly
-    on the CPU; replay=True captures CUDA graphs (with --device cuda)."""
-    from cake.model.cuda_graphs import DecodeGraphs
+    and an ended session's cache reused by the next one. replay=False replays the fixed-shape step
+    eagerly on the CPU (EagerGraphs); replay=True captures CUDA graphs (with --device cuda)."""
     from conftest import test_device
 
     if replay and not test_device().startswith("cuda"):
         pytest.skip("needs --device cuda")
     stack, config = load_layers(tiny_model, list(range(6)), test_device() if replay else "cpu", "f32", 1024)
-    stack.graphs = DecodeGraphs(stack, replay=replay)
+    stack.graphs = DecodeGraphs(stack) if replay else EagerGraphs(stack)
     head = load_head(tiny_model, config, stack.device, stack.dtype)
     ids = torch.randint(0, 128000, (4, 270), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -301,8 +315,8 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
         assert torch.allclose(one[0], want[0, p], atol=1e-4, rtol=0)
         assert caches[0].lengths == [p + 1] * 6 and caches[2].lengths == [lengths[2] + 4] * 6
         serials = tuple(c.serial for c in caches)
-        # Spans 256 and 512 each: stepped eagerly once, then captured (on a CPU nothing is captured).
-        assert set(stack.graphs.batched) == ({(0, 6, 256, serials), (0, 6, 512, serials)} if replay else set())
+        # Spans 256 and 512 each: stepped eagerly once, then captured.
+        assert set(stack.graphs.batched) == {(0, 6, 256, serials), (0, 6, 512, serials)}
 
         # A new session takes the ended one's cache, emptied, graphs kept, and computes the same.
         batched = set(stack.graphs.batched)
@@ -315,15 +329,15 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
         for q in range(20, 23):
             got = head.logits(stack.forward(head.embed(ids[3:4, q:q + 1]), [Row(reused, q)], 0, 6)[:, -1]).cpu()
             assert torch.allclose(got[0], want[3, q], atol=1e-4, rtol=0)
-        # The first batch again, its middle row now another session: with graphs, the graph captured for
-        # these three caches at span 512 replays at once over the reused one.
+        # The first batch again, its middle row now another session: the graph captured for these three
+        # caches at span 512 replays at once over the reused one.
         pos = [p + 1, 23, lengths[2] + 4]
         x = head.embed(torch.stack([ids[r, q:q + 1] for r, q in zip((0, 3, 2), pos)]))
         got = head.logits(stack.forward(x, [Row(c, q) for c, q in zip(caches, pos)], 0, 6)[:, -1]).cpu()
         for b, (r, q) in enumerate(zip((0, 3, 2), pos)):
             assert torch.allclose(got[b], want[r, q], atol=1e-4, rtol=0)
-        # The same three sessions in another order: rows come back in the order asked, and with graphs
-        # the batch's graph replays (no new one).
+        # The same three sessions in another order: rows come back in the order asked, and the batch's
+        # graph replays (no new one).
         keys = set(stack.graphs.batched)
         order = [2, 0, 1]
         pos = [pos[i] + 1 for i in range(3)]
@@ -336,13 +350,12 @@ def test_graph_decode_of_batches_and_single_rows(tiny_model, replay):
 
 def test_caches_are_kept_for_reuse_only_with_graphs(tiny_model):
     """Without CUDA graphs an ended session's cache is freed, not kept; with them at most MAX_SPARES are."""
-    from cake.model.cuda_graphs import DecodeGraphs
-    from cake.model.llama import MAX_SPARES
+    from cake.model.stack import MAX_SPARES
 
     stack, _ = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
     stack.release(stack.new_cache())
     assert stack.spares == []
-    stack.graphs = DecodeGraphs(stack, replay=False)
+    stack.graphs = EagerGraphs(stack)
     caches = [stack.new_cache() for _ in range(MAX_SPARES + 2)]
     for c in caches:
         stack.release(c)
@@ -387,11 +400,10 @@ def test_worker_kv_budget_counts_kept_caches(tiny_model):
     import asyncio
 
     from cake import wire
-    from cake.model.cuda_graphs import DecodeGraphs
     from cake.worker import Conn, Worker
 
     stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
-    stack.graphs = DecodeGraphs(stack, replay=False)  # the bookkeeping of a GPU worker, on the CPU
+    stack.graphs = EagerGraphs(stack)  # the bookkeeping of a GPU worker, on the CPU
     worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
     a, b = worker._cache(1, "a", 0, 0, 2), worker._cache(1, "b", 0, 0, 2)
     assert asyncio.run(worker._dispatch(Conn(1, "t", None), wire.End(["a"]), None, "test"))[0] == wire.Ok()
@@ -412,7 +424,6 @@ def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
     import asyncio
 
     from cake import wire
-    from cake.model.cuda_graphs import DecodeGraphs
     from cake.worker import Conn, Worker
 
     ids = torch.randint(0, 128000, (3, 24), generator=torch.Generator().manual_seed(12))
@@ -421,7 +432,7 @@ def test_worker_never_evicts_a_session_of_the_batch_it_serves(tiny_model):
     for keep_caches in (False, True):
         stack, config = load_layers(tiny_model, list(range(6)), "cpu", "f32", 64)
         if keep_caches:
-            stack.graphs = DecodeGraphs(stack, replay=False)
+            stack.graphs = EagerGraphs(stack)
         head = load_head(tiny_model, config, stack.device, stack.dtype)
         worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
 
@@ -456,13 +467,12 @@ def test_master_keeps_ended_local_caches_for_new_sessions(tiny_model, tmp_path):
 
     from cake.generate import generate
     from cake.master import Master
-    from cake.model.cuda_graphs import DecodeGraphs
     from cake.sampling import SamplingParams
     from cake.topology import load_topology
     from conftest import EOS, reference_greedy
 
     master = Master(tiny_model, load_topology(None), device="cpu")
-    master.stack.graphs = DecodeGraphs(master.stack, replay=False)
+    master.stack.graphs = EagerGraphs(master.stack)
     prompts = [[128000, 791, 4062, 315], [128000, 40, 1093, 856, 1205, 13]]
 
     async def run(prompt):

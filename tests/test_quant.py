@@ -18,7 +18,7 @@ from cake.errors import CakeError, ModelError
 from cake.master import Master
 from cake.memory import parse_size
 from cake.model import quant
-from cake.model.llama import Row
+from cake.model.kv_cache import Row
 from cake.model.loader import load_layers
 from cake.split import split_model
 from cake.synthetic import make_model

@@ -16,7 +16,8 @@ stage's launches once and replays them with one call. Graphs fix every address a
   server does not capture anew for every request; prompts run eagerly.
 
 `CAKE_CUDA_GRAPHS=0` (or `cake --no-cuda-graphs`) turns them off. A capture that fails logs one warning
-and turns them off for the process: the eager path computes the same step.
+and turns them off for the process: the eager path computes the same step. What they save: docs/benchmarks.md,
+The cluster.
 """
 
 from __future__ import annotations
@@ -65,15 +66,10 @@ class Captured:
 
 
 class DecodeGraphs:
-    """A stack's captured one-token steps, for one session or a batch of several.
+    """A stack's captured one-token steps, for one session or a batch of several."""
 
-    `replay=False` runs the fixed-shape step eagerly instead of capturing it: the same bookkeeping on a
-    CPU, for tests.
-    """
-
-    def __init__(self, stack, replay: bool = True):
+    def __init__(self, stack):
         self.stack = stack
-        self.replay = replay
         self.active = True
         self.batched: OrderedDict[tuple, Captured] = OrderedDict()  # (start, end, span, cache serials)
         self._seen: set[tuple] = set()  # batches stepped once, eagerly
@@ -106,39 +102,34 @@ class DecodeGraphs:
             unsort = [0] * len(order)
             for j, i in enumerate(order):
                 unsort[i] = j
-        if not self.replay:
-            x = hidden.to(device=s.device, dtype=s.dtype)
-            out = s.decode_static(x, caches, torch.tensor(positions, device=s.device), start, end, span)
-            out = out if unsort is None else out[unsort]
+        if len(rows) == 1:
+            key, store = (start, end, span), caches[0].graphs
         else:
-            if len(rows) == 1:
-                key, store = (start, end, span), caches[0].graphs
-            else:
-                key, store = (start, end, span, tuple(c.serial for c in caches)), self.batched
-            cap = store.get(key)
+            key, store = (start, end, span, tuple(c.serial for c in caches)), self.batched
+        cap = store.get(key)
+        if cap is None:
+            if key in self._no_memory or (len(rows) > 1 and key not in self._seen):
+                _remember(self._seen, key)
+                return None
+            cap = self._capture(hidden, caches, positions, start, end, span)
             if cap is None:
-                if key in self._no_memory or (len(rows) > 1 and key not in self._seen):
-                    _remember(self._seen, key)
-                    return None
-                cap = self._capture(hidden, caches, positions, start, end, span)
-                if cap is None:
-                    if self.active:  # out of memory: run this key eagerly until memory is freed
-                        _remember(self._no_memory, key)
-                    return None
-                store[key] = cap
-                if len(self.batched) > MAX_BATCH_GRAPHS:
-                    self.batched.popitem(last=False)
+                if self.active:  # out of memory: run this key eagerly until memory is freed
+                    _remember(self._no_memory, key)
+                return None
+            store[key] = cap
+            if len(self.batched) > MAX_BATCH_GRAPHS:
+                self.batched.popitem(last=False)
+        else:
+            cap.x.copy_(hidden)
+            if len(rows) == 1:
+                cap.pos.fill_(positions[0])
             else:
-                cap.x.copy_(hidden)
-                if len(rows) == 1:
-                    cap.pos.fill_(positions[0])
-                else:
-                    cap.pos.copy_(torch.tensor(positions))
-            if store is self.batched:
-                store.move_to_end(key)
-            cap.graph.replay()
-            # A copy either way: the next replay overwrites cap.out.
-            out = cap.out.clone() if unsort is None else cap.out[unsort]
+                cap.pos.copy_(torch.tensor(positions))
+        if store is self.batched:
+            store.move_to_end(key)
+        cap.graph.replay()
+        # A copy either way: the next replay overwrites cap.out.
+        out = cap.out.clone() if unsort is None else cap.out[unsort]
         for cache, p in zip(caches, positions):
             for i in range(start, end):
                 cache.lengths[cache.slot[i]] = p + 1

@@ -15,7 +15,10 @@ from cake.errors import ModelError
 from cake.memory import check_room, free_memory, gb
 from cake.model import quant
 from cake.model.config import LlamaConfig, load_config
-from cake.model.llama import DecoderLayer, Head, LayerStack
+from cake.model.head import Head
+from cake.model.layer import DecoderLayer
+from cake.model.stack import LayerStack
+from cake.model.tensor_names import head_tensor_names, is_matrix, layer_parts, layer_tensor_names
 from cake.model.weights import WeightFiles
 
 log = logging.getLogger("cake.model")
@@ -152,7 +155,7 @@ def share_bytes(config: LlamaConfig, layers: list[int], fmt: Quantization, dtype
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
     for i in layers:
-        names = [n for names in DecoderLayer.parts(config, i).values() for n in names]
+        names = [n for names in layer_parts(config, i).values() for n in names]
         total += sum(quant.stored_bytes(fmt.scheme if quantizable(n) else "none", *matrix_shape(n, config), fmt.group,
                                         size) for n in names if n.endswith("weight") and "norm" not in n)
         total += 2 * config.hidden_size * size  # the two norms (biases and q/k norms are not counted)
@@ -196,16 +199,16 @@ def load_layers(model_dir: str | Path, layers: list[int], device: str, dtype: st
         raise ModelError(f"layer {bad[0]} is outside the model's {config.num_hidden_layers} layers")
     probe = f"model.layers.{layers[0]}.self_attn.q_proj.weight" if layers else ""
     fmt = choose_quantization(files, probe, quantize, group)
-    files.check(stored_names(files, [n for i in layers for n in DecoderLayer.tensor_names(i, config)]))
+    files.check(stored_names(files, [n for i in layers for n in layer_tensor_names(i, config)]))
     check_share(config, layers, with_head, fmt, bool(probe) and stored_quantization(files, probe) is not None, dt, dev,
                 max_memory)
     t0 = shown = time.perf_counter()
     built = {}
     for k, i in enumerate(layers):
         prefix = f"model.layers.{i}."
-        w = {key: (load_matrix(files, [prefix + n for n in names], fmt, config, dt, dev) if DecoderLayer.is_matrix(key)
+        w = {key: (load_matrix(files, [prefix + n for n in names], fmt, config, dt, dev) if is_matrix(key)
                    else files.get_cat([prefix + n for n in names], dt, dev))
-             for key, names in DecoderLayer.parts(config, i).items()}
+             for key, names in layer_parts(config, i).items()}
         built[i] = DecoderLayer(i, config, w)
         if time.perf_counter() - shown > 5:  # a 70B share takes minutes: show it is moving
             shown = time.perf_counter()
@@ -225,10 +228,10 @@ def load_head(model_dir: str | Path, config: LlamaConfig, device: torch.device, 
     files = files or WeightFiles(model_dir)
     norm = files.get("model.norm.weight", dtype, device)
     if fmt.scheme == "none":
-        w = files.load(Head.tensor_names(config), dtype, device)
+        w = files.load(head_tensor_names(config), dtype, device)
         embed = w["model.embed_tokens.weight"]
         return Head(config, embed, norm, w.get("lm_head.weight", embed))
-    files.check(stored_names(files, Head.tensor_names(config)))
+    files.check(stored_names(files, head_tensor_names(config)))
     embed_q = read_quantized(files, "model.embed_tokens.weight", fmt, config).to(device)
     head_q = embed_q if config.tie_word_embeddings else read_quantized(files, "lm_head.weight", fmt, config)
     return Head(config, embed_q, norm, quant.QuantLinear(head_q, device, dtype))

@@ -312,6 +312,13 @@ class QuantLinear:
         return run
 
 
+def weight_nbytes(w: torch.Tensor | QuantLinear | Quantized | None) -> int:
+    """Bytes a weight takes where it is kept: a quantized one's stored form, else the tensor's."""
+    if w is None:
+        return 0
+    return w.nbytes if isinstance(w, (QuantLinear, Quantized)) else w.numel() * w.element_size()
+
+
 def _time(fn, x: torch.Tensor, reps: int = 3) -> float:
     fn(x)
     best = math.inf

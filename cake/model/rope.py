@@ -4,6 +4,7 @@ them), the cos/sin table of a node's positions, and rotation as elementwise math
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -137,3 +138,45 @@ def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, eye: torch.Tensor, swap
     return torch.addcmul(cos.unsqueeze(-1) * eye, sin.unsqueeze(-1), swap)
 
 
+
+
+class RopeTables:
+    """A node's rope angles for every position its caches hold, looked up for a batch's positions: the
+    model's table (longrope: the long factors' table after it) and Gemma 3's sliding layers' own (`local`:
+    another base, unscaled)."""
+
+    def __init__(self, config: LlamaConfig, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.capacity, self.dtype, self.head_dim = capacity, dtype, config.head_dim
+        self.cos, self.sin = rope_table(config, capacity, device)
+        self.long_from = long_from(config)
+        if self.long_from is not None:  # rows [capacity, 2 capacity) hold the long factors' table
+            cos, sin = rope_table(config, capacity, device, long=True)
+            self.cos, self.sin = torch.cat((self.cos, cos)), torch.cat((self.sin, sin))
+        self.local = None
+        if config.local_rope_theta is not None:
+            self.local = rope_table(replace(config, rope_theta=config.local_rope_theta, rope_scaling=None), capacity,
+                                    device)
+        self.eye = torch.eye(config.head_dim, dtype=dtype, device=device)
+        self.swap = rope_swap(config.head_dim, dtype, device, config.rotary_dim)
+
+    def trig(self, pos: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, 1, rotary_dim] (broadcast over heads) of the positions pos [B, T], for apply_rope."""
+        if local:
+            cos, sin = self.local
+        else:
+            cos, sin = self.cos, self.sin
+            if self.long_from is not None:
+                pos = pos + self.capacity * (pos[:, -1:] + 1 > self.long_from)
+        return cos[pos].to(self.dtype).unsqueeze(2), sin[pos].to(self.dtype).unsqueeze(2)
+
+    def rotations(self, pos: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """The rotation of each row's position, pos [B] (a device tensor) -> [B, hd, hd] (rope_rotations)."""
+        cos, sin = self.local if local else (self.cos, self.sin)
+        if self.long_from is not None and not local:
+            pos = pos + self.capacity * (pos + 1 > self.long_from)
+        cos, sin = cos.index_select(0, pos).to(self.dtype), sin.index_select(0, pos).to(self.dtype)
+        rest = self.head_dim - cos.shape[-1]
+        if rest:  # partial rotary: the features past the rotated share are kept as they are
+            cos = torch.cat((cos, cos.new_ones(cos.shape[0], rest)), dim=-1)
+            sin = torch.cat((sin, sin.new_zeros(sin.shape[0], rest)), dim=-1)
+        return rope_rotations(cos, sin, self.eye, self.swap)
