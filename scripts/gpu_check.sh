@@ -7,17 +7,19 @@
 # CPU benchmark with every node pinned to cores of its own where the machine has enough; then quantized
 # weights (issue 16): int8 and int4 beside f32 and bf16 on the tiny and big models, and on CUDA a model of
 # Llama 3 8B's shape (random bf16 weights built on the machine, 16 GB) in bf16, int8 and int4, each
-# against the bandwidth limit for the bytes it reads. Logs and the benchmark's JSON go to $OUT (default
+# against the bandwidth limit for the bytes it reads; and other families (Qwen3, Mixtral, Qwen3-MoE) on the
+# tiny shape, each against its own transformers class. Logs and the benchmark's JSON go to $OUT (default
 # ./gpu-results).
 #
 #   bash scripts/gpu_check.sh                       # cuda, bf16
 #   DEVICE=cpu DTYPE=f32 BENCH_ARGS=--quick bash scripts/gpu_check.sh   # dry run of the script itself
 #
 # Each step has its own time limit (TEST_TIMEOUT, HOP_TIMEOUT, BENCH_TIMEOUT, PROMPT_TIMEOUT, PINNED_TIMEOUT,
-# BENCH_EAGER_TIMEOUT, QUANT_TIMEOUT, Q8B_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the
+# BENCH_EAGER_TIMEOUT, QUANT_TIMEOUT, Q8B_TIMEOUT, ARCH_TIMEOUT, seconds) so a hang in one still leaves the others' logs; the
 # script's status is the first failing step's. On CUDA the big model is measured a second time with
 # CAKE_CUDA_GRAPHS=0, for the figures without CUDA graphs (EAGER=0 skips that). QUANT=0 skips the quantized
-# steps, Q8B=0 the 8B one alone (its first run builds the model: minutes, and 16 GB under BENCH_WORKDIR).
+# steps, Q8B=0 the 8B one alone (its first run builds the model: minutes, and 16 GB under BENCH_WORKDIR),
+# ARCH=0 the other families.
 set -u
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
@@ -81,5 +83,11 @@ if [ "${DEVICE%%:*}" = cuda ] && [ "${QUANT:-1}" = 1 ] && [ "${Q8B:-1}" = 1 ]; t
     step quant-8b "${Q8B_TIMEOUT:-900}" "$PY" scripts/bench.py --device "$DEVICE" --model 8b --dtype bf16 \
         --quant-dtype bf16 --quantize int8,int4 --tokens 32 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" \
         --json "$OUT/bench-8b.json" ${BENCH_ARGS:-}
+fi
+# Other families on the tiny shape (a mixture of experts runs eagerly: no CUDA graphs).
+if [ "${ARCH:-1}" = 1 ]; then
+    step arch "${ARCH_TIMEOUT:-480}" "$PY" scripts/bench.py --device "$DEVICE" --dtype "$DTYPE" --model tiny \
+        --arch qwen3,mixtral,qwen3_moe --workers 1 --workdir "${BENCH_WORKDIR:-/tmp/cake-bench}" \
+        --json "$OUT/bench-arch.json" ${BENCH_ARGS:-}
 fi
 exit "$status"

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-import bench  # noqa: E402
+from benchmarks import cluster as workers, models, pinning, weights  # noqa: E402  (the benchmark's models and workers)
 from cake import eventloop, launch  # noqa: E402
 from cake.client import Options  # noqa: E402
 from cake.generate import generate  # noqa: E402
@@ -59,10 +59,10 @@ async def first_token(master: Master, prompt: list[int]) -> tuple[float, float]:
 
 
 async def measure(master: Master, prompt_tokens: int, seed: int) -> dict:
-    long_prompt = bench.prompt_ids(prompt_tokens, seed)
+    long_prompt = models.prompt_ids(prompt_tokens, seed)
     _, alone = await first_token(master, long_prompt)
     stamps: list[float] = []
-    a = asyncio.ensure_future(stream(master, bench.prompt_ids(16, 0), master.capacity - 16, stamps))
+    a = asyncio.ensure_future(stream(master, models.prompt_ids(16, 0), master.capacity - 16, stamps))
 
     async def a_has(n: int) -> None:
         while len(stamps) < n:
@@ -73,7 +73,7 @@ async def measure(master: Master, prompt_tokens: int, seed: int) -> dict:
 
     try:
         await a_has(12)  # A is decoding
-        t0, ttft = await first_token(master, bench.prompt_ids(prompt_tokens, seed + 1))
+        t0, ttft = await first_token(master, models.prompt_ids(prompt_tokens, seed + 1))
         await a_has(len(stamps) + 4)  # A goes on after B's first token
     finally:
         a.cancel()
@@ -89,18 +89,18 @@ async def pipeline_runs(master: Master, prompt_tokens: int, repeats: int) -> dic
     for i in range(repeats):
         for choice in ("off", "on") if i % 2 else ("on", "off"):
             master.options.pipeline = choice
-            _, ttft = await first_token(master, bench.prompt_ids(prompt_tokens, 100 + i))
+            _, ttft = await first_token(master, models.prompt_ids(prompt_tokens, 100 + i))
             times[choice].append(ttft)
     return times
 
 
 @contextlib.contextmanager
-def pinned_workers(model: Path, layers: int, logs: Path) -> Iterator[bench.Cluster]:
+def pinned_workers(model: Path, layers: int, logs: Path) -> Iterator[workers.Cluster]:
     """The benchmark's two workers, each on a CPU core of its own with one thread."""
-    ranges = bench.worker_ranges(layers)
+    ranges = pinning.worker_ranges(layers)
     ports = {name: launch.free_port() for name in ranges}
     topology = logs / "topology.yml"
-    bench.write_topology(topology, ranges, ports)
+    workers.write_topology(topology, ranges, ports)
     procs: dict[str, subprocess.Popen] = {}
     try:
         for cpu, name in enumerate(ranges):
@@ -108,8 +108,8 @@ def pinned_workers(model: Path, layers: int, logs: Path) -> Iterator[bench.Clust
             with open(logs / f"{name}.log", "ab") as log:
                 procs[name] = subprocess.Popen(["taskset", "-c", str(cpu), *command], stdout=log, stderr=log)
         for name in ranges:
-            launch.wait_ready(ports[name], procs[name], bench.WORKER_START_TIMEOUT)
-        yield bench.Cluster(topology, procs)
+            launch.wait_ready(ports[name], procs[name], workers.WORKER_START_TIMEOUT)
+        yield workers.Cluster(topology, procs)
     finally:
         for proc in procs.values():
             launch.stop(proc)
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pin", action="store_true", help="pipeline: each worker on a core of its own (taskset)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(bench.ITEMSIZE), default="f32")
-    p.add_argument("--workdir", type=Path, default=bench.default_workdir())
+    p.add_argument("--dtype", choices=list(weights.ITEMSIZE), default="f32")
+    p.add_argument("--workdir", type=Path, default=models.default_workdir())
     p.add_argument("--model-dir", type=Path, default=None, help="another model folder instead of a benchmark model")
     args = p.parse_args(argv)
     tokens = args.prompt_tokens or (1500 if args.measure == "stall" else 1536)
@@ -132,12 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         model, name = args.model_dir, args.model_dir.name
         layers = load_config(model).num_hidden_layers
     else:
-        spec = bench.SPECS[args.model]
-        model, name, layers = bench.ensure_model(spec, args.workdir), spec.name, spec.layers
+        spec = models.SPECS[args.model]
+        model, name, layers = models.ensure_model(spec, args.workdir), spec.name, spec.layers
     context = max(8192, 2 * tokens)  # the workers' (4096 by default) bounds it
     with tempfile.TemporaryDirectory() as logs, \
             (pinned_workers(model, layers, Path(logs)) if args.pin else
-             bench.running_workers(model, layers, Path(logs), args.device, args.dtype)) as cluster:
+             workers.running_workers(model, layers, Path(logs), args.device, args.dtype)) as cluster:
         loop = eventloop.new_loop()
         master = Master(model, load_topology(cluster.topology), device=args.device, dtype=args.dtype,
                         context=context, options=Options(request_timeout=600.0),
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         where = "each worker pinned to a core of its own, 1 thread" if args.pin else "sharing every core"
         print(f"{name} model, 2 workers on loopback ({where}), {args.device} {args.dtype}, prompt {tokens} tokens")
         if args.measure == "pipeline":
-            loop.run_until_complete(first_token(master, bench.prompt_ids(tokens, 99)))  # warm-up
+            loop.run_until_complete(first_token(master, models.prompt_ids(tokens, 99)))  # warm-up
             times = loop.run_until_complete(pipeline_runs(master, tokens, args.repeats))
             off, on = (statistics.median(times[k]) for k in ("off", "on"))
             print("time to first token, --pipeline off: " + ", ".join(f"{t * 1e3:.0f}" for t in times["off"])

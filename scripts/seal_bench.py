@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import platform
 import statistics
@@ -38,14 +37,6 @@ from cake.master import Master, RemoteStage
 from cake.topology import load_topology
 
 HERE = Path(__file__).resolve().parent
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", HERE / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 async def hop_us(master: Master, n: int) -> tuple[float, float]:
@@ -158,16 +149,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    bench = load_bench()
-    workdir = bench.default_workdir()
+    sys.path.insert(0, str(HERE))
+    from benchmarks import models  # the benchmark's models
+
+    workdir = models.default_workdir()
     names = ["tiny", "big"] if args.model == "both" else [args.model]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "threads": torch.get_num_threads(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            spec = bench.SPECS[name]
-            model_dir = bench.ensure_model(spec, workdir)
+            spec = models.SPECS[name]
+            model_dir = models.ensure_model(spec, workdir)
             report["models"][name] = measure(model_dir, spec.layers, args.tokens, args.repeats, Path(tmp))
             for label, us in framing_us(spec.hidden).items():
                 report["models"][name][label]["frame_us"] = us

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
-import bench  # noqa: E402  (the benchmark's models)
+from benchmarks import models  # noqa: E402  (the benchmark's models)
 from cake import launch  # noqa: E402
 
 CHUNK = 4 << 20
@@ -196,14 +196,14 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["tiny", "big"], default="big")
-    p.add_argument("--workdir", type=Path, default=bench.default_workdir())
+    p.add_argument("--workdir", type=Path, default=models.default_workdir())
     p.add_argument("--rounds", type=int, default=3, help="plain copy and shipping, alternated, this many times")
     p.add_argument("--no-bring-up", action="store_true", help="only the rates")
     p.add_argument("--tmp", type=Path, default=None,
                    help="where the copies land (default: a temporary folder; /dev/shm takes the disk out)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args()
-    model = bench.ensure_model(bench.SPECS[args.model], args.workdir)
+    model = models.ensure_model(models.SPECS[args.model], args.workdir)
     from cake.model.config import load_config
     from cake.model.weights import WeightFiles
     from cake.shipping import layer_file
