@@ -714,7 +714,7 @@ def test_closing_a_connection_drops_its_queued_forwards(tiny_model):
         await asyncio.sleep(0.05)  # computing
         async def until(n):  # the worker's queue reaches n forwards (it reads between the prompt's steps)
             for _ in range(2000):
-                if len(worker._queued) == n:
+                if len(worker.scheduler.queued) == n:
                     return True
                 await asyncio.sleep(0.001)
             return False
@@ -727,7 +727,7 @@ def test_closing_a_connection_drops_its_queued_forwards(tiny_model):
             counts.append(await until(5))  # the long prompt and these 4
             w.close()
             counts.append(await until(1))  # only the long prompt, still computing
-        left = (len(worker._queued), worker._queued_bytes)
+        left = (len(worker.scheduler.queued), worker.scheduler.queued_bytes)
         [(reply, _)] = await _answers(r1, 1)
         w1.close()
         server.cancel()
