@@ -123,8 +123,8 @@ def run_worker(args: WorkerArgs) -> None:
 
 
 async def _serve_until_stopped(worker: Worker, sockets: list[socket.socket]) -> None:
-    """Serve until SIGTERM (a service manager's stop, `kill`): then one line, and a clean exit, the
-    connections closed and their sessions freed as the loop ends."""
+    """Serve until SIGTERM (a service manager's stop, `kill`): then one line, and a clean exit, every
+    connection closed and its sessions freed."""
     loop = asyncio.get_running_loop()
     serving = asyncio.ensure_future(worker.serve(sockets=sockets))
     stopped = []
@@ -140,6 +140,7 @@ async def _serve_until_stopped(worker: Worker, sockets: list[socket.socket]) -> 
         if not stopped:  # Ctrl-C, or the loop shutting down
             raise
         log.warning("worker '%s' stopped by SIGTERM", worker.name)
+        await worker.close()
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 

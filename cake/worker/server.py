@@ -98,6 +98,7 @@ class Worker:
         self.conns: dict[str, Conn] = {}  # by token
         self._conn_ids = itertools.count(1)
         self._handshaking: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()  # connection id -> writer
+        self._handlers: set[asyncio.Task] = set()  # one per connection (handle), for close
         self.store = SessionStore(stack, kv_budget)
         self.scheduler = Scheduler(self.store, max(QUEUED_BYTES, self.max_frame))
         self.relay = Relay(name, self.key, self.conns)
@@ -145,8 +146,19 @@ class Worker:
             for server in servers:
                 server.close()
 
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close every connection and wait (up to `timeout`) for their handlers to end as for any closed
+        connection, their sessions freed: not cancelled under asyncio's server, which would log each."""
+        for writer in [*(c.writer for c in self.conns.values()), *self._handshaking.values()]:
+            writer.close()
+        handlers = [t for t in self._handlers if not t.done()]
+        if handlers:
+            await asyncio.wait(handlers, timeout=timeout)
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(next(self._conn_ids), secrets.token_hex(16), writer)
+        task = asyncio.current_task()
+        self._handlers.add(task)
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self._handshaking) >= MAX_HANDSHAKING:  # a flood of connections that say nothing: the
@@ -198,6 +210,7 @@ class Worker:
             if freed:
                 log.info("connection from %s closed; freed %d session(s)", peer, freed)
             writer.close()
+            self._handlers.discard(task)
 
     async def _handshake(self, reader: asyncio.StreamReader, conn: Conn, peer: str) -> Seal | None:
         """The greeting and proofs (handshake.greet), then room for this connection, then this worker's
