@@ -21,9 +21,9 @@ from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
 from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
-from cake.master import (RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said,
-                         worker_hardware)
+from cake.master import RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said, worker_hardware
 from cake.model.config import load_config
+from cake.relay_chain import RelayChain
 from cake.topology import Stage, Worker, format_layers, load_topology
 
 PINGS = 5

@@ -229,5 +229,5 @@ async def _generate(master: Master, tokenizer: Tokenizer, prompt_ids: list[int],
             raise CakeError(f"--output-ids: cannot write '{args.output_ids}': {e.strerror}") from None
     if not args.quiet:
         log.info("%s", stats.summary())
-        for line in master.stage_report(stats.generated):
+        for line in master.stage_report():
             log.info("%s", line)
