@@ -19,12 +19,13 @@ import torch
 from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
+from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
 from cake.master import RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said, worker_hardware
 from cake.model.config import load_config
 from cake.relay_chain import RelayChain
-from cake.topology import Stage, Worker, format_layers, load_topology
+from cake.topology import Stage, Worker, load_topology
 
 PINGS = 5
 RELAY_PROBE_TIMEOUT = 10.0  # seconds for one token through two workers' layers

@@ -21,9 +21,10 @@ from typing import Callable
 import torch
 
 from cake import auth, eventloop, wire
+from cake.layer_ranges import format_layers
 from cake.seal import Seal
 from cake.errors import CakeError, ProtocolError, WorkerError
-from cake.topology import Worker, format_layers
+from cake.topology import Worker
 
 log = logging.getLogger("cake.master")
 

@@ -24,6 +24,7 @@ from cake import auth, eventloop, wire
 from cake.client import Options, RelayFailed, RelayTimedOut, SessionsLost, WorkerLink
 from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
+from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.model.config import LlamaConfig, load_config
 from cake.model.llama import KVCache, LayerStack, Row, chunk_spans
@@ -31,7 +32,7 @@ from cake.model.loader import choose_quantization, load_head, load_layers
 from cake.model.quant import DEFAULT_GROUP
 from cake.model.weights import WeightFiles
 from cake.relay_chain import RelayChain
-from cake.topology import Stage, Topology, format_layers
+from cake.topology import Stage, Topology
 
 log = logging.getLogger("cake.master")
 

@@ -14,13 +14,14 @@ import torch
 from cake import wire
 from cake.client import Options, WorkerLink
 from cake.errors import CakeError
+from cake.layer_ranges import format_layers
 from cake.memory import free_memory, gb
 from cake.model.config import LlamaConfig
 from cake.model.llama import DecoderLayer, KVCache, LayerStack, Row
 from cake.model.loader import Quantization, matrix_shape, share_bytes
 from cake.model.quant import QuantLinear, quantize
 from cake.planner import Node, Plan, plan
-from cake.topology import Topology, Worker, format_layers
+from cake.topology import Topology, Worker
 
 log = logging.getLogger("cake.placement")
 

@@ -25,11 +25,12 @@ import torch
 from cake import auth, wire
 from cake.devices import compute_unit, dtype_name, machine_id
 from cake.errors import ProtocolError
+from cake.layer_ranges import format_layers
 from cake.memory import free_memory
 from cake.model.config import LlamaConfig
 from cake.model.llama import LayerStack
 from cake.seal import Seal
-from cake.topology import Topology, format_layers
+from cake.topology import Topology
 from cake.worker.connection import Conn
 from cake.worker.errors import AuthFailed, RequestError
 from cake.worker.handshake import AuthLog, greet
