@@ -35,10 +35,6 @@ DEQUANT_BLOCK = 8 << 20  # bytes of dequantized rows the fallback product makes 
 _CHOICE: dict[tuple, bool] = {}  # (scheme, dtype, device type, big) -> use torch's kernel (QuantLinear._choose)
 
 
-def _bits(scheme: str) -> int:
-    return {"int8": 8, "int4": 4}[scheme]
-
-
 @dataclass
 class Quantized:
     """One matrix [out, in] in the stored form: qweight, scales (and zeros for int4)."""

@@ -133,7 +133,10 @@ async def _serve_until_stopped(worker: Worker, sockets: list[socket.socket]) -> 
         stopped.append(signal.SIGTERM)
         serving.cancel()
 
-    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except NotImplementedError:  # Windows: no signal handlers on the loop; SIGTERM ends the process there
+        pass
     try:
         await serving
     except asyncio.CancelledError:
@@ -141,8 +144,6 @@ async def _serve_until_stopped(worker: Worker, sockets: list[socket.socket]) -> 
             raise
         log.warning("worker '%s' stopped by SIGTERM", worker.name)
         await worker.close()
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _cannot_listen(address: str, e: OSError) -> CakeError:
