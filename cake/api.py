@@ -35,7 +35,7 @@ from cake.cluster_view import ClusterView
 from cake.errors import CakeError
 from cake.generate import GenerationStats, LogProbs, generate
 from cake.master import Master
-from cake.run_master import MasterArgs, build_master, sampling_params
+from cake.master_setup import MasterArgs, build_master, sampling_params
 from cake.sampling import SamplingParams, TokenLogProb
 from cake.tokenizer import Tokenizer
 from cake.topology import split_address

@@ -20,14 +20,15 @@ import torch
 from cake import wire
 from cake.client import Options, SessionsLost, WorkerLink
 from cake.errors import CakeError
+from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
-from cake.master import (RelayChain, RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said,
-                         worker_hardware)
+from cake.master import RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said, worker_hardware
+from cake.master_setup import MasterArgs
 from cake.model.config import LlamaConfig, load_config
-from cake.run_master import MasterArgs
+from cake.relay_chain import RelayChain
 from cake.shipping import Supplier
-from cake.topology import Stage, Topology, Worker, format_layers, load_topology
+from cake.topology import Stage, Topology, Worker, load_topology
 
 PINGS = 5
 RELAY_PROBE_TIMEOUT = 10.0  # seconds for one token through two workers' layers

@@ -183,7 +183,8 @@ def main(mode, model_dir, topology, name, address, device, dtype, quantize, grou
         return
     if not model_dir:
         raise click.UsageError("the master needs --model: the model folder it runs and ships to the workers")
-    from cake.run_master import MasterArgs, run_master
+    from cake.master_setup import MasterArgs
+    from cake.run_master import run_master
 
     args = MasterArgs(
         model_dir=model_dir, topology=topology, device=device, dtype=dtype, context=context, key=cluster_key,

@@ -21,9 +21,10 @@ from typing import Callable
 import torch
 
 from cake import auth, eventloop, wire
+from cake.layer_ranges import format_layers
 from cake.seal import Seal
 from cake.errors import CakeError, ProtocolError, WorkerError
-from cake.topology import Worker, format_layers
+from cake.topology import Worker
 
 log = logging.getLogger("cake.master")
 
@@ -98,6 +99,30 @@ class LinkBroken(ConnectionError):
     """The connection under a request broke (or was closed) before its answer came."""
 
 
+@dataclass
+class Awaited:
+    """The answer to forward `rid` awaited on one connection of a link (its `generation`): a relayed
+    forward's answer may come on any link of its chain (cake.relay_chain)."""
+
+    link: WorkerLink
+    rid: int
+    generation: int
+    answer: asyncio.Future
+
+    async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
+        """Send the request on the connection the answer is awaited on (LinkBroken if it is gone)."""
+        await self.link.send(msg, tensor, self.generation)
+
+    def forget(self) -> None:
+        """Stop waiting: an answer that comes later is dropped."""
+        if not self.answer.done():
+            self.link.forget(self.rid, self.answer)
+
+    async def reconnect(self, cause: BaseException) -> None:
+        """That connection failed (`cause`): drop it, unless a newer one replaced it, and reconnect."""
+        await self.link.recover(self.generation, cause)
+
+
 class WorkerLink:
     """One connection to a worker. Requests are written one frame at a time and may overlap; a reader
     task hands each answer to its request: by id for forwards (a relayed forward's answer arrives on
@@ -130,6 +155,10 @@ class WorkerLink:
     @property
     def label(self) -> str:
         return f"worker '{self.worker.name}' at {self.worker.address}"
+
+    @property
+    def connected(self) -> bool:
+        return self.writer is not None
 
     async def connect(self, timeout: float | None = None) -> None:
         """One attempt: open, handshake, check the worker serves what the topology says."""
@@ -374,6 +403,10 @@ class WorkerLink:
         else:
             self._waiting[rid] = waiter
         return waiter
+
+    def awaiting(self, rid: int) -> Awaited:
+        """expect(rid), remembering the connection it was registered on."""
+        return Awaited(self, rid, self.generation, self.expect(rid))
 
     def forget(self, rid: int, waiter: asyncio.Future) -> None:
         """Stop waiting: a late answer with this id is dropped. (One without an id keeps its place in

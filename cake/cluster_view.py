@@ -160,7 +160,7 @@ class WorkerProbe:
             self.checked = True
 
     async def _probe(self) -> None:
-        if self.link.writer is None:  # never connected, or the connection broke since the last probe
+        if not self.link.connected:  # never connected, or the connection broke since the last probe
             self._ping = None
             try:
                 await self.link.connect()
@@ -261,7 +261,7 @@ class ClusterView:
         if probe.checked:
             up, error = probe.up, probe.error
         else:
-            up, error = link.writer is not None, ""
+            up, error = link.connected, ""
         # Down while answers are running: they wait for it (up to --retry-timeout) and replay when it is back.
         status = "up" if up else "reconnecting" if self.active else "down"
         ranges = layer_ranges(plan, name)

@@ -16,7 +16,8 @@ from cake.command import Command
 
 from cake import launch
 from cake.cli import run_edge, setup_logging
-from cake.run_master import MasterArgs, run_master
+from cake.master_setup import MasterArgs
+from cake.run_master import run_master
 
 
 def demo(workdir: Path, prompt: str, max_tokens: int, layers: int, hidden: int) -> None:

@@ -24,6 +24,7 @@ from cake import auth, eventloop, wire
 from cake.client import Options, RelayFailed, RelayTimedOut, SessionsLost, WorkerLink
 from cake.devices import compute_unit, machine_id
 from cake.errors import CakeError, WorkerError
+from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.model.config import LlamaConfig, load_config
 from cake.model.kv_cache import KVCache, Row
@@ -31,7 +32,8 @@ from cake.model.loader import choose_quantization, load_head, load_layers
 from cake.model.quant import DEFAULT_GROUP
 from cake.model.stack import LayerStack, chunk_spans
 from cake.model.weights import WeightFiles
-from cake.topology import Stage, Topology, format_layers
+from cake.relay_chain import RelayChain
+from cake.topology import Stage, Topology
 
 log = logging.getLogger("cake.master")
 
@@ -220,79 +222,6 @@ class RemoteStage:
 
     async def end(self, sessions: list[str]) -> None:
         await self.link.end(sessions)
-
-
-class RelayChain:
-    """Consecutive remote stages on distinct workers run as one relayed request: the master sends the
-    hidden states to the first worker, each worker passes its output straight on to the next, and the
-    last answers the master. Per token that is one message per worker plus one, instead of two per
-    worker. A worker that cannot do its part answers with an error carrying the forward's id instead
-    (and nothing goes further), so the master waits on every link of the chain for that id."""
-
-    def __init__(self, stages: list[RemoteStage]):
-        self.stages = stages
-
-    @property
-    def pairs(self) -> list[tuple[str, str]]:
-        names = [st.link.worker.name for st in self.stages]
-        return list(zip(names, names[1:]))
-
-    async def forward(self, sessions: list[str], positions: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        links = [st.link for st in self.stages]
-        for _ in range(3):  # connecting one link takes time, in which another may drop
-            for link in links:
-                await link.ensure_connected()
-            if all(link.writer is not None for link in links):
-                break
-        first, rest = self.stages[0], self.stages[1:]
-        msg = wire.Forward(next(WorkerLink.ids), first.stage.start, first.stage.end, sessions, positions,
-                           [st.link.worker.name for st in rest], [st.stage.start for st in rest],
-                           [st.stage.end for st in rest], [st.link.info.conn for st in rest])
-        generations = [link.generation for link in links]
-        waiters = [link.expect(msg.id) for link in links]
-        t0 = time.perf_counter()
-        try:
-            await first.link.send(msg, hidden, generations[0])
-            # Each hop gets the whole timeout: a long prompt takes its time on every worker.
-            await asyncio.wait(waiters, timeout=first.link.opt.request_timeout * len(links),
-                               return_when=asyncio.FIRST_COMPLETED)
-        except ConnectionError as e:  # the send failed: nothing reached anyone
-            self._forget(links, msg.id, waiters)
-            await first.link.recover(generations[0], e)
-            raise SessionsLost(first.link.worker.name) from None
-        except BaseException:  # cancelled: answers that still come are dropped by id
-            self._forget(links, msg.id, waiters)
-            raise
-        answered = [i for i, w in enumerate(waiters) if w.done()]
-        self._forget(links, msg.id, waiters)
-        if not answered:  # nobody answered in time and it is not known who is stuck: start afresh
-            for link, generation in zip(links, generations):
-                await link.recover(generation, asyncio.TimeoutError())
-            raise RelayTimedOut(links[-1].worker.name, self.pairs)
-        i = answered[0]
-        if waiters[i].exception() is not None:  # that connection broke (a late answer after it is dropped)
-            await links[i].recover(generations[i], waiters[i].exception())
-            raise SessionsLost(links[i].worker.name)
-        reply, out = waiters[i].result()
-        last = i == len(links) - 1
-        links[i].raise_for_error(reply, "" if last else links[i + 1].worker.name)  # nothing went further
-        if not last or not isinstance(reply, wire.Result) or out is None or out.shape != hidden.shape \
-                or len(reply.upstream_us) != i:
-            links[i].close()
-            raise WorkerError(f"{links[i].label} answered a relayed forward with a malformed "
-                              f"'{reply.TYPE}'; restart it")
-        computes = [us / 1e6 for us in (*reply.upstream_us, reply.compute_us)]
-        # One wall time for the chain: each stage gets its own compute and an equal share of the rest.
-        share = max(0.0, time.perf_counter() - t0 - sum(computes)) / len(computes)
-        for st, c in zip(self.stages, computes):
-            st.stats.add(c + share, c, hidden.shape[1])
-        return out
-
-    @staticmethod
-    def _forget(links: list[WorkerLink], rid: int, waiters: list[asyncio.Future]) -> None:
-        for link, waiter in zip(links, waiters):
-            if not waiter.done():
-                link.forget(rid, waiter)
 
 
 def quantization_said(info) -> str:
@@ -614,7 +543,7 @@ class Master:
         if self._math is not None:
             self._math.shutdown(wait=False, cancel_futures=True)
 
-    def stage_report(self, decode_steps: int) -> list[str]:
+    def stage_report(self) -> list[str]:
         lines = []
         for st in self.stages:
             s = st.stats

@@ -14,6 +14,7 @@ import torch
 from cake import wire
 from cake.client import Options, WorkerLink
 from cake.errors import CakeError
+from cake.layer_ranges import format_layers
 from cake.memory import free_memory, gb
 from cake.model.config import LlamaConfig
 from cake.model.kv_cache import KVCache, Row
@@ -23,7 +24,7 @@ from cake.model.quant import QuantLinear, quantize
 from cake.model.stack import LayerStack
 from cake.model.tensor_names import is_matrix, layer_parts
 from cake.planner import Node, Plan, plan
-from cake.topology import Topology, Worker, format_layers
+from cake.topology import Topology, Worker
 
 log = logging.getLogger("cake.placement")
 

@@ -33,6 +33,7 @@ import torch
 
 from cake import eventloop, wire
 from cake.errors import WorkerError
+from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.model.config import LlamaConfig
 from cake.model.loader import Quantization, stored_quantization
@@ -41,7 +42,6 @@ from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, Entry, WeightFiles
 from cake.progress import Progress
 from cake.seal import Seal
-from cake.topology import format_layers
 from cake.content_hash import BLOCK, content_digest
 
 if TYPE_CHECKING:

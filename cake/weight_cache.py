@@ -39,6 +39,7 @@ from cake import placement, wire
 from cake.content_hash import BLOCK, block_sums, content_digest, file_sums
 from cake.devices import compute_unit, machine_id, pick_device, pick_dtype
 from cake.errors import CakeError
+from cake.layer_ranges import format_layers
 from cake.memory import free_memory, gb
 from cake.model.config import LlamaConfig, load_config
 from cake.model.stack import LayerStack
@@ -46,7 +47,6 @@ from cake.model.loader import Quantization, choose_quantization, load_layers, re
 from cake.model.weights import INDEX, read_header
 from cake.progress import Progress
 from cake.topology import Worker as Entry
-from cake.topology import format_layers
 from cake.worker import Conn, Placement, RequestError, Worker, WorkerArgs
 
 log = logging.getLogger("cake.worker")

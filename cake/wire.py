@@ -28,7 +28,6 @@ PROTOCOL = "cake"
 VERSION = 3  # 3: the client proves first, sealed frames with a key; 2: worker-to-worker relay
 MAX_HEADER = 64 * 1024
 FORWARD_OVERHEAD = MAX_HEADER + 64  # a forward frame's bytes besides its hidden states, at most
-DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_RANK = 4
 _U32 = struct.Struct(">I")
 
@@ -43,6 +42,18 @@ class FrameError(ProtocolError):
     """The byte stream itself is broken (bad length, bad msgpack): the connection must be closed."""
 
     oversized = False  # the frame was longer than the reader's limit
+
+
+class Malformed(ProtocolError):
+    """A request framed and typed right whose parts do not fit together (a tensor its lists do not
+    match): answered with an error of `code`; the connection goes on."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def reply(self, rid: int = 0) -> Error:
+        return Error(self.code, str(self), id=rid)
 
 
 # ---- messages ---------------------------------------------------------------------------------------
@@ -143,10 +154,33 @@ class Forward(Message):
     reply_conn: str = ""
     upstream_us: list[int] = field(default_factory=list)
 
-    def relay_hops(self) -> list[tuple[str, int, int, str]]:
+    def check_rows(self, x: torch.Tensor | None, hidden_size: int, max_batch: int) -> None:
+        """Its hidden states against its lists: a float tensor [B, T, hidden_size] with 0 < B <= max_batch
+        rows and T > 0 tokens, and B distinct sessions with a position each. Malformed if not."""
+        if x is None:
+            raise Malformed("bad_request", "forward carries no hidden-state tensor")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise Malformed("bad_tensor", f"hidden states must be f32/f16/bf16, not {x.dtype}")
+        if x.dim() != 3 or x.shape[2] != hidden_size:
+            raise Malformed("bad_tensor", f"hidden states must be [batch, tokens, {hidden_size}], got {list(x.shape)}")
+        B, T, _ = x.shape
+        if B == 0 or T == 0 or B > max_batch:
+            raise Malformed("bad_tensor", f"batch {B} x tokens {T} is empty or over {max_batch} rows")
+        if len(self.sessions) != B or len(self.positions) != B or len(set(self.sessions)) != B:
+            raise Malformed("bad_request", f"need {B} distinct sessions and {B} positions for a batch of {B}")
+
+    def relay_hops(self, sender: str, most: int) -> list[tuple[str, int, int, str]]:
+        """The workers to pass the output on to, as (name, start, end, reply connection): lists of one
+        length, naming at most `most` distinct workers other than `sender`, and a positive id (the answer
+        comes back by id, from another worker). Malformed if not."""
         hops = (self.relay_workers, self.relay_starts, self.relay_ends, self.relay_conns)
         if len({len(h) for h in hops}) != 1:
-            raise ProtocolError("'forward.relay_*' lists must have the same length")
+            raise Malformed("bad_request", "'forward.relay_*' lists must have the same length")
+        names = self.relay_workers
+        if len(set(names)) != len(names) or sender in names or len(names) > most:
+            raise Malformed("bad_request", "a relay must go on to distinct other workers")
+        if names and self.id <= 0:
+            raise Malformed("bad_request", "a relayed forward needs a positive id")
         return list(zip(*hops))
 
 

@@ -17,7 +17,6 @@ import pytest
 
 from cake import wire
 from cake.client import Options, WorkerLink
-from cake.errors import CakeError
 from cake.topology import Worker as WorkerEntry
 from conftest import handshake, reference_greedy, run
 

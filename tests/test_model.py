@@ -405,14 +405,14 @@ def test_worker_kv_budget_counts_kept_caches(tiny_model):
     stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
     stack.graphs = EagerGraphs(stack)  # the bookkeeping of a GPU worker, on the CPU
     worker = Worker("w", stack, config, kv_budget=2 * stack.new_cache_bytes())
-    a, b = worker._cache(1, "a", 0, 0, 2), worker._cache(1, "b", 0, 0, 2)
+    a, b = worker.store.cache(1, "a", 0, 0, 2), worker.store.cache(1, "b", 0, 0, 2)
     assert asyncio.run(worker._dispatch(Conn(1, "t", None), wire.End(["a"]), None, "test"))[0] == wire.Ok()
     assert stack.spares == [a]
-    c = worker._cache(1, "c", 0, 0, 2)
+    c = worker.store.cache(1, "c", 0, 0, 2)
     assert c is a and not stack.spares and set(worker.sessions) == {(1, "b"), (1, "c")}
-    d = worker._cache(1, "d", 0, 0, 2)  # over budget: b (least recently used) goes, d takes its memory
+    d = worker.store.cache(1, "d", 0, 0, 2)  # over budget: b (least recently used) goes, d takes its memory
     assert d is b and set(worker.sessions) == {(1, "c"), (1, "d")} and not stack.spares
-    assert worker._free_connection(1) == 2 and len(stack.spares) == 2
+    assert worker.store.free_connection(1) == 2 and len(stack.spares) == 2
     assert sum(x.nbytes for x in stack.spares) <= worker.kv_budget
 
 
@@ -526,13 +526,13 @@ def test_worker_evicts_from_the_connection_that_holds_the_most_caches(tiny_model
 
     stack, config = load_layers(tiny_model, [0, 1], "cpu", "f32", 64)
     worker = Worker("w", stack, config, kv_budget=3 * stack.new_cache_bytes())
-    worker._cache(2, "x", 0, 0, 2)  # the least recently used of all
-    worker._cache(1, "a", 0, 0, 2)
-    worker._cache(1, "b", 0, 0, 2)
-    worker._cache(2, "y", 0, 0, 2)  # connection 1 holds two, 2 holds one: 1's oldest goes, not x
+    worker.store.cache(2, "x", 0, 0, 2)  # the least recently used of all
+    worker.store.cache(1, "a", 0, 0, 2)
+    worker.store.cache(1, "b", 0, 0, 2)
+    worker.store.cache(2, "y", 0, 0, 2)  # connection 1 holds two, 2 holds one: 1's oldest goes, not x
     assert set(worker.sessions) == {(2, "x"), (1, "b"), (2, "y")}
     for s in ("z1", "z2", "z3"):  # connection 2 floods: from now on it evicts its own
-        worker._cache(2, s, 0, 0, 2)
+        worker.store.cache(2, s, 0, 0, 2)
     assert set(worker.sessions) == {(1, "b"), (2, "z2"), (2, "z3")}
 
 

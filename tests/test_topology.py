@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from cake.cli import main
 from cake.errors import TopologyError
-from cake.topology import Stage, format_layers, load_topology, parse_layers, parse_topology
+from cake.layer_ranges import format_layers
+from cake.topology import Stage, load_topology, parse_layers, parse_topology
 
 
 def topo(**workers):

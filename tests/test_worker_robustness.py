@@ -282,6 +282,35 @@ def test_a_port_in_use_fails_in_one_line_before_the_weights_load(tiny_model, tmp
                                         f"another --address port"], proc.stderr
 
 
+def test_sigterm_stops_a_worker_cleanly_in_one_line(tiny_model, tmp_path):
+    """A service manager's stop: the worker says so in one line on stderr and exits with code 0, its
+    connections closed (a client connected at the time sees the end of the stream), no traceback."""
+    import signal
+    import subprocess
+
+    c = Cluster(tmp_path, tiny_model, {"w": ["model.layers.2-4"]})
+    try:
+        async def go():
+            reader, writer = await connect(c.ports["w"])
+            c.procs["w"].send_signal(signal.SIGTERM)
+            with pytest.raises(asyncio.IncompleteReadError):
+                await asyncio.wait_for(wire.read_message(reader, 1 << 20), 30)
+            writer.close()
+
+        run(go())
+        try:
+            code = c.procs["w"].wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit on SIGTERM:\n{c.log('w').read_text()}") from None
+        log = c.log("w").read_text()
+        assert code == 0, log
+        assert [line for line in log.splitlines() if "SIGTERM" in line] == [
+            "[cake.worker] worker 'w' stopped by SIGTERM"], log
+        assert "Traceback" not in log, log
+    finally:
+        c.stop()
+
+
 def test_a_connection_reset_as_it_is_accepted_ends_quietly(tiny_model, caplog):
     """The worker tunes each connection's socket first; a client that reset the connection at once leaves
     none to tune (the transport closed it). That connection must end like any broken one, not escape the
@@ -714,7 +743,7 @@ def test_closing_a_connection_drops_its_queued_forwards(tiny_model):
         await asyncio.sleep(0.05)  # computing
         async def until(n):  # the worker's queue reaches n forwards (it reads between the prompt's steps)
             for _ in range(2000):
-                if len(worker._queued) == n:
+                if len(worker.scheduler.queued) == n:
                     return True
                 await asyncio.sleep(0.001)
             return False
@@ -727,7 +756,7 @@ def test_closing_a_connection_drops_its_queued_forwards(tiny_model):
             counts.append(await until(5))  # the long prompt and these 4
             w.close()
             counts.append(await until(1))  # only the long prompt, still computing
-        left = (len(worker._queued), worker._queued_bytes)
+        left = (len(worker.scheduler.queued), worker.scheduler.queued_bytes)
         [(reply, _)] = await _answers(r1, 1)
         w1.close()
         server.cancel()

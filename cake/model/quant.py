@@ -39,10 +39,6 @@ _MANY: dict[tuple, bool] = {}
 MANY_ROWS = 16
 
 
-def _bits(scheme: str) -> int:
-    return {"int8": 8, "int4": 4}[scheme]
-
-
 @dataclass
 class Quantized:
     """One matrix [out, in] in the stored form: qweight, scales (and zeros for int4)."""

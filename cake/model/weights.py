@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cake.errors import ModelError
+from cake.layer_ranges import format_layers
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -87,8 +88,6 @@ class WeightFiles:
 
     def holds(self) -> str:
         """What the folder holds, in words: 'layers 0-11' (a bundle), and 'the embedding' if it has it."""
-        from cake.topology import format_layers
-
         layers = sorted({int(m.group(1)) for n in self.where if (m := _LAYER.match(n))})
         head = "model.embed_tokens.weight" in self.where
         parts = [f"layers {format_layers(layers)}" if layers else "no decoder layers"]
