@@ -27,6 +27,7 @@ from cake.master import RemoteStage, model_mismatch, pipelines_long_prompts, qua
 from cake.master_setup import MasterArgs
 from cake.model.config import LlamaConfig, load_config
 from cake.relay_chain import RelayChain
+from cake.placement import CHUNK
 from cake.shipping import Supplier
 from cake.topology import Stage, Topology, Worker, load_topology
 
@@ -148,7 +149,8 @@ def _plan(args: MasterArgs, config: LlamaConfig, topology: Topology,
     return planned, [f"plan: one decode token about {result.token_ms:.2f} ms (layers x time per layer + one hop "
                      f"per worker); `cake --plan` prints it as a topology file",
                      f"master: embedding, head, layers {format_layers(local) if local else 'none'}; "
-                     f"{m.layer_ms:.3f} ms a layer, room {gb(m.room)} for {m.capacity} layer(s)"]
+                     f"{m.layer_ms:.3f} ms a layer ({m.chunk_ms:.1f} ms a prompt chunk of {CHUNK} tokens), "
+                     f"room {gb(m.room)} for {m.capacity} layer(s)"]
 
 
 def _worker_line(st: WorkerStatus, planned: Topology, topology: Topology, supplier: Supplier | None) -> str:
@@ -163,8 +165,9 @@ def _worker_line(st: WorkerStatus, planned: Topology, topology: Topology, suppli
             f"context {i.capacity}, {i.memory / 2**30:.1f} GiB free, round trip {st.rtt_ms:.2f} ms"
             + (f", weights {gb(i.weight_bytes)}" if i.weight_bytes else ""))
     if i.layer_us:
-        line += (f", {i.layer_us / 1e3:.3f} ms a layer, room {gb(i.room)} for "
-                 f"{i.room // max(1, i.layer_bytes)} layer(s)")
+        line += (f", {i.layer_us / 1e3:.3f} ms a layer"
+                 + (f" ({i.chunk_us / 1e3:.1f} ms a prompt chunk of {CHUNK} tokens)" if i.chunk_us else "")
+                 + f", room {gb(i.room)} for {i.room // max(1, i.layer_bytes)} layer(s)")
     if i.fetches and supplier is not None and layers and list(i.layers) != list(layers):
         line += (f"; no model files: the master ships it layers {format_layers(layers)}, "
                  f"{gb(supplier.ship_size(layers))} at most (what its cache holds, checked by hash, is not sent)")

@@ -93,10 +93,6 @@ def measure_layer(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, de
     return LayerTime(max(1, int(1e6 * min(steps[2:]))), max(1, int(1e6 * min(chunks[1:] or chunks))))
 
 
-def measure_layer_us(config: LlamaConfig, fmt: Quantization, dtype: torch.dtype, device: torch.device) -> int:
-    return measure_layer(config, fmt, dtype, device).decode_us
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,7 +126,7 @@ def make_plan(config: LlamaConfig, topology: Topology, master: Node,
         info, rtt = survey[w.name]
         if not info.layer_us:
             raise CakeError(f"worker '{w.name}' did not measure a layer; run the same cake version on every node")
-        nodes[w.name] = Node(w.name, info.layer_us / 1e3, rtt, info.room, info.layer_bytes)
+        nodes[w.name] = Node(w.name, info.layer_us / 1e3, rtt, info.room, info.layer_bytes, info.chunk_us / 1e3)
     owned = topology.owner_of()
     free = [i for i in range(config.num_hidden_layers) if i not in owned]
     result = plan(len(free), master, list(nodes.values()))
@@ -144,8 +140,8 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
              f"{result.token_ms:.2f} ms (layers x time per layer + one hop per worker)"]
     m = nodes["master"]
     local = [i for i in range(config.num_hidden_layers) if i not in topology.owner_of()]
-    lines.append(f"# master: layers {format_layers(local) if local else 'none'}; {m.layer_ms:.3f} ms a layer, "
-                 f"room {gb(m.room)} for {m.capacity} layer(s)")
+    lines.append(f"# master: layers {format_layers(local) if local else 'none'}; {m.layer_ms:.3f} ms a layer "
+                 f"({_chunk(m)}), room {gb(m.room)} for {m.capacity} layer(s)")
     for w in topology.workers.values():
         lines.append(f"{w.name}:")
         lines.append(f"  host: '{w.address}'")
@@ -153,8 +149,8 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
             lines.append(f"  description: '{w.description}'")
         n = nodes.get(w.name)
         if n is not None:
-            lines.append(f"  # measured: {n.layer_ms:.3f} ms a layer, hop {n.hop_ms:.2f} ms, room {gb(n.room)} "
-                         f"for {n.capacity} layer(s) of {gb(n.layer_bytes)}")
+            lines.append(f"  # measured: {n.layer_ms:.3f} ms a layer ({_chunk(n)}), hop {n.hop_ms:.2f} ms, room "
+                         f"{gb(n.room)} for {n.capacity} layer(s) of {gb(n.layer_bytes)}")
         if w.layers:
             lines.append("  layers:")
             lines += [f"    - 'model.layers.{r}'" for r in format_layers(w.layers).split(",")]
@@ -163,6 +159,10 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
             lines[start:] = [f"# {line}" for line in lines[start:]] + ["#   (no layers: the others are faster, "
                                                                          "or it has no room)"]
     return "\n".join(lines) + "\n"
+
+
+def _chunk(n: Node) -> str:
+    return f"a prompt chunk of {CHUNK} tokens {n.chunk_ms:.1f} ms" if n.chunk_ms else "prompt chunk not measured"
 
 
 def master_node(config: LlamaConfig, model_dir: str, device: str, dtype: str, quantize: str | None, group: int,
@@ -177,8 +177,9 @@ def master_node(config: LlamaConfig, model_dir: str, device: str, dtype: str, qu
     dt = pick_dtype(dtype, dev, config.torch_dtype)
     fmt = choose_quantization(WeightFiles(model_dir), "model.embed_tokens.weight", quantize, group)
     head = share_bytes(config, [], fmt, dt, head=True)
-    return Node("master", measure_layer_us(config, fmt, dt, dev) / 1e3, 0.0, room(dev, max_memory, head),
-                layer_bytes(config, fmt, dt, resolve_context(config, context)))
+    took = measure_layer(config, fmt, dt, dev)
+    return Node("master", took.decode_us / 1e3, 0.0, room(dev, max_memory, head),
+                layer_bytes(config, fmt, dt, resolve_context(config, context)), took.chunk_us / 1e3)
 
 
 async def place(config: LlamaConfig, topology: Topology, options: Options, master: Node,

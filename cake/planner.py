@@ -29,6 +29,7 @@ class Node:
     hop_ms: float  # one message to it and on (0 for the master)
     room: int  # bytes it offers for layers (weights + KV cache)
     layer_bytes: int  # what one layer takes there (weights at its format + KV cache for the context)
+    chunk_ms: float = 0.0  # a prompt chunk through one layer (shown with the plan; decode time is what it minimises)
 
     @property
     def capacity(self) -> int:

@@ -232,13 +232,14 @@ class Fetch:
         dev = pick_device(self.device)
         dt = pick_dtype(self.dtype, dev, config.torch_dtype)
         stack = LayerStack(config, {}, resolve_context(config, self.context), dt, dev, fmt)
-        layer_us = room = one = 0
+        layer_us = chunk_us = room = one = 0
         if not self.entry.placed:  # as a placed worker with a model folder does (cake.placement)
-            layer_us = await asyncio.to_thread(placement.measure_layer_us, config, fmt, dt, dev)
+            took = await asyncio.to_thread(placement.measure_layer, config, fmt, dt, dev)
+            layer_us, chunk_us = took.decode_us, took.chunk_us
             room, one = placement.room(dev, self.max_memory), placement.layer_bytes(config, fmt, dt, stack.capacity)
         self.bundle, self.folder, self.transfer = bundle, folder, None
         worker.take_model(config, stack, Placement(lambda layers: self._load(config, stack, layers), layer_us, room,
-                                                   one, fetches=True))
+                                                   one, fetches=True, chunk_us=chunk_us))
         said = (f"; one layer takes {layer_us / 1e3:.3f} ms here, room for {room // max(1, one)} layer(s)"
                 if layer_us else f"; it takes layers {format_layers(self.entry.layers)}")
         log.info("the master's model '%s' (%s, %d layers) goes in %s%s", bundle, config.arch,

@@ -124,6 +124,7 @@ class Info(Message):
     # Placement (cake.placement): what a worker whose topology entry lists no layers measured and offers
     placed: bool = True  # False: it waits for an Assign
     layer_us: int = 0  # one decode step through one layer of this model, at its dtype and quantization
+    chunk_us: int = 0  # one prompt chunk (cake.placement.CHUNK tokens) through one layer (0: not said)
     room: int = 0  # bytes it offers for layers (free memory, at most --max-memory)
     layer_bytes: int = 0  # what one layer takes there (weights + a session's KV cache for the context)
     fetches: bool = False  # no model folder: it takes the model's config and its layers from the master

@@ -178,3 +178,22 @@ def test_a_worker_nothing_listens_for_is_connection_refused_in_whole_seconds(tin
         or f"worker 'w' at 127.0.0.1:{port}: connection refused; retrying for up to 2s" in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"error: worker 'w' at 127.0.0.1:{port} is unreachable (connection refused) after 1.5s"), r.stderr
+
+
+def test_a_bare_address_port_keeps_the_topologys_interface(tiny_model, tmp_path):
+    """`--address PORT` (as `--api PORT`): the port given, on the interface the topology implies (loopback
+    here), with the warning that the master looks where the topology says."""
+    port, other = launch.free_port(), launch.free_port()
+    topology = write_topology(tmp_path / "t.yml", {"w": (port, ["model.layers.0-5"])})
+    log = tmp_path / "w.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cake", "--mode", "worker", "--model", str(tiny_model),
+                                 "--topology", str(topology), "--name", "w", "--device", "cpu", "--address",
+                                 str(other)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        launch.wait_ready(other, proc)
+        text = log.read_text()
+        assert f"serving layers 0-5 on 127.0.0.1:{other}" in text
+        assert f"listening on port {other}, but the topology gives worker 'w' 127.0.0.1:{port}" in text
+    finally:
+        launch.stop(proc)

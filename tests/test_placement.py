@@ -91,8 +91,9 @@ def test_check_shows_the_plan_and_what_would_be_shipped_and_ships_nothing(tiny_m
     out = shown.stdout
     assert re.search(r"^plan: one decode token about [\d.]+ ms", out, re.M), out
     assert "master: embedding, head, layers none;" in out
+    assert out.count("ms a prompt chunk of 256 tokens") == 3, out  # the master's and each worker's, measured
     rows = {m[0]: m for m in re.findall(r"^(\w) \(127\.0\.0\.1:\d+\): ok, planned layers ([\d-]+) .*?, ([\d.]+) ms "
-                                          r"a layer, room [\d.]+ MB for (\d) layer\(s\)(.*)$", out, re.M)}
+                                          r"a layer \([\d.]+ ms a prompt chunk of 256 tokens\), room [\d.]+ MB for (\d) layer\(s\)(.*)$", out, re.M)}
     assert set(rows) == {"a", "b"}, out
     assert (rows["a"][3], rows["b"][3]) == ("2", "5")  # room over one layer's weights and KV cache
     first, _, last = rows["b"][1].partition("-")

@@ -70,8 +70,12 @@ def run_worker(args: WorkerArgs) -> None:
     if config is not None:
         topo.check_layers(config.num_hidden_layers)
     # By default: this worker's port from the topology, on every interface, unless the topology puts it on
-    # loopback (then nothing else could reach it anyway, and nothing else should).
-    address = args.address or f"{me.host if auth.is_loopback(me.host) else '0.0.0.0'}:{me.port}"
+    # loopback (then nothing else could reach it anyway, and nothing else should). A bare --address PORT
+    # keeps that interface.
+    default_host = me.host if auth.is_loopback(me.host) else "0.0.0.0"
+    address = args.address or f"{default_host}:{me.port}"
+    if address.strip().isdigit():
+        address = f"{default_host}:{address.strip()}"
     parsed = split_address(address)
     if parsed is None:
         raise CakeError(f"--address '{address}' needs host:port with a port between 1 and 65535, "
@@ -103,11 +107,12 @@ def run_worker(args: WorkerArgs) -> None:
         from cake import placement as plan
 
         fmt = stack.quantization
-        placement = Placement(load, plan.measure_layer_us(config, fmt, stack.dtype, stack.device),
-                              plan.room(stack.device, args.max_memory),
-                              plan.layer_bytes(config, fmt, stack.dtype, stack.capacity))
-        log.info("waiting for the master's plan: one layer takes %.3f ms here, room for %d layer(s)",
-                 placement.layer_us / 1e3, placement.room // max(1, placement.layer_bytes))
+        took = plan.measure_layer(config, fmt, stack.dtype, stack.device)
+        placement = Placement(load, took.decode_us, plan.room(stack.device, args.max_memory),
+                              plan.layer_bytes(config, fmt, stack.dtype, stack.capacity), chunk_us=took.chunk_us)
+        log.info("waiting for the master's plan: one layer takes %.3f ms here (a prompt chunk of %d tokens %.1f "
+                 "ms), room for %d layer(s)", placement.layer_us / 1e3, plan.CHUNK, took.chunk_us / 1e3,
+                 placement.room // max(1, placement.layer_bytes))
     if not auth.is_loopback(host) and not args.key:
         log.warning("listening on %s without --cluster-key: anyone who can reach this port can use this "
                     "worker; set --cluster-key (or %s) on every node", host, auth.ENV_KEY)

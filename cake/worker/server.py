@@ -62,10 +62,11 @@ class Placement:
     room: int
     layer_bytes: int
     fetches: bool = False  # no model folder: its layers come from the master (cake.weight_cache)
+    chunk_us: int = 0  # a prompt chunk through one layer
 
     def said(self, stack: LayerStack) -> dict:
-        return {"placed": bool(stack.layers), "layer_us": self.layer_us, "room": self.room,
-                "layer_bytes": self.layer_bytes, "fetches": self.fetches}
+        return {"placed": bool(stack.layers), "layer_us": self.layer_us, "chunk_us": self.chunk_us,
+                "room": self.room, "layer_bytes": self.layer_bytes, "fetches": self.fetches}
 
 
 def frame_limits(stack: LayerStack | None, config: LlamaConfig | None, asked: int | None) -> tuple[int, int]:
@@ -341,6 +342,7 @@ class Worker:
         if layers != self.stack.indices:
             log.info("%s assigns layers %s; loading them", peer, format_layers(layers))
             self.store.free_all()
+            self.store.stack = self.placement.load([])  # the old layers go before the new load: never both held
             self.store.stack = await asyncio.to_thread(self.placement.load, layers)
         self.topology = self.topology.with_layers(plan)
         return self.info(dest.token)
