@@ -300,8 +300,8 @@ def test_client_disconnect_stops_generation_and_frees_sessions(server, api_clust
     sock, got = send_request(server.url, body, events=4 if stream else 0)
     if stream:
         assert b"200 OK" in got
-    else:
-        time.sleep(0.5)  # let the server read the request: a whole answer sends nothing until it is done
+    else:  # a whole answer sends nothing until it is done: wait until the server has taken the request
+        assert wait_for(lambda: server.server._admitted > 0), "the server never took the request"
     sock.close()
     for p, n in zip(logs, before):
         assert wait_for(lambda: len(worker_ends(p)) > n), f"no end reached {p.name}"

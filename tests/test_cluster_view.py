@@ -62,9 +62,10 @@ def test_layer_ranges_of_each_node():
 
 def test_a_session_cache_is_what_a_kv_cache_allocates(tiny_model):
     config = load_config(tiny_model)
-    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+    for dtype, name, size in ((torch.float32, "f32", 4), (torch.bfloat16, "bf16", 2)):
         cache = KVCache([0, 1, 2], config, 100, dtype, torch.device("cpu"))
-        assert session_cache_bytes(config, 3, 100, name) == cache.k.nbytes + cache.v.nbytes
+        # keys and values, 3 layers, 2 KV heads of 16 features, 100 positions (tiny_model, written out)
+        assert session_cache_bytes(config, 3, 100, name) == cache.k.nbytes + cache.v.nbytes == 2 * 3 * 2 * 16 * 100 * size
 
 
 def test_per_token_split_and_rate():

@@ -130,10 +130,22 @@ def test_stuck_worker_is_detected_and_recovers_when_it_resumes(tiny_model, clust
     def freeze(n: int) -> None:
         if n == 4:
             os.kill(pid, signal.SIGSTOP)
-            subprocess.Popen([sys.executable, "-c", f"import os,signal,time; time.sleep(2.5); os.kill({pid}, signal.SIGCONT)"])
 
-    with caplog.at_level(logging.WARNING, logger="cake.master"):
-        assert run(generate_with(master, prompt, freeze)) == reference_greedy(tiny_model, prompt, N)
+    class ResumeOnTimeout(logging.Handler):
+        """a resumes once the master has timed out waiting for it (not after a guessed 2.5 s)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("worker 'a' at ") and "timed out" in record.getMessage():
+                os.kill(pid, signal.SIGCONT)
+
+    resume = ResumeOnTimeout(logging.WARNING)
+    logging.getLogger("cake.master").addHandler(resume)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cake.master"):
+            assert run(generate_with(master, prompt, freeze)) == reference_greedy(tiny_model, prompt, N)
+    finally:
+        logging.getLogger("cake.master").removeHandler(resume)
+        os.kill(pid, signal.SIGCONT)
     assert ("a", "b") in master._no_relay
     assert "a relay from worker 'a' to 'b' timed out; for the next 30s its output goes to 'b'" in caplog.text
 
@@ -383,7 +395,10 @@ def test_a_ping_cancelled_before_it_is_written_keeps_the_answers_in_order(tiny_m
         await link.ensure_connected()
         async with link._write:  # as if a long prompt's frame were being written
             ping = asyncio.ensure_future(link.request(wire.Ping()))
-            await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while not link._write._waiters:  # until the ping waits for the lock (asyncio.Lock's queue)
+                assert time.monotonic() < deadline and not ping.done(), ping
+                await asyncio.sleep(0)
             ping.cancel()
         t0 = time.monotonic()
         reply, _ = await link.request(wire.Ping())

@@ -20,7 +20,6 @@ import torch
 
 from cake import wire
 from cake.client import Options, WorkerLink
-from cake.content_hash import BLOCK, content_digest
 from cake.errors import WorkerError
 from cake.generate import generate
 from cake.model.config import load_config
@@ -39,6 +38,14 @@ N = 12
 PROMPT = [128000, 9906, 11, 1268, 527, 499, 30]
 LAYER = 43008 * 4 + 2 * 64 * 4 + 2 * 2 * 16 * 4096 * 4  # one tiny_model layer and its KV cache (test_placement)
 KEY = "shipping-test-key"
+
+
+def digest(data: bytes) -> bytes:
+    """A file's digest as docs/protocol.md defines it, written again here (not cake.content_hash's): the
+    SHA-256 of the SHA-256s of its 1 MiB blocks."""
+    mib = 1 << 20
+    return hashlib.sha256(b"".join(hashlib.sha256(data[i:i + mib]).digest()
+                                   for i in range(0, len(data), mib))).digest()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +194,7 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
     steps += [(wire.Manifest([f], [8], bytes(32)), None) for f in bad_files]
     body = b'{"__metadata__":{}}'
     blob = len(body).to_bytes(8, "little") + body
-    steps += [(wire.Manifest(["fine.safetensors"], [len(blob)], content_digest([hashlib.sha256(blob).digest()])), None),
+    steps += [(wire.Manifest(["fine.safetensors"], [len(blob)], digest(blob)), None),
               (wire.Chunk(0, 0, bytes(32)), blob), (wire.Chunk(0, 0, hashlib.sha256(blob).digest()), blob)]
     answers = run(_fake_master(c.ports["w"], steps))
     refused = answers[:len(bad_bundles)] + answers[len(bad_bundles) + 1:len(bad_bundles) + 1 + len(bad_files)]
@@ -246,7 +253,7 @@ def test_a_layer_file_holds_the_layer_as_the_master_stores_it(tiny_model, tmp_pa
     files = run(supply.layer_files(list(range(6))))
     for f in files:
         data = f.read(0, f.size)
-        assert f.digest == content_digest([hashlib.sha256(data[i:i + BLOCK]).digest() for i in range(0, len(data), BLOCK)])
+        assert f.digest == digest(data)
         head = len(f.head)
         assert f.read(head - 20, 50) == data[head - 20:head + 30]  # any range, across header and tensors
         (folder / f.name).write_bytes(data)
