@@ -1154,7 +1154,13 @@ def test_relays_to_a_worker_that_takes_none_fail_over_instead_of_piling_up(tiny_
     try:
         async def go():
             ra, wa, _ = await handshake(c.ports["a"])
-            _, wb, info_b = await handshake(c.ports["b"])
+            rb, wb, info_b = await handshake(c.ports["b"])
+            # One relay through first, so a's link to b is up before b stops (else it is a's handshake with
+            # b that times out, not the backlog that fills).
+            await wire.write_message(wa, wire.Forward(1 << 20, 0, 3, ["warm"], [0], ["b"], [3], [6], [info_b.conn]),
+                                     torch.randn(1, 1, H))
+            warm, _ = await asyncio.wait_for(wire.read_message(rb, 1 << 26), 60)
+            assert isinstance(warm, wire.Result), warm
             os.kill(c.procs["b"].pid, signal.SIGSTOP)
             try:
                 x = torch.randn(1, 2000, H)  # 512 KB: the socket buffers to b fill after a few
