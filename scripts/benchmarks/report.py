@@ -37,6 +37,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores; torch {torch_version}"
 
 
+def _caveats(quick: bool, placement, layers: int) -> list[str]:
+    """What a reader of the figures must know first: a quick run, and the CPU pinning."""
+    out = ["QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote"] if quick else []
+    return out + ([placement.describe(layers)] if placement.cores else [])
+
+
 def report(r: ModelResult, quick: bool) -> str:
     s, w = r.spec, r.weights
     hf, local, workers = r.speed(r.transformers), r.speed(r.local), r.speed(r.workers)
@@ -45,10 +51,7 @@ def report(r: ModelResult, quick: bool) -> str:
            f"{r.step_bytes / MB:.1f} MB ==",
            f"prompt {r.prompt_tokens} tokens, {r.tokens} decode tokens, median of {r.repeats} run(s) after a "
            f"warm-up; {r.local.threads} torch thread(s) per process; {machine()}"]
-    if quick:
-        out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
-    if r.placement.cores:
-        out.append(r.placement.describe(s.layers))
+    out += _caveats(quick, r.placement, s.layers)
     if r.link_delay_ms:
         out.append(f"EMULATED NETWORK: every connection to a worker goes through a local proxy that holds each "
                    f"chunk {r.link_delay_ms:g} ms each way (--link-delay-ms); worker figures include it"
@@ -120,10 +123,7 @@ def quant_report(q: QuantResult, quick: bool) -> str:
            f"{q.quant_dtype} activations" + (f", int4 in groups of {q.group}" if "int4" in schemes else "") + " ==",
            f"prompt {q.prompt_tokens} tokens, {q.tokens} decode tokens, median of {q.repeats} run(s) after a warm-up; "
            f"{machine()}"]
-    if quick:
-        out.append("QUICK MODE: a check that the benchmark runs (few tokens, few runs); not figures to quote")
-    if q.placement.cores:
-        out.append(q.placement.describe(s.layers))
+    out += _caveats(quick, q.placement, s.layers)
 
     rows = []
     for f in q.formats:
