@@ -196,7 +196,7 @@ async def _probe_all(workers: list[Worker], options: Options) -> list[WorkerStat
 async def _probe_relays(pairs: list[tuple[Stage, Stage]], hidden_size: int, options: Options,
                         statuses: list[WorkerStatus]):
     """Each pair's problem ('' for none), or None where a worker does not serve its stage's layers yet."""
-    serving = {st.worker.name: list(st.info.layers) for st in statuses if st.info is not None}
-    ready = [serving.get(s.worker.name) == list(range(s.start, s.end)) for a, b in pairs for s in (a, b)]
+    serving = {st.worker.name: set(st.info.layers) for st in statuses if st.info is not None}
+    ready = [set(range(s.start, s.end)) <= serving.get(s.worker.name, set()) for a, b in pairs for s in (a, b)]
     return [((a, b), await probe_relay(a, b, hidden_size, options) if ready[2 * k] and ready[2 * k + 1] else None)
             for k, (a, b) in enumerate(pairs)]
