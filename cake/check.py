@@ -24,10 +24,10 @@ from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.devices import compute_unit, machine_id, pick_device
 from cake.master import RemoteStage, model_mismatch, pipelines_long_prompts, quantization_said, worker_hardware
-from cake.master_setup import MasterArgs
+from cake.master_setup import MasterArgs, supplier as master_supplier
 from cake.model.config import LlamaConfig, load_config
 from cake.relay_chain import RelayChain
-from cake.placement import CHUNK
+from cake.placement import chunk_said
 from cake.shipping import Supplier
 from cake.topology import Stage, Topology, Worker, load_topology
 
@@ -96,7 +96,7 @@ def run_check(args: MasterArgs, options: Options) -> None:
     config = load_config(args.model_dir)
     topology = load_topology(args.topology)
     topology.check_layers(config.num_hidden_layers)
-    supplier = _supplier(args, config, topology)
+    supplier = master_supplier(args, config, topology)  # the config only, while looking: never a layer
     options = replace(options, supply=supplier, look=True)
     statuses = asyncio.run(_probe_all(list(topology.workers.values()), options))
     for st in statuses:  # what the master would refuse when it connects
@@ -130,11 +130,6 @@ def run_check(args: MasterArgs, options: Options) -> None:
         raise CakeError(f"{len(bad)} of {len(statuses)} worker(s) not ready: {', '.join(bad)}; see above")
 
 
-def _supplier(args: MasterArgs, config: LlamaConfig, topology: Topology) -> Supplier | None:
-    """A worker without model files is given the config (it measures a layer then), never a layer."""
-    return Supplier(args.model_dir, config) if topology.workers else None
-
-
 def _plan(args: MasterArgs, config: LlamaConfig, topology: Topology,
           statuses: list[WorkerStatus]) -> tuple[Topology, list[str]]:
     """The plan the master would make now, as lines for the check (cake.placement)."""
@@ -149,7 +144,7 @@ def _plan(args: MasterArgs, config: LlamaConfig, topology: Topology,
     return planned, [f"plan: one decode token about {result.token_ms:.2f} ms (layers x time per layer + one hop "
                      f"per worker); `cake --plan` prints it as a topology file",
                      f"master: embedding, head, layers {format_layers(local) if local else 'none'}; "
-                     f"{m.layer_ms:.3f} ms a layer ({m.chunk_ms:.1f} ms a prompt chunk of {CHUNK} tokens), "
+                     f"{m.layer_ms:.3f} ms a layer ({chunk_said(m.chunk_ms)}), "
                      f"room {gb(m.room)} for {m.capacity} layer(s)"]
 
 
@@ -166,7 +161,7 @@ def _worker_line(st: WorkerStatus, planned: Topology, topology: Topology, suppli
             + (f", weights {gb(i.weight_bytes)}" if i.weight_bytes else ""))
     if i.layer_us:
         line += (f", {i.layer_us / 1e3:.3f} ms a layer"
-                 + (f" ({i.chunk_us / 1e3:.1f} ms a prompt chunk of {CHUNK} tokens)" if i.chunk_us else "")
+                 + (f" ({chunk_said(i.chunk_us / 1e3)})" if i.chunk_us else "")
                  + f", room {gb(i.room)} for {i.room // max(1, i.layer_bytes)} layer(s)")
     if i.fetches and supplier is not None and layers and list(i.layers) != list(layers):
         line += (f"; no model files: the master ships it layers {format_layers(layers)}, "
@@ -197,6 +192,9 @@ async def _probe_relays(pairs: list[tuple[Stage, Stage]], hidden_size: int, opti
                         statuses: list[WorkerStatus]):
     """Each pair's problem ('' for none), or None where a worker does not serve its stage's layers yet."""
     serving = {st.worker.name: set(st.info.layers) for st in statuses if st.info is not None}
-    ready = [set(range(s.start, s.end)) <= serving.get(s.worker.name, set()) for a, b in pairs for s in (a, b)]
-    return [((a, b), await probe_relay(a, b, hidden_size, options) if ready[2 * k] and ready[2 * k + 1] else None)
-            for k, (a, b) in enumerate(pairs)]
+
+    def serves(s: Stage) -> bool:
+        return set(range(s.start, s.end)) <= serving.get(s.worker.name, set())
+
+    return [((a, b), await probe_relay(a, b, hidden_size, options) if serves(a) and serves(b) else None)
+            for a, b in pairs]

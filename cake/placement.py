@@ -141,7 +141,7 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
     m = nodes["master"]
     local = [i for i in range(config.num_hidden_layers) if i not in topology.owner_of()]
     lines.append(f"# master: layers {format_layers(local) if local else 'none'}; {m.layer_ms:.3f} ms a layer "
-                 f"({_chunk(m)}), room {gb(m.room)} for {m.capacity} layer(s)")
+                 f"({chunk_said(m.chunk_ms)}), room {gb(m.room)} for {m.capacity} layer(s)")
     for w in topology.workers.values():
         lines.append(f"{w.name}:")
         lines.append(f"  host: '{w.address}'")
@@ -149,7 +149,7 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
             lines.append(f"  description: '{w.description}'")
         n = nodes.get(w.name)
         if n is not None:
-            lines.append(f"  # measured: {n.layer_ms:.3f} ms a layer ({_chunk(n)}), hop {n.hop_ms:.2f} ms, room "
+            lines.append(f"  # measured: {n.layer_ms:.3f} ms a layer ({chunk_said(n.chunk_ms)}), hop {n.hop_ms:.2f} ms, room "
                          f"{gb(n.room)} for {n.capacity} layer(s) of {gb(n.layer_bytes)}")
         if w.layers:
             lines.append("  layers:")
@@ -161,8 +161,9 @@ def render(topology: Topology, result: Plan, nodes: dict[str, Node], config: Lla
     return "\n".join(lines) + "\n"
 
 
-def _chunk(n: Node) -> str:
-    return f"a prompt chunk of {CHUNK} tokens {n.chunk_ms:.1f} ms" if n.chunk_ms else "prompt chunk not measured"
+def chunk_said(ms: float) -> str:
+    """A prompt chunk's measured time through one layer, in words (--plan, --check)."""
+    return f"{ms:.1f} ms a prompt chunk of {CHUNK} tokens" if ms else "prompt chunk not measured"
 
 
 def master_node(config: LlamaConfig, model_dir: str, device: str, dtype: str, quantize: str | None, group: int,
