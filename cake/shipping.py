@@ -213,11 +213,8 @@ class Supplier:
     def shipped_format(self, info: wire.Info) -> Quantization:
         """What a worker is sent: its own format where it quantizes and this folder holds floats (quantized
         here, once: cake.quantized_store), else the folder's as stored."""
-        said = info.quantization.split()
-        if self.fmt.scheme != "none" or not said or said[0] not in ("int8", "int4"):
-            return self.fmt
-        group = int(said[-1].rstrip(")")) if said[0] == "int4" and said[-1].rstrip(")").isdigit() else 0
-        return Quantization(said[0], group)
+        said = Quantization.parse(info.quantization)
+        return said if self.fmt.scheme == "none" and said is not None else self.fmt
 
     def _source(self, fmt: Quantization, layers: list[int]) -> WeightFiles:
         if fmt == self.fmt:

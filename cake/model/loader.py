@@ -53,6 +53,14 @@ class Quantization:
     def __str__(self) -> str:
         return f"int4 (group {self.group})" if self.scheme == "int4" else self.scheme
 
+    @staticmethod
+    def parse(text: str) -> Quantization | None:
+        """The format a node's handshake names (its str()); None for one it does not name."""
+        m = re.fullmatch(r"none|int8|int4 \(group (\d+)\)", text)
+        if m is None:
+            return None
+        return Quantization("int4", int(m[1])) if m[1] else Quantization("int8", 0) if text == "int8" else Quantization()
+
 
 def stored_quantization(files: WeightFiles, name: str) -> Quantization | None:
     """The quantization the folder stores matrix `name` ('...weight') in; None when stored as floats."""
