@@ -153,6 +153,26 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def greedy_through(master, prompt_ids: list[int], n: int) -> list[int]:
+    """Connect `master`, generate `n` greedy tokens, close it."""
+    from cake.generate import generate
+    from cake.sampling import SamplingParams
+
+    async def go():
+        await master.connect()
+        try:
+            return [t async for t in generate(master, prompt_ids, SamplingParams(), n, EOS)]
+        finally:
+            await master.close()
+    return run(go())
+
+
+def leave_out_layers(topology: Path) -> None:
+    """Drop every entry's `layers` from a topology file: the master places those workers."""
+    lines = topology.read_text().splitlines()
+    topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+
+
 async def cancel_after(task: asyncio.Task, turns: int) -> str:
     """Cancel `task` after `turns` event-loop turns, and say what it did: 'answered' (done before the
     cancel), 'cancelled', or 'cancel lost' (it returned as if no cancel had come)."""

@@ -11,7 +11,7 @@ from cake.generate import generate
 from cake.run_master import MasterArgs, build_master
 from cake.sampling import SamplingParams
 from cake.topology import load_topology
-from conftest import EOS, reference_greedy, run, test_device
+from conftest import EOS, greedy_through, leave_out_layers, reference_greedy, run, test_device
 
 N = 12
 PROMPT = [128000, 9906, 11, 1268, 527, 499, 30]
@@ -22,8 +22,7 @@ LAYER = 43008 * 4 + 2 * 64 * 4 + 2 * 2 * 16 * 4096 * 4
 
 def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_model, cluster, tmp_path):
     c = cluster(tiny_model, {"a": [], "b": []}, start=False)
-    lines = c.topology.read_text().splitlines()  # leave out each entry's layers: the master places them
-    c.topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+    leave_out_layers(c.topology)  # the master places them
     assert all(not w.placed for w in load_topology(c.topology).workers.values())
     c.extras = {"a": ("--max-memory", f"{int(2.5 * LAYER)}B"), "b": ("--max-memory", f"{int(5.5 * LAYER)}B")}
     c.start_all()
@@ -61,14 +60,7 @@ def test_the_master_plans_unplaced_workers_by_memory_and_generates_exactly(tiny_
     assert c.log("b").read_text().count("assigns layers") == 2
 
     again, _, _ = build_master(args)  # the next master finds the workers serving the last plan's layers
-
-    async def next_master():
-        await again.connect()
-        try:
-            return [t async for t in generate(again, PROMPT, SamplingParams(), N, EOS)]
-        finally:
-            await again.close()
-    assert run(next_master()) == want
+    assert greedy_through(again, PROMPT, N) == want
 
 
 def test_check_shows_the_plan_and_what_would_be_shipped_and_ships_nothing(tiny_model, cluster, tmp_path):
@@ -78,8 +70,7 @@ def test_check_shows_the_plan_and_what_would_be_shipped_and_ships_nothing(tiny_m
     import re
 
     c = cluster(None, {"a": [], "b": []}, models={"a": tiny_model}, start=False)
-    lines = c.topology.read_text().splitlines()
-    c.topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+    leave_out_layers(c.topology)
     cache = tmp_path / "cache-b"
     c.extras = {"a": ("--max-memory", f"{int(2.5 * LAYER)}B"),
                 "b": ("--max-memory", f"{int(5.5 * LAYER)}B", "--cache-dir", str(cache))}

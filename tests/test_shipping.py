@@ -32,7 +32,7 @@ from cake.split import split_model
 from cake.topology import load_topology
 from cake.weight_cache import Fetch
 from cake.worker import Worker, bind
-from conftest import EOS, handshake, reference_greedy, run, test_device, write_topology
+from conftest import EOS, greedy_through, handshake, leave_out_layers, reference_greedy, run, test_device, write_topology
 
 N = 12
 PROMPT = [128000, 9906, 11, 1268, 527, 499, 30]
@@ -78,8 +78,7 @@ def cached_files(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_workers_without_model_files_get_their_layers_and_generate_exactly(tiny_model, cluster, tmp_path):
     c = cluster(None, {"a": [], "b": []}, start=False)
-    lines = c.topology.read_text().splitlines()  # no layers: the master places them
-    c.topology.write_text("\n".join(line for line in lines if "layers" not in line) + "\n")
+    leave_out_layers(c.topology)  # the master places them
     caches = {n: tmp_path / f"cache-{n}" for n in ("a", "b")}
     c.extras = {"a": ("--max-memory", f"{int(2.5 * LAYER)}B", "--cache-dir", str(caches["a"])),
                 "b": ("--max-memory", f"{int(5.5 * LAYER)}B", "--cache-dir", str(caches["b"]))}
@@ -311,15 +310,7 @@ def test_a_worker_that_quantizes_is_shipped_quantized_bytes_and_generates_exactl
     c.extras = {"a": ("--quantize", "int8", "--cache-dir", str(caches["a"])), "b": ("--cache-dir", str(caches["b"]))}
     c.start_all()
     master, _, _ = build_master(MasterArgs(model_dir=str(model), topology=str(c.topology), device=test_device()))
-
-    async def go():
-        await master.connect()
-        try:
-            return [t async for t in generate(master, PROMPT, SamplingParams(), N, EOS)]
-        finally:
-            await master.close()
-
-    got = run(go())
+    got = greedy_through(master, PROMPT, N)
     sent = master.options.supply.sent
     from transformers import LlamaForCausalLM
 
