@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from cake.errors import CakeError
 from cake.memory import gb
 from cake.model import quant
 from cake.model.config import LlamaConfig
@@ -35,6 +36,13 @@ class QuantizedStore:
 
     def files(self, layers: list[int]) -> WeightFiles:
         """The store with these layers in it (quantizing those it lacks: slow, once)."""
+        try:
+            return self._files(layers)
+        except OSError as e:
+            raise CakeError(f"cannot write the master's quantized layers in '{self.folder}': {e.strerror or e}; "
+                            f"free space there, or point XDG_CACHE_HOME at a disk with room") from None
+
+    def _files(self, layers: list[int]) -> WeightFiles:
         self.folder.mkdir(parents=True, exist_ok=True)
         todo = [i for i in layers if not self._path(i).exists()]
         if todo:
