@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from cake import auth, eventloop, wire
+from cake import auth, eventloop, streams, wire
 from cake.layer_ranges import format_layers
 from cake.seal import Seal
 from cake.errors import CakeError, ProtocolError, WorkerError
@@ -166,7 +166,7 @@ class WorkerLink:
         timeout = timeout or self.opt.connect_timeout
         try:
             reader, writer = await eventloop.wait_for(
-                asyncio.open_connection(w.host, w.port, limit=1 << 20), timeout)
+                streams.open_connection(w.host, w.port, limit=1 << 20), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             # asyncio's strerror is "Connect call failed (address)": say what failed ("connection refused").
             reason = (os.strerror(e.errno).lower() if getattr(e, "errno", None) else

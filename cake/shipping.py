@@ -76,21 +76,27 @@ class LayerFile:
     def size(self) -> int:
         return len(self.head) + sum(e.end - e.start for e in self.parts)
 
-    def read(self, offset: int, n: int) -> bytearray:
-        """Bytes [offset, offset + n)."""
-        out = bytearray(n)
-        view = memoryview(out)
-        at = 0  # where the current piece starts in the file
+    def pieces(self, offset: int, n: int) -> list[tuple[bytes | Path, int, int]]:
+        """Where bytes [offset, offset + n) come from: (the header's bytes or a model file, start, count)."""
+        out, at = [], 0  # at: where the current piece starts in this file
         for piece in [None, *self.parts]:
             size = len(self.head) if piece is None else piece.end - piece.start
             lo, hi = max(offset, at), min(offset + n, at + size)
             if lo < hi:
-                dst = view[lo - offset:hi - offset]
-                if piece is None:
-                    dst[:] = self.head[lo - at:hi - at]
-                else:
-                    _read_exactly(piece.path, piece.start + lo - at, dst)
+                out.append((self.head, lo - at, hi - lo) if piece is None else (piece.path, piece.start + lo - at, hi - lo))
             at += size
+        return out
+
+    def read(self, offset: int, n: int) -> bytearray:
+        """Bytes [offset, offset + n)."""
+        out = bytearray(n)
+        view, done = memoryview(out), 0
+        for source, start, count in self.pieces(offset, n):
+            if isinstance(source, bytes):
+                view[done:done + count] = source[start:start + count]
+            else:
+                _read_exactly(source, start, view[done:done + count])
+            done += count
         return out
 
     def block_sums(self, offset: int, n: int) -> bytes:
@@ -145,6 +151,21 @@ class Channel:
 
     async def send(self, msg: wire.Message, tensor: torch.Tensor | None = None) -> None:
         await wire.write_message(self.writer, msg, tensor, self.seal)
+
+    async def send_from_files(self, msg: wire.Message, pieces: list[tuple[bytes | Path, int, int]]) -> None:
+        """An unsealed frame whose payload (bytes) comes from `pieces` (LayerFile.pieces): from a model file
+        with os.sendfile, so the bytes never pass through this process."""
+        loop = asyncio.get_running_loop()
+        n = sum(count for _, _, count in pieces)
+        self.writer.write(wire.frame_head(msg, {"dtype": "u8", "shape": [n]}, n))
+        for source, start, count in pieces:
+            if isinstance(source, bytes):
+                self.writer.write(source[start:start + count])
+                continue
+            with open(source, "rb") as f:
+                if await loop.sendfile(self.writer.transport, f, start, count) != count:
+                    raise WorkerError(f"'{source}' ends early; the master's model folder is truncated")
+        await self.writer.drain()
 
     async def recv(self) -> wire.Message:
         try:
@@ -272,23 +293,29 @@ class Supplier:
 
         async def sender() -> None:
             pushed, t0 = 0, time.monotonic()
+            ahead = None
             try:
                 pieces = [(i, off, min(chunk, files[i].size - off)) for i, held in todo
                           for off in range(held, files[i].size, chunk)]
-                ahead = asyncio.ensure_future(asyncio.to_thread(files[pieces[0][0]].read, *pieces[0][1:]))
                 for k, (i, off, n) in enumerate(pieces):
-                    data = await ahead
-                    if k + 1 < len(pieces):  # the next chunk is read while this one goes out
-                        j, o, m = pieces[k + 1]
-                        ahead = asyncio.ensure_future(asyncio.to_thread(files[j].read, o, m))
-                    await window.acquire()
-                    await ch.send(wire.Chunk(i, off, files[i].block_sums(off, n)),
-                                  torch.frombuffer(data, dtype=torch.uint8))
+                    msg = wire.Chunk(i, off, files[i].block_sums(off, n))
+                    if ch.seal is None:  # straight from the files (os.sendfile)
+                        await window.acquire()
+                        await ch.send_from_files(msg, files[i].pieces(off, n))
+                    else:  # sealed here: read (the next chunk while this one goes out), then sealed
+                        data = await (ahead or asyncio.to_thread(files[i].read, off, n))
+                        if k + 1 < len(pieces):
+                            j, o, m = pieces[k + 1]
+                            ahead = asyncio.ensure_future(asyncio.to_thread(files[j].read, o, m))
+                        await window.acquire()
+                        await ch.send(msg, torch.frombuffer(data, dtype=torch.uint8))
                     sent.put_nowait(n)
                     pushed += n
                     if self.rate:  # --ship-rate
                         await asyncio.sleep(max(0.0, pushed / self.rate - (time.monotonic() - t0)))
             finally:
+                if ahead is not None:
+                    ahead.cancel()
                 sent.put_nowait(None)
 
         task = asyncio.ensure_future(sender())

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,8 @@ from cake.worker import Conn, Placement, RequestError, Worker, WorkerArgs
 
 log = logging.getLogger("cake.worker")
 
-MAX_CHUNK = BLOCK  # the largest chunk a worker asks for: one block (4 MiB ones went 1.5x slower, see
-# docs/benchmarks.md: a frame past the worker's 1 MiB stream buffer makes asyncio grow and copy it)
+MAX_CHUNK = 4 * BLOCK  # the largest chunk a worker asks for (a frame's fixed costs over 4 MiB)
+DEPTH = 4  # chunks being hashed and written at once (the master's window, cake.shipping.WINDOW, is 16 MiB)
 SUFFIX = ".safetensors"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -94,9 +95,10 @@ class Incoming:
     path: Path
     size: int
     digest: bytes
-    held: int = 0
+    held: int = 0  # bytes here and checked
     sums: list[bytes] = field(default_factory=list)  # the SHA-256s of the blocks held, while it is fetched
     found: str = "new"  # what the cache had: 'held', 'resumed', 'corrupt' or 'new'
+    queued: int = 0  # where the next chunk goes: after `held` and the chunks still being written
 
     @property
     def part(self) -> Path:
@@ -125,24 +127,20 @@ class Incoming:
             self.part.unlink()
         self.held, self.sums = 0, []
 
-    def write(self, data: memoryview, sums: bytes, disk: ThreadPoolExecutor) -> bool:
-        """Write one chunk at `held` (off the event loop; the bytes go to disk on `disk` while this thread
-        hashes them): False when a block fails its SHA-256, and then the file is as it was."""
-        writing = disk.submit(self._pwrite, data)
+    def write(self, data: memoryview, at: int, disk: ThreadPoolExecutor) -> list[bytes]:
+        """Write one chunk at `at` (off the event loop; the bytes go to disk on `disk` while this thread
+        hashes them): its blocks' SHA-256s."""
+        writing = disk.submit(self._pwrite, data, at)
         mine = block_sums(data)
         writing.result()
-        if b"".join(mine) != sums:
-            os.truncate(self.part, self.held)
-            return False
-        self.sums += mine
-        return True
+        return mine
 
-    def _pwrite(self, data: memoryview) -> None:
+    def _pwrite(self, data: memoryview, at: int) -> None:
         fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             done = 0
             while done < len(data):
-                done += os.pwrite(fd, data[done:], self.held + done)
+                done += os.pwrite(fd, data[done:], at + done)
         finally:
             os.close(fd)
 
@@ -156,12 +154,13 @@ class Transfer:
     progress: Progress
     fetched: int = 0  # files completed by this transfer
     done: bool = False
-    writing: asyncio.Future | None = None  # the chunk being written (and then answered), if any
+    broken: str = ""  # why a chunk failed: the chunks after it are not kept either
+    writing: deque[asyncio.Future] = field(default_factory=deque)  # chunks being written, then answered, in order
 
     async def written(self) -> None:
-        """Wait for the chunk in hand to be written and answered (it answers its own error)."""
-        if self.writing is not None:
-            await self.writing
+        """Wait for the chunks in hand to be written and answered (each answers its own error)."""
+        while self.writing:
+            await self.writing.popleft()
 
 
 @dataclass
@@ -283,6 +282,8 @@ class Fetch:
                  for i, (name, size) in enumerate(zip(names, msg.sizes))]
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._pool, f.check) for f in files))
+        for f in files:
+            f.queued = f.held
         need = sum(f.size - f.held for f in files)
         total = sum(f.size for f in files)
         free = shutil.disk_usage(self.folder).free
@@ -309,44 +310,63 @@ class Fetch:
         return wire.Have([f.held for f in files], max(BLOCK, min(MAX_CHUNK, fits)))
 
     async def _chunk(self, dest: Conn, msg: wire.Chunk, data: memoryview) -> None:
-        """Check a chunk and hand it to a thread that writes it; it is answered once written (in order: the
-        next one is read from the socket meanwhile, and waits here for this one to be done)."""
+        """Check a chunk and hand it to threads that hash it and write it; it is answered once written and
+        checked, after the chunks before it. DEPTH chunks are in hand at most: past that, the next one is
+        read from the socket once the oldest is done."""
         t = self.transfer
         if t is None or t.conn != dest.id or not 0 <= msg.file < len(t.files):
             raise RequestError("bad_request", "a chunk for no file of this connection's manifest")
-        await t.written()
+        if t.broken:  # a chunk failed: once those in hand are settled, the next one goes where it failed
+            await t.written()
+            t.broken = ""
+            for g in t.files:
+                g.queued = g.held
         f = t.files[msg.file]
-        end = f.held + len(data)
-        if msg.offset != f.held or not len(data) or end > f.size or (end < f.size and len(data) % BLOCK):
+        at, end = f.queued, f.queued + len(data)
+        if msg.offset != at or not len(data) or end > f.size or (end < f.size and len(data) % BLOCK):
             raise RequestError("bad_request", f"a chunk of {f.path.name} at {msg.offset} ({len(data)} bytes); this "
-                                              f"worker holds its first {f.held} of {f.size} bytes, and takes whole "
-                                              f"blocks of {BLOCK} bytes")
-        t.writing = asyncio.ensure_future(self._write(dest, t, f, data, msg.sums))
+                                              f"worker takes it from byte {at} of {f.size} on, in whole blocks of "
+                                              f"{BLOCK} bytes")
+        f.queued = end
+        before = t.writing[-1] if t.writing else None
+        t.writing.append(asyncio.ensure_future(self._write(dest, t, f, data, at, msg.sums, before)))
+        while len(t.writing) > DEPTH:
+            await t.writing.popleft()
 
-    async def _write(self, dest: Conn, t: Transfer, f: Incoming, data: memoryview, sums: bytes) -> None:
+    async def _write(self, dest: Conn, t: Transfer, f: Incoming, data: memoryview, at: int, sums: bytes,
+                     before: asyncio.Future | None) -> None:
+        writing = asyncio.get_running_loop().run_in_executor(self._pool, f.write, data, at, self._disk)
+        if before is not None:  # the chunks before this one are kept (or cut off) first
+            await before
         try:
-            reply = await self._written(t, f, data, sums)
+            reply = self._written(t, f, await writing, sums, at + len(data))
         except RequestError as e:
             log.warning("a chunk from the master was refused: %s", e)
             reply = wire.Error(e.code, str(e))
         except Exception as e:  # a full disk, a bug: the master must hear of it, and this worker goes on
             log.exception("writing a chunk from the master failed")
-            reply = wire.Error("internal", f"worker '{self.name}' failed to write its weights ({type(e).__name__}: "
-                                           f"{e}); see its log")
+            t.broken = t.broken or f"worker '{self.name}' failed to write its weights ({type(e).__name__}: {e}); see its log"
+            with contextlib.suppress(OSError):
+                os.truncate(f.part, f.held)
+            reply = wire.Error("internal", t.broken)
         with contextlib.suppress(ConnectionError, OSError):
             await dest.send(reply)
 
-    async def _written(self, t: Transfer, f: Incoming, data: memoryview, sums: bytes) -> wire.Ok:
-        end = f.held + len(data)
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._pool, f.write, data, sums, self._disk):
-            raise RequestError("corrupt", f"worker '{self.name}': a chunk of {f.path.name} failed its SHA-256")
+    def _written(self, t: Transfer, f: Incoming, mine: list[bytes], sums: bytes, end: int) -> wire.Ok:
+        """Keep a chunk that is on disk, or cut it off again when it (or one before it) failed its check."""
+        if not t.broken and b"".join(mine) != sums:
+            t.broken = f"worker '{self.name}': a chunk of {f.path.name} failed its SHA-256"
+        if t.broken:
+            os.truncate(f.part, f.held)  # each chunk after the bad one is cut off in its turn
+            raise RequestError("corrupt", t.broken)
+        t.progress.add(end - f.held)
         f.held = end
-        t.progress.add(len(data))
+        f.sums += mine
         if f.held == f.size:
             if content_digest(f.sums) != f.digest:
                 f.part.unlink()
-                f.held, f.sums = 0, []
+                f.held = f.queued = 0
+                f.sums = []
                 raise RequestError("corrupt", f"worker '{self.name}': {f.path.name} came whole but does not match its "
                                               f"digest; it is fetched again")
             os.replace(f.part, f.path)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
+from cake import streams
 from cake.errors import ProtocolError
 from cake.seal import TAG, Seal, SealBroken
 
@@ -400,13 +401,20 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
 # ---- frames -------------------------------------------------------------------------------------------
 
 def encode(msg: Message, tensor: torch.Tensor | None = None) -> list[bytes | memoryview]:
+    if tensor is None:
+        return [frame_head(msg), b""]
+    payload = tensor_bytes(tensor)
+    return [frame_head(msg, tensor_desc(tensor), len(payload)), payload]
+
+
+def frame_head(msg: Message, desc: dict[str, Any] | None = None, size: int = 0) -> bytes:
+    """An unsealed frame up to its payload of `size` bytes (a tensor `desc` describes), for a sender that
+    writes the payload itself: cake.shipping sends it from the file with os.sendfile."""
     header = msg.to_header()
-    payload: bytes | memoryview = b""
-    if tensor is not None:
-        header["tensor"] = tensor_desc(tensor)
-        payload = tensor_bytes(tensor)
+    if desc is not None:
+        header["tensor"] = desc
     head = msgpack.packb(header, use_bin_type=True)
-    return [_U32.pack(4 + len(head) + len(payload)) + _U32.pack(len(head)) + head, payload]
+    return _U32.pack(4 + len(head) + size) + _U32.pack(len(head)) + head
 
 
 SMALL_PAYLOAD = 256 * 1024
@@ -558,38 +566,16 @@ async def _read_sealed_head(reader: asyncio.StreamReader, prefix: bytes, max_fra
 async def _read_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None) -> bytes | bytearray:
     if seal is None:
         payload = bytearray(size)  # the buffer the tensor is made on: bytes are copied once, into it
-        await _read_into(reader, payload)
+        await streams.read_into(reader, payload)
         return payload
     payload = bytearray(size)  # the buffer the tensor is made on: the AEAD's copy is the only one
     try:
-        seal.open_into(await reader.readexactly(size + TAG), b"", payload)
+        sealed = bytearray(size + TAG)
+        await streams.read_into(reader, sealed)
+        seal.open_into(sealed, b"", payload)
     except SealBroken:
         raise FrameError(BROKEN_SEAL) from None
     return payload
-
-
-async def _read_into(reader: asyncio.StreamReader, out: bytearray) -> None:
-    """Fill `out` from the stream, moving bytes from asyncio's buffer straight into it: readexactly would
-    copy them into a bytes object first, and the tensor needs a writable buffer (a second copy). asyncio
-    has no readinto; this uses the StreamReader's buffer as readexactly does, else falls back to it."""
-    if not (isinstance(getattr(reader, "_buffer", None), bytearray) and hasattr(reader, "_wait_for_data")):
-        out[:] = await reader.readexactly(len(out))
-        return
-    view, got = memoryview(out), 0
-    while got < len(out):
-        if not reader._buffer:
-            if reader._exception is not None:
-                raise reader._exception
-            if reader._eof:
-                raise asyncio.IncompleteReadError(bytes(out[:got]), len(out))
-            await reader._wait_for_data("readinto")
-            continue
-        n = min(len(reader._buffer), len(out) - got)
-        with memoryview(reader._buffer) as buffered:
-            view[got:got + n] = buffered[:n]
-        del reader._buffer[:n]
-        got += n
-        reader._maybe_resume_transport()
 
 
 def _msgpack_with_other_keys(head: bytes) -> bool:

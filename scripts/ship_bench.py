@@ -7,7 +7,9 @@ in one run; then the time to bring up a 2-worker cluster of the benchmark's mode
 
 1. Plain copy: a child process accepts one connection and writes what comes to files (4 MiB reads); this
    process sends every layer's tensor bytes from the model's files (4 MiB at a time). Each copy starts
-   after a sync: dirty pages left by the one before would have the kernel throttle its writes.
+   after a sync: dirty pages left by the one before would have the kernel throttle its writes. Then the
+   same with the child taking each MiB's SHA-256 as it goes: the least a receiver that checks what it
+   gets must do, the ceiling of shipping's rate on a machine where both ends share the cores.
 2. Shipping: a real `cake --mode worker` with no model files, a fresh cache folder and every layer in its
    topology entry; this process is its master (cake.shipping.Supplier through a WorkerLink) and times the
    transfer alone (manifest to the last chunk's answer), then again with a cluster key (sealed), then a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -44,8 +47,9 @@ CHUNK = 4 << 20
 KEY = "ship-bench-key"
 
 
-def receive(port_file: str, out_dir: str) -> None:
-    """The plain copy's receiving side: one connection, everything it carries written to files of 64 MiB."""
+def receive(port_file: str, out_dir: str, hashing: bool) -> None:
+    """The plain copy's receiving side: one connection, everything it carries written to files of 64 MiB;
+    with `hashing`, each MiB's SHA-256 taken as well (the least a worker checking its chunks must do)."""
     server = socket.create_server(("127.0.0.1", 0))
     Path(port_file).write_text(str(server.getsockname()[1]))
     conn, _ = server.accept()
@@ -58,6 +62,9 @@ def receive(port_file: str, out_dir: str) -> None:
                 f.close()
             f, n, k = open(Path(out_dir) / f"part-{k}", "wb"), 0, k + 1
         f.write(view[:got])
+        if hashing:
+            for i in range(0, got, 1 << 20):
+                hashlib.sha256(view[i:min(got, i + (1 << 20))]).digest()
         n += got
     if f:
         f.close()
@@ -65,12 +72,13 @@ def receive(port_file: str, out_dir: str) -> None:
     conn.close()
 
 
-def plain_copy(files, tmp: Path) -> tuple[int, float]:
-    """Bytes and seconds of sending the layers' tensor bytes to a child that writes them to disk."""
+def plain_copy(files, tmp: Path, hashing: bool = False) -> tuple[int, float]:
+    """Bytes and seconds of sending the layers' tensor bytes to a child that writes them to disk (and, with
+    `hashing`, takes each MiB's SHA-256)."""
     out = tmp / "plain"
     out.mkdir()
     port_file = tmp / f"port-{time.monotonic_ns()}"
-    child = subprocess.Popen([sys.executable, __file__, "--receive", str(port_file), str(out)])
+    child = subprocess.Popen([sys.executable, __file__, "--receive", str(port_file), str(out), str(int(hashing))])
     while not port_file.exists() or not port_file.read_text():
         time.sleep(0.01)
     sock = socket.create_connection(("127.0.0.1", int(port_file.read_text())))
@@ -191,8 +199,8 @@ def kv_bytes(config) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--receive":
-        receive(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--receive":
+        receive(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["tiny", "big"], default="big")
@@ -214,11 +222,13 @@ def main() -> None:
     rounds, rows = [], []
     with tempfile.TemporaryDirectory(prefix="ship-bench-", dir=args.tmp) as t:
         tmp = Path(t)
-        for r in range(args.rounds):  # alternated, so a busy moment falls on both
+        for r in range(args.rounds):  # alternated, so a busy moment falls on all three
             copied, copy_s = plain_copy(files, tmp)
             shutil.rmtree(tmp / "plain")
+            _, hashed_s = plain_copy(files, tmp, hashing=True)
+            shutil.rmtree(tmp / "plain")
             shipped = shipping_row(model, tmp, None, restart=r == args.rounds - 1)
-            rounds.append((mb(copied, copy_s), mb(shipped[0]["bytes"], shipped[0]["ship_s"])))
+            rounds.append((mb(copied, copy_s), mb(shipped[0]["bytes"], shipped[0]["ship_s"]), mb(copied, hashed_s)))
             rows += shipped
             print(f"round {r + 1}: plain copy {rounds[-1][0]:.1f} MB/s, shipping {rounds[-1][1]:.1f} MB/s "
                   f"({rounds[-1][1] / rounds[-1][0]:.2f})", file=sys.stderr)
@@ -229,12 +239,13 @@ def main() -> None:
         up = {} if args.no_bring_up else {"from nothing": bring_up(model, tmp, True, half),
                                           "workers with --model": bring_up(model, tmp, False, half)}
     print(f"\nmodel {args.model}: {len(files)} layers, {sum(f.size for f in files) / 1e6:.1f} MB as layer files")
-    for i, (plain, shipping) in enumerate(rounds):
-        print(f"round {i + 1}: plain socket copy {plain:7.1f} MB/s, shipping {shipping:7.1f} MB/s: {shipping / plain:.2f}")
+    for i, (plain, shipping, hashed) in enumerate(rounds):
+        print(f"round {i + 1}: plain socket copy {plain:7.1f} MB/s, shipping {shipping:7.1f} MB/s: {shipping / plain:.2f}"
+              f" (a plain copy that hashes each MiB: {hashed:7.1f} MB/s, {hashed / plain:.2f})")
     if rounds:
-        plain, shipping = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+        plain, shipping, hashed = (statistics.median(r[i] for r in rounds) for i in (0, 1, 2))
         print(f"medians of {len(rounds)}: plain copy {plain:.1f} MB/s, shipping {shipping:.1f} MB/s: "
-              f"{shipping / plain:.2f}")
+              f"{shipping / plain:.2f}; a plain copy that hashes each MiB {hashed:.1f} MB/s: {hashed / plain:.2f}")
     for r in rows:
         print(f"{r['what']:<20} {mb(r['bytes'], r['ship_s']):7.1f} MB/s ({r['ship_s']:.2f} s, sent {r['sent'] / 1e6:.1f} MB; "
               f"hashing on the master {r['hash_s']:.2f} s; connect, loading included, {r['connect_s']:.2f} s)")

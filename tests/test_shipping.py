@@ -210,6 +210,50 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
                     f"box/cache/model/w/{INDEX}"]
 
 
+async def _pipelined_master(port: int, config: bytes, blob: bytes, bad: int) -> list[wire.Message]:
+    """Sends `blob`'s three chunks without waiting for answers (as cake.shipping does, within its window),
+    the one at `bad` with a wrong SHA-256, then the bad one and those after it again; keeps every answer."""
+    mib = 1 << 20
+    reader, writer, _ = await handshake(port)
+    pieces = [(off, blob[off:off + mib]) for off in range(0, len(blob), mib)]
+    sums = lambda data: b"".join(hashlib.sha256(data[i:i + mib]).digest() for i in range(0, len(data), mib))  # noqa: E731
+    u8 = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8)  # noqa: E731
+    answers = []
+    try:
+        for msg, payload in ((wire.ModelConfig("model"), config),
+                             (wire.Manifest(["big.safetensors"], [len(blob)], digest(blob)), None)):
+            await wire.write_message(writer, msg, u8(payload) if payload else None)
+            answers.append((await wire.read_message(reader, 1 << 24))[0])
+        for k, (off, data) in enumerate(pieces):
+            await wire.write_message(writer, wire.Chunk(0, off, bytes(32 * len(sums(data))) if k == bad else sums(data)),
+                                     u8(data))
+        answers += [(await wire.read_message(reader, 1 << 24))[0] for _ in pieces]
+        for off, data in pieces[bad:]:
+            await wire.write_message(writer, wire.Chunk(0, off, sums(data)), u8(data))
+        answers += [(await wire.read_message(reader, 1 << 24))[0] for _ in pieces[bad:]]
+    finally:
+        writer.close()
+    return answers
+
+
+def test_a_bad_chunk_among_chunks_in_flight_is_cut_off_and_sent_again(tiny_model, cluster, tmp_path):
+    """The worker hashes and writes several chunks at once: a chunk that fails its SHA-256 is refused, the
+    chunks sent after it are not kept, and sent again from there the file comes whole and exact."""
+    cache = tmp_path / "cache"
+    c = cluster(None, {"w": ["model.layers.0-1"]}, extra=("--cache-dir", str(cache)))
+    data = torch.Generator().manual_seed(3)
+    body = torch.randint(0, 256, ((5 << 19) - 128,), dtype=torch.uint8, generator=data)  # 2.5 MiB with its header
+    head = json.dumps({"t": {"dtype": "U8", "shape": [body.numel()], "data_offsets": [0, body.numel()]}}).encode()
+    head += b" " * (120 - len(head))
+    blob = len(head).to_bytes(8, "little") + head + body.numpy().tobytes()
+    assert len(blob) == 5 << 19
+    answers = run(_pipelined_master(c.ports["w"], (tiny_model / "config.json").read_bytes(), blob, bad=1))
+    assert [type(a).__name__ for a in answers] == ["Info", "Have", "Ok", "Error", "Error", "Ok", "Ok"], answers
+    assert answers[3].code == "corrupt" and "SHA-256" in answers[3].message
+    assert (cache / "model" / "w" / "big.safetensors").read_bytes() == blob
+    assert c.alive("w")
+
+
 def test_a_disk_without_room_is_one_error_before_anything_is_sent(tiny_model, tmp_path, monkeypatch):
     from cake import weight_cache
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cake import auth, wire
+from cake import auth, streams, wire
 from cake.devices import compute_unit, dtype_name, machine_id
 from cake.errors import ProtocolError
 from cake.layer_ranges import format_layers
@@ -132,9 +132,9 @@ class Worker:
     async def serve(self, host: str = "", port: int = 0, sockets: list[socket.socket] | None = None) -> None:
         """Serve on host:port, or on `sockets` already bound there (see run.bind)."""
         if sockets:
-            servers = [await asyncio.start_server(self.handle, sock=s, limit=1 << 20) for s in sockets]
+            servers = [await streams.start_server(self.handle, sock=s, limit=1 << 20) for s in sockets]
         else:
-            servers = [await asyncio.start_server(self.handle, host, port, limit=1 << 20)]
+            servers = [await streams.start_server(self.handle, host, port, limit=1 << 20)]
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for server in servers for s in server.sockets)
         if self.stack is None:
             log.info("worker '%s' on %s has no model files: it takes the model's config and its layers from the "
