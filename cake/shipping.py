@@ -11,9 +11,10 @@ safetensors header with the model's tensor names, then their bytes as the master
 or a quantized bundle's parts). Its digest (the SHA-256 of its 1 MiB blocks' SHA-256s) is computed once
 per master process (in threads, every byte read once); the worker checks its cache against it and says
 what it holds, so only the rest is sent, from where an interrupted copy ends. Chunks of whole blocks (as
-large as the worker asks: one block) go out with their blocks' SHA-256s, WINDOW bytes of them unanswered
-at most: each is answered once written, so the worker's disk sets the pace and its memory holds a chunk
-or two. Sending hashes nothing: the blocks' sums were kept from the first pass.
+large as the worker asks: 4 MiB) go out with their blocks' SHA-256s, WINDOW bytes of them unanswered at
+most: each is answered once written, so the worker's disk sets the pace and its memory holds a few
+chunks. Sending hashes nothing (the blocks' sums were kept from the first pass) and, without a cluster
+key, copies nothing: a chunk goes from the model's files to the socket with os.sendfile.
 """
 
 from __future__ import annotations
