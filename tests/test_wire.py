@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 
-from cake import wire
+from cake import streams, wire
 from cake.errors import ProtocolError
 
 
@@ -230,7 +230,7 @@ def test_a_sealed_frame_over_the_limit_is_refused_before_its_payload_is_read():
 
 
 def test_a_payload_arriving_in_pieces_is_read_whole_into_a_writable_tensor_and_a_cut_one_is_incomplete():
-    """Unsealed payloads are read straight from the stream's buffer into the tensor's (wire._read_into):
+    """Unsealed payloads are read straight from the stream's buffer into the tensor's (streams.read_into):
     pieces of any size make the same tensor, it can be written, and a stream that ends midway is an
     IncompleteReadError as readexactly gave."""
     x = torch.randn(3, 5, 64)
@@ -255,3 +255,48 @@ def test_a_payload_arriving_in_pieces_is_read_whole_into_a_writable_tensor_and_a
         t += 1  # writable: the frame's own buffer, not a read-only bytes object
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(read([500] * 20, eof_at=len(data) - 100))
+
+
+def test_frames_of_every_size_over_a_socket_arrive_exact_in_order_and_a_cut_one_is_incomplete():
+    """Over a real loopback connection (cake.streams: a large payload is read from the socket straight into
+    its tensor's buffer, the rest through the stream's buffer), frames from 4 bytes to 4 MiB of payload,
+    written in pieces of odd sizes, arrive exact and in order; a peer that stops midway is an
+    IncompleteReadError."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(n, generator=gen) for n in (1, 17_000, 3 << 18, 7, 1 << 20, 40_000)]
+    frames = [b"".join(bytes(p) for p in wire.encode(wire.Forward(i + 1, 0, 1, ["s"], [0]), t))
+              for i, t in enumerate(tensors)]
+    cut = frames[2][:len(frames[2]) // 2]
+
+    async def go():
+        got, done = [], asyncio.Event()
+
+        async def serve(reader, writer):
+            assert isinstance(writer.transport.get_protocol(), streams.DirectProtocol)
+            try:
+                while True:
+                    got.append(await wire.read_message(reader, 1 << 26))
+            except asyncio.IncompleteReadError as e:
+                got.append(e)
+            finally:
+                done.set()
+
+        server = await streams.start_server(serve, "127.0.0.1", 0, limit=1 << 16)
+        _, writer = await streams.open_connection("127.0.0.1", server.sockets[0].getsockname()[1], limit=1 << 16)
+        blob = b"".join(frames) + cut
+        at, sizes = 0, [1, 3, 100_000, 5, 1 << 20, 65_536, 777_777]
+        for k in range(10_000):
+            if at >= len(blob):
+                break
+            writer.write(blob[at:at + sizes[k % len(sizes)]])
+            at += sizes[k % len(sizes)]
+            await writer.drain()
+        writer.close()
+        await done.wait()
+        server.close()
+        return got
+
+    got = asyncio.run(go())
+    assert len(got) == len(tensors) + 1 and isinstance(got[-1], asyncio.IncompleteReadError)
+    for i, ((msg, t), x) in enumerate(zip(got, tensors)):
+        assert msg.id == i + 1 and torch.equal(t, x)
