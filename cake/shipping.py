@@ -9,7 +9,8 @@ loads from its cache. Everything goes over the connection's own frames, so a clu
 Each layer is one file made from the master's model folder as a cake-split-model bundle holds it: a
 safetensors header with the model's tensor names, then their bytes as the master stores them (floats,
 or a quantized bundle's parts). Its digest (the SHA-256 of its 1 MiB blocks' SHA-256s) is computed once
-per master process (in threads, every byte read once); the worker checks its cache against it and says
+(in threads, every byte read once) and its blocks' sums kept in the master's cache folder while the files
+it is made of are unchanged (SumStore); the worker checks its cache against it and says
 what it holds, so only the rest is sent, from where an interrupted copy ends. Chunks of whole blocks (as
 large as the worker asks: 4 MiB) go out with their blocks' SHA-256s, WINDOW bytes of them unanswered at
 most: each is answered once written, so the worker's disk sets the pace and its memory holds a few
@@ -23,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -108,6 +110,48 @@ class LayerFile:
         self.sums = [hashlib.sha256(self.read(at, min(BLOCK, self.size - at))).digest()
                      for at in range(0, self.size, BLOCK)]
         self.digest = content_digest(self.sums)
+
+    def stamp(self) -> str:
+        """What this file is made of, as the file system sees it: its header, and each source file's
+        path, byte range, size, modification time and inode. Sums stored under it (SumStore) are used
+        while none of these changes, as rsync and git trust a file's size and time."""
+        said = hashlib.sha256(self.head)
+        for e in self.parts:
+            st = e.path.stat()
+            said.update(f"\0{e.path.resolve()}\0{e.start}\0{e.end}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode())
+        return said.hexdigest()
+
+
+class SumStore:
+    """The master's block sums of the layer files it made, kept between runs (one file of sums a layer
+    file, named by its stamp), so a master that starts again reads no weight to know what to ship."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def load(self, f: LayerFile) -> bool:
+        """Take `f`'s sums from the store: False when they are not there (or not whole)."""
+        try:
+            data = (self.folder / f"{f.stamp()}.sums").read_bytes()
+        except OSError:
+            return False
+        if len(data) != 32 * -(-f.size // BLOCK):
+            return False
+        f.sums = [data[i:i + 32] for i in range(0, len(data), 32)]
+        f.digest = content_digest(f.sums)
+        return True
+
+    def save(self, f: LayerFile) -> None:
+        """Keep `f`'s sums (whole before renamed); a store that cannot be written costs the next run a hash."""
+        path = self.folder / f"{f.stamp()}.sums"
+        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(b"".join(f.sums))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.debug("could not keep the sums of %s in %s: %s", f.name, self.folder, e)
+            tmp.unlink(missing_ok=True)
 
 
 def _read_exactly(path: Path, start: int, out: memoryview) -> None:
@@ -206,6 +250,9 @@ class Supplier:
         self.bundle = bundle_name(self.dir, self.config_bytes, self.fmt)
         self._made: dict[tuple[Quantization, int], LayerFile] = {}
         self._lock = threading.Lock()
+        from cake.weight_cache import default_cache_dir
+
+        self.stored = SumStore(default_cache_dir() / "master" / "sums")
         self.sent = 0  # bytes shipped by this master, all workers together
 
     async def __call__(self, link: WorkerLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -254,6 +301,12 @@ class Supplier:
         missing = [i for i in layers if (fmt, i) not in self._made]
         source = await asyncio.to_thread(self._source, fmt, missing) if missing else self.files
         todo = {i: layer_file(source, self.config, i) for i in missing}
+        known = await asyncio.to_thread(lambda: {i for i, f in todo.items() if self.stored.load(f)})
+        for i in known:
+            self._made[fmt, i] = todo.pop(i)
+        if known:
+            log.info("the sums of layers %s to ship were kept from an earlier run (their files are unchanged)",
+                     format_layers(sorted(known)))
         if todo:
             size, t0 = gb(sum(f.size for f in todo.values())), time.monotonic()
             if len(todo) > 1:  # a big share takes a while (every byte is read): say so first
@@ -264,6 +317,7 @@ class Supplier:
 
     def _hash(self, key: tuple[Quantization, int], f: LayerFile) -> None:
         f.hash()
+        self.stored.save(f)
         with self._lock:
             self._made[key] = f
 

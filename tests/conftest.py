@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     _DEVICE[0] = config.getoption("--device")
+    # What masters keep between runs (quantized layers, block sums) goes to a folder of this session's,
+    # never the user's cache; the workers the tests start inherit it.
+    cache = tempfile.mkdtemp(prefix="cake-tests-cache-")
+    os.environ["XDG_CACHE_HOME"] = cache
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
 def test_device() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,28 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
                   and not p.name.startswith("topology"))
     assert made == ["box/cache/model/w/config.json", "box/cache/model/w/fine.safetensors",
                     f"box/cache/model/w/{INDEX}"]
+
+
+def test_a_master_started_again_reads_no_weight_to_know_what_to_ship(tiny_model, tmp_path):
+    """A master keeps the block sums of the layer files it ships while the files they come from are
+    unchanged: a master started again (a new Supplier) takes them from its store, and hashes a layer again
+    once its model file changed."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config = load_config(model)
+    first = run(Supplier(model, config).layer_files([0, 1]))
+    mib = 1 << 20
+    whole = [f.read(0, f.size) for f in first]
+    sums = [[hashlib.sha256(b[i:i + mib]).digest() for i in range(0, len(b), mib)] for b in whole]
+    assert [f.digest for f in first] == [digest(b) for b in whole]
+    kept = Path(os.environ["XDG_CACHE_HOME"]) / "cake" / "master" / "sums" / f"{first[0].stamp()}.sums"
+    assert kept.read_bytes() == b"".join(sums[0])
+    kept.write_bytes(bytes(len(kept.read_bytes())))  # what the store says is what a new master believes
+    again = run(Supplier(model, config).layer_files([0, 1]))
+    assert again[0].digest == hashlib.sha256(bytes(32 * len(sums[0]))).digest() and again[1].digest == first[1].digest
+    weights = next(model.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model file changed
+    assert run(Supplier(model, config).layer_files([0]))[0].digest == digest(whole[0])
 
 
 async def _pipelined_master(port: int, config: bytes, blob: bytes, bad: int) -> list[wire.Message]:
