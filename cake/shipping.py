@@ -8,11 +8,11 @@ loads from its cache. Everything goes over the connection's own frames, so a clu
 
 Each layer is one file made from the master's model folder as a cake-split-model bundle holds it: a
 safetensors header with the model's tensor names, then their bytes as the master stores them (floats,
-or a quantized bundle's parts). Its digest (the SHA-256 of its 1 MiB blocks' SHA-256s) is computed once
+or a quantized bundle's parts). Its digest (cake.content_hash: the SHA-256 of its 1 MiB blocks' XXH3-128s) is computed once
 (in threads, every byte read once) and its blocks' sums kept in the master's cache folder while the files
 it is made of are unchanged (SumStore); the worker checks its cache against it and says
 what it holds, so only the rest is sent, from where an interrupted copy ends. Chunks of whole blocks (as
-large as the worker asks: 4 MiB) go out with their blocks' SHA-256s, WINDOW bytes of them unanswered at
+large as the worker asks: 4 MiB) go out with their blocks' sums, WINDOW bytes of them unanswered at
 most: each is answered once written, so the worker's disk sets the pace and its memory holds a few
 chunks. Sending hashes nothing (the blocks' sums were kept from the first pass) and, without a cluster
 key, copies nothing: a chunk goes from the model's files to the socket with os.sendfile.
@@ -45,14 +45,14 @@ from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, Entry, WeightFiles
 from cake.progress import Progress
 from cake.seal import Seal
-from cake.content_hash import BLOCK, content_digest
+from cake.content_hash import BLOCK, SUM, block_sum, content_digest
 
 if TYPE_CHECKING:
     from cake.client import WorkerLink
 
 log = logging.getLogger("cake.shipping")
 
-WINDOW = 16 << 20  # bytes sent and not yet answered
+WINDOW = 32 << 20  # bytes sent and not yet answered
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 RETRIED = ("corrupt",)  # a worker's error that a new attempt (reconnect, manifest, resume) may cure
 
@@ -72,7 +72,7 @@ class LayerFile:
     name: str
     head: bytes
     parts: list[Entry]
-    sums: list[bytes] = field(default_factory=list)  # each block's SHA-256 (hash)
+    sums: list[bytes] = field(default_factory=list)  # each block's sum (hash)
     digest: bytes = b""  # cake.weight_cache.content_digest of those
 
     @property
@@ -103,12 +103,11 @@ class LayerFile:
         return out
 
     def block_sums(self, offset: int, n: int) -> bytes:
-        """The SHA-256s of the blocks [offset, offset + n) covers (offset at a block's start)."""
+        """The sums of the blocks [offset, offset + n) covers (offset at a block's start)."""
         return b"".join(self.sums[offset // BLOCK:-(-(offset + n) // BLOCK)])
 
     def hash(self) -> None:
-        self.sums = [hashlib.sha256(self.read(at, min(BLOCK, self.size - at))).digest()
-                     for at in range(0, self.size, BLOCK)]
+        self.sums = [block_sum(self.read(at, min(BLOCK, self.size - at))) for at in range(0, self.size, BLOCK)]
         self.digest = content_digest(self.sums)
 
     def stamp(self) -> str:
@@ -135,9 +134,9 @@ class SumStore:
             data = (self.folder / f"{f.stamp()}.sums").read_bytes()
         except OSError:
             return False
-        if len(data) != 32 * -(-f.size // BLOCK):
+        if len(data) != SUM * -(-f.size // BLOCK):
             return False
-        f.sums = [data[i:i + 32] for i in range(0, len(data), 32)]
+        f.sums = [data[i:i + SUM] for i in range(0, len(data), SUM)]
         f.digest = content_digest(f.sums)
         return True
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import torch
+
 DIRECT_MIN = 64 << 10  # a piece smaller than this goes through the buffer (one syscall may bring several)
 
 
@@ -92,3 +94,30 @@ async def open_connection(host: str, port: int, *, limit: int,
     protocol = DirectProtocol(reader)
     transport, _ = await loop.create_connection(lambda: protocol, host, port, **kwargs)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class Buffers:
+    """Payload buffers of large frames, used again once given back. A fresh one costs the kernel a page
+    fault and a zeroed page every 4 KiB as the socket fills it: ~40% of a worker's CPU while it receives
+    its weights (docs/benchmarks.md). Only a buffer whose holder is done with it may be given back."""
+
+    SMALLEST = 1 << 20  # below this a fresh buffer is cheap
+
+    def __init__(self, keep: int):
+        self.keep = keep  # buffers held at most while unused
+        self._free: list[torch.Tensor] = []
+
+    def take(self, size: int) -> torch.Tensor:
+        """A u8 tensor of `size` bytes, contents undefined."""
+        for i, t in enumerate(self._free):
+            if t.numel() == size:
+                return self._free.pop(i)
+        return torch.empty(size, dtype=torch.uint8)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take back a buffer from take() (or any whole u8 tensor) that nothing reads or writes any more."""
+        if t.dtype == torch.uint8 and t.numel() >= self.SMALLEST and len(self._free) < self.keep:
+            self._free.append(t)
+
+    def clear(self) -> None:
+        self._free.clear()

@@ -8,9 +8,9 @@ own headers). A worker can be started on it with --model as well.
 
 - Every name the master sends is one plain file name (letters, digits, '.', '_' and '-', no '..'), so
   nothing is ever written outside the cache folder, whatever a master says.
-- A file's digest is the SHA-256 of the SHA-256s of its 1 MiB blocks (content_digest): each block is
-  checked as its chunk arrives (the master sends their SHA-256s with it), and the file as a whole by
-  its digest, with one hashing pass over the bytes.
+- A file's digest is the SHA-256 of the XXH3-128 sums of its 1 MiB blocks (cake.content_hash): each
+  block is checked as its chunk arrives (the master sends their sums with it), and the file as a whole
+  by its digest, with one pass over the bytes.
 - A file arrives as `<name>.part`, each chunk written at its offset once its blocks check; it gets its
   name only once whole and matching the digest the master announced.
 - A file already there is hashed: it is kept (read, never rewritten) when it matches, deleted and
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from cake import placement, wire
+from cake import placement, streams, wire
 from cake.content_hash import BLOCK, block_sums, content_digest, file_sums
 from cake.devices import compute_unit, machine_id, pick_device, pick_dtype
 from cake.errors import CakeError
@@ -53,7 +53,7 @@ from cake.worker import Conn, Placement, RequestError, Worker, WorkerArgs
 log = logging.getLogger("cake.worker")
 
 MAX_CHUNK = 4 * BLOCK  # the largest chunk a worker asks for (a frame's fixed costs over 4 MiB)
-DEPTH = 4  # chunks being hashed and written at once (the master's window, cake.shipping.WINDOW, is 16 MiB)
+DEPTH = 8  # chunks being summed and written at once (the master's window, cake.shipping.WINDOW, is 32 MiB)
 SUFFIX = ".safetensors"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -96,7 +96,7 @@ class Incoming:
     size: int
     digest: bytes
     held: int = 0  # bytes here and checked
-    sums: list[bytes] = field(default_factory=list)  # the SHA-256s of the blocks held, while it is fetched
+    sums: list[bytes] = field(default_factory=list)  # the sums of the blocks held, while it is fetched
     found: str = "new"  # what the cache had: 'held', 'resumed', 'corrupt' or 'new'
     queued: int = 0  # where the next chunk goes: after `held` and the chunks still being written
 
@@ -129,7 +129,7 @@ class Incoming:
 
     def write(self, data: memoryview, at: int, disk: ThreadPoolExecutor) -> list[bytes]:
         """Write one chunk at `at` (off the event loop; the bytes go to disk on `disk` while this thread
-        hashes them): its blocks' SHA-256s."""
+        sums them): its blocks' sums."""
         writing = disk.submit(self._pwrite, data, at)
         mine = block_sums(data)
         writing.result()
@@ -183,6 +183,7 @@ class Fetch:
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)),
                                                                                   thread_name_prefix="cake-cache"))
     _disk: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="cake-disk"))
+    buffers: streams.Buffers = field(default_factory=lambda: streams.Buffers(keep=DEPTH + 1))  # chunks' payloads
 
     def bare_info(self, worker: Worker, token: str) -> wire.Info:
         """The handshake of a worker that has no model yet: the master sends its config first."""
@@ -200,7 +201,7 @@ class Fetch:
             raise RequestError("bad_request", f"worker '{self.name}' has no model yet: send its config first")
         if isinstance(msg, wire.Manifest):
             return await self._manifest(worker, dest, msg)
-        return await self._chunk(dest, msg, _bytes(tensor, "chunk"))
+        return await self._chunk(dest, msg, tensor)
 
     # ---- the config --------------------------------------------------------------------------------
 
@@ -309,11 +310,11 @@ class Fetch:
         fits = (worker.max_frame - wire.FORWARD_OVERHEAD) // BLOCK * BLOCK  # frame_limits leaves room for one
         return wire.Have([f.held for f in files], max(BLOCK, min(MAX_CHUNK, fits)))
 
-    async def _chunk(self, dest: Conn, msg: wire.Chunk, data: memoryview) -> None:
+    async def _chunk(self, dest: Conn, msg: wire.Chunk, payload: torch.Tensor | None) -> None:
         """Check a chunk and hand it to threads that hash it and write it; it is answered once written and
         checked, after the chunks before it. DEPTH chunks are in hand at most: past that, the next one is
         read from the socket once the oldest is done."""
-        t = self.transfer
+        data, t = _bytes(payload, "chunk"), self.transfer
         if t is None or t.conn != dest.id or not 0 <= msg.file < len(t.files):
             raise RequestError("bad_request", "a chunk for no file of this connection's manifest")
         if t.broken:  # a chunk failed: once those in hand are settled, the next one goes where it failed
@@ -329,17 +330,18 @@ class Fetch:
                                               f"{BLOCK} bytes")
         f.queued = end
         before = t.writing[-1] if t.writing else None
-        t.writing.append(asyncio.ensure_future(self._write(dest, t, f, data, at, msg.sums, before)))
+        writing = asyncio.get_running_loop().run_in_executor(self._pool, f.write, data, at, self._disk)
+        writing.add_done_callback(lambda _: self.buffers.give(payload))  # read no more: its buffer is free
+        t.writing.append(asyncio.ensure_future(self._write(dest, t, f, writing, at + len(data), msg.sums, before)))
         while len(t.writing) > DEPTH:
             await t.writing.popleft()
 
-    async def _write(self, dest: Conn, t: Transfer, f: Incoming, data: memoryview, at: int, sums: bytes,
+    async def _write(self, dest: Conn, t: Transfer, f: Incoming, writing: asyncio.Future, end: int, sums: bytes,
                      before: asyncio.Future | None) -> None:
-        writing = asyncio.get_running_loop().run_in_executor(self._pool, f.write, data, at, self._disk)
         if before is not None:  # the chunks before this one are kept (or cut off) first
             await before
         try:
-            reply = self._written(t, f, await writing, sums, at + len(data))
+            reply = self._written(t, f, await writing, sums, end)
         except RequestError as e:
             log.warning("a chunk from the master was refused: %s", e)
             reply = wire.Error(e.code, str(e))
@@ -355,7 +357,7 @@ class Fetch:
     def _written(self, t: Transfer, f: Incoming, mine: list[bytes], sums: bytes, end: int) -> wire.Ok:
         """Keep a chunk that is on disk, or cut it off again when it (or one before it) failed its check."""
         if not t.broken and b"".join(mine) != sums:
-            t.broken = f"worker '{self.name}': a chunk of {f.path.name} failed its SHA-256"
+            t.broken = f"worker '{self.name}': a chunk of {f.path.name} failed its checksum"
         if t.broken:
             os.truncate(f.part, f.held)  # each chunk after the bad one is cut off in its turn
             raise RequestError("corrupt", t.broken)
@@ -378,6 +380,7 @@ class Fetch:
 
     def _complete(self, t: Transfer) -> None:
         """Every file is here and verified: the index of their tensors (rewritten only when it changes)."""
+        self.buffers.clear()
         weight_map, total = {}, 0
         for f in t.files:
             try:

@@ -232,7 +232,7 @@ class ModelConfig(Message):
 @dataclass
 class Manifest(Message):
     """master -> worker: the files that hold its layers (names, sizes, and their digests, 32 bytes each, one
-    after the other: the SHA-256 of the SHA-256s of each 1 MiB block, cake.weight_cache.content_digest).
+    after the other: the SHA-256 of each 1 MiB block's XXH3-128, cake.content_hash).
     Answered with Have, or an error (a name it refuses, no room on its disk)."""
     TYPE: ClassVar[str] = "manifest"
     names: list[str]
@@ -252,8 +252,8 @@ class Have(Message):
 @dataclass
 class Chunk(Message):
     """master -> worker: bytes [offset, offset + n) of manifest file number `file` (the payload, u8), whole
-    blocks of 1 MiB from a block's start (the file's last may be shorter), and the SHA-256 of each block,
-    32 bytes each, one after the other. Answered with Ok once written."""
+    blocks of 1 MiB from a block's start (the file's last may be shorter), and the XXH3-128 of each block,
+    16 bytes each, one after the other. Answered with Ok once written."""
     TYPE: ClassVar[str] = "chunk"
     file: int
     offset: int
@@ -354,10 +354,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
-def tensor_from(desc: Any, payload: bytes | bytearray) -> torch.Tensor:
+def tensor_from(desc: Any, payload: bytes | bytearray | torch.Tensor) -> torch.Tensor:
     dtype, shape, nbytes = tensor_size(desc)
     if nbytes != len(payload):
         raise ProtocolError(f"tensor {desc['dtype']}{shape} needs {nbytes} bytes but the frame carries {len(payload)}")
+    if isinstance(payload, torch.Tensor):  # a u8 buffer of streams.Buffers
+        return payload.view(dtype).view(shape)
     if not payload:
         return torch.empty(shape, dtype=dtype)
     buf = payload if isinstance(payload, bytearray) else bytearray(payload)
@@ -457,7 +459,7 @@ async def write_message(writer: asyncio.StreamWriter, msg: Message, tensor: torc
 
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None,
-                     stall: float = 0.0) -> tuple[dict, bytes]:
+                     stall: float = 0.0, buffers: streams.Buffers | None = None) -> tuple[dict, bytes | torch.Tensor]:
     """One frame as (header dict, payload). FrameError for a frame that breaks the framing: the caller
     closes the connection, since the byte stream can no longer be trusted. The header is read and
     checked first: a payload the message may not carry (none, or not the size its tensor description
@@ -474,14 +476,14 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, seal: Seal | 
         stall, reader.set_exception, FrameError(f"a frame stalled: its rest did not come within {stall:g}s")
     ) if stall else None
     try:
-        return await _read_rest(reader, prefix, max_frame, seal)
+        return await _read_rest(reader, prefix, max_frame, seal, buffers)
     finally:
         if timer is not None:
             timer.cancel()
 
 
 async def _read_rest(reader: asyncio.StreamReader, prefix: bytes, max_frame: int,
-                     seal: Seal | None) -> tuple[dict, bytes]:
+                     seal: Seal | None, buffers: streams.Buffers | None) -> tuple[dict, bytes | torch.Tensor]:
     if seal is not None:
         head, size = await _read_sealed_head(reader, prefix, max_frame, seal)
     else:
@@ -505,7 +507,7 @@ async def _read_rest(reader: asyncio.StreamReader, prefix: bytes, max_frame: int
     if problem:
         await _skip_payload(reader, size, seal)
         raise _refused(header, problem)
-    return header, await _read_payload(reader, size, seal) if size else b""
+    return header, await _read_payload(reader, size, seal, buffers) if size else b""
 
 
 def _payload_problem(header: dict, size: int) -> str:
@@ -563,18 +565,28 @@ async def _read_sealed_head(reader: asyncio.StreamReader, prefix: bytes, max_fra
     return plain[4:], size
 
 
-async def _read_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None) -> bytes | bytearray:
+async def _read_payload(reader: asyncio.StreamReader, size: int, seal: Seal | None,
+                        buffers: streams.Buffers | None) -> bytearray | torch.Tensor:
+    def buffer(n: int) -> tuple[bytearray | torch.Tensor, bytearray | memoryview]:
+        if buffers is None or n < buffers.SMALLEST:
+            b = bytearray(n)
+            return b, b
+        t = buffers.take(n)
+        return t, memoryview(t.numpy())
+
+    payload, into = buffer(size)  # the buffer the tensor is made on: bytes are copied once, into it
     if seal is None:
-        payload = bytearray(size)  # the buffer the tensor is made on: bytes are copied once, into it
-        await streams.read_into(reader, payload)
+        await streams.read_into(reader, into)
         return payload
-    payload = bytearray(size)  # the buffer the tensor is made on: the AEAD's copy is the only one
+    sealed, sealed_into = buffer(size + TAG)  # the AEAD's copy is the only one
     try:
-        sealed = bytearray(size + TAG)
-        await streams.read_into(reader, sealed)
-        seal.open_into(sealed, b"", payload)
+        await streams.read_into(reader, sealed_into)
+        seal.open_into(sealed_into, b"", into)
     except SealBroken:
         raise FrameError(BROKEN_SEAL) from None
+    finally:
+        if isinstance(sealed, torch.Tensor):
+            buffers.give(sealed)
     return payload
 
 
@@ -589,10 +601,11 @@ def _msgpack_with_other_keys(head: bytes) -> bool:
 
 
 async def read_message(reader: asyncio.StreamReader, max_frame: int, seal: Seal | None = None,
-                       stall: float = 0.0) -> tuple[Message, torch.Tensor | None]:
+                       stall: float = 0.0, buffers: streams.Buffers | None = None) -> tuple[Message, torch.Tensor | None]:
     """One message (see read_frame). A well-framed message that breaks the schema raises ProtocolError
-    with `request_id` set to its readable `id`, so the error answer can name the request it refuses."""
-    header, payload = await read_frame(reader, max_frame, seal, stall)
+    with `request_id` set to its readable `id`, so the error answer can name the request it refuses.
+    With `buffers`, a large payload is read into one of theirs (the tensor is a view of it)."""
+    header, payload = await read_frame(reader, max_frame, seal, stall, buffers)
     try:
         msg = parse_message(header)
         tensor = tensor_from(header["tensor"], payload) if "tensor" in header else None

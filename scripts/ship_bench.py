@@ -8,8 +8,8 @@ in one run; then the time to bring up a 2-worker cluster of the benchmark's mode
 1. Plain copy: a child process accepts one connection and writes what comes to files (4 MiB reads); this
    process sends every layer's tensor bytes from the model's files (4 MiB at a time). Each copy starts
    after a sync: dirty pages left by the one before would have the kernel throttle its writes. Then the
-   same with the child taking each MiB's SHA-256 as it goes: the least a receiver that checks what it
-   gets must do, the ceiling of shipping's rate on a machine where both ends share the cores.
+   same with the child taking each MiB's sum as it goes (cake.content_hash's XXH3-128): what a receiver
+   that checks what it gets must do, the ceiling of shipping's rate where both ends share the cores.
 2. Shipping: a real `cake --mode worker` with no model files, a fresh cache folder and every layer in its
    topology entry; this process is its master (cake.shipping.Supplier through a WorkerLink) and times the
    transfer alone (manifest to the last chunk's answer), then again with a cluster key (sealed), then a
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 
 from benchmarks import models  # noqa: E402  (the benchmark's models)
 from cake import launch  # noqa: E402
+from cake.content_hash import block_sum  # noqa: E402
 
 CHUNK = 4 << 20
 KEY = "ship-bench-key"
@@ -49,7 +49,7 @@ KEY = "ship-bench-key"
 
 def receive(port_file: str, out_dir: str, hashing: bool) -> None:
     """The plain copy's receiving side: one connection, everything it carries written to files of 64 MiB;
-    with `hashing`, each MiB's SHA-256 taken as well (the least a worker checking its chunks must do)."""
+    with `hashing`, each MiB's sum taken as well (cake.content_hash's, as a worker checks its chunks)."""
     server = socket.create_server(("127.0.0.1", 0))
     Path(port_file).write_text(str(server.getsockname()[1]))
     conn, _ = server.accept()
@@ -64,7 +64,7 @@ def receive(port_file: str, out_dir: str, hashing: bool) -> None:
         f.write(view[:got])
         if hashing:
             for i in range(0, got, 1 << 20):
-                hashlib.sha256(view[i:min(got, i + (1 << 20))]).digest()
+                block_sum(view[i:min(got, i + (1 << 20))])
         n += got
     if f:
         f.close()
@@ -74,7 +74,7 @@ def receive(port_file: str, out_dir: str, hashing: bool) -> None:
 
 def plain_copy(files, tmp: Path, hashing: bool = False) -> tuple[int, float]:
     """Bytes and seconds of sending the layers' tensor bytes to a child that writes them to disk (and, with
-    `hashing`, takes each MiB's SHA-256)."""
+    `hashing`, sums each MiB)."""
     out = tmp / "plain"
     out.mkdir()
     port_file = tmp / f"port-{time.monotonic_ns()}"
@@ -180,13 +180,16 @@ def bring_up(model: Path, tmp: Path, from_nothing: bool, half: int) -> tuple[flo
             launch.wait_ready(p, w, timeout=300)
         master = subprocess.run([sys.executable, "-m", "cake", "--model", str(model), "--topology", str(topo),
                                  "--max-memory", "0", "--device", "cpu", "--raw", "-p", "hi", "-n", "1"],
-                                capture_output=True, text=True, timeout=1200)
+                                capture_output=True, text=True, timeout=1200,
+                                # from nothing: nor the block sums a master keeps between runs
+                                env={**os.environ, "XDG_CACHE_HOME": str(tmp / f"master-{ports[0]}")}
+                                if from_nothing else None)
         seconds = time.perf_counter() - t0
         if master.returncode:
             raise SystemExit(master.stderr)
         print(master.stderr, file=sys.stderr)
         said = [line.split("] ", 1)[-1] for line in master.stderr.splitlines()
-                if "shipped" in line or "hashed" in line or "layers 0" in line or "layers 8" in line]
+                if "shipped" in line or "hashed" in line or "sums" in line or "layers 0" in line or "layers 8" in line]
     finally:
         for w in workers:
             launch.stop(w)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from cake import wire
 from cake.client import Options, WorkerLink
@@ -41,12 +42,16 @@ LAYER = 43008 * 4 + 2 * 64 * 4 + 2 * 2 * 16 * 4096 * 4  # one tiny_model layer a
 KEY = "shipping-test-key"
 
 
-def digest(data: bytes) -> bytes:
-    """A file's digest as docs/protocol.md defines it, written again here (not cake.content_hash's): the
-    SHA-256 of the SHA-256s of its 1 MiB blocks."""
+def block_sums(data: bytes) -> list[bytes]:
+    """The XXH3-128 of each 1 MiB block, as docs/protocol.md defines them, from the xxhash library itself
+    (not cake.content_hash's)."""
     mib = 1 << 20
-    return hashlib.sha256(b"".join(hashlib.sha256(data[i:i + mib]).digest()
-                                   for i in range(0, len(data), mib))).digest()
+    return [xxhash.xxh3_128(data[i:i + mib]).digest() for i in range(0, len(data), mib)]
+
+
+def digest(data: bytes) -> bytes:
+    """A file's digest as docs/protocol.md defines it: the SHA-256 of its blocks' sums."""
+    return hashlib.sha256(b"".join(block_sums(data))).digest()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +200,7 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
     body = b'{"__metadata__":{}}'
     blob = len(body).to_bytes(8, "little") + body
     steps += [(wire.Manifest(["fine.safetensors"], [len(blob)], digest(blob)), None),
-              (wire.Chunk(0, 0, bytes(32)), blob), (wire.Chunk(0, 0, hashlib.sha256(blob).digest()), blob)]
+              (wire.Chunk(0, 0, bytes(16)), blob), (wire.Chunk(0, 0, block_sums(blob)[0]), blob)]
     answers = run(_fake_master(c.ports["w"], steps))
     refused = answers[:len(bad_bundles)] + answers[len(bad_bundles) + 1:len(bad_bundles) + 1 + len(bad_files)]
     assert all(isinstance(a, wire.Error) and a.code == "bad_request" for a in refused), refused
@@ -203,7 +208,7 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
     assert isinstance(answers[len(bad_bundles)], wire.Info) and answers[len(bad_bundles)].hidden_size == 64
     have, bad_sum, ok = answers[-3:]
     assert isinstance(have, wire.Have) and have.held == [0]
-    assert isinstance(bad_sum, wire.Error) and "SHA-256" in bad_sum.message and isinstance(ok, wire.Ok)
+    assert isinstance(bad_sum, wire.Error) and "checksum" in bad_sum.message and isinstance(ok, wire.Ok)
     assert c.alive("w")
     made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "worker-" not in p.name
                   and not p.name.startswith("topology"))
@@ -211,22 +216,23 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
                     f"box/cache/model/w/{INDEX}"]
 
 
-def test_a_master_started_again_reads_no_weight_to_know_what_to_ship(tiny_model, tmp_path):
+def test_a_master_started_again_reads_no_weight_to_know_what_to_ship(wide_model, tmp_path):
     """A master keeps the block sums of the layer files it ships while the files they come from are
     unchanged: a master started again (a new Supplier) takes them from its store, and hashes a layer again
     once its model file changed."""
-    model = shutil.copytree(tiny_model, tmp_path / "model")
+    model = shutil.copytree(wide_model, tmp_path / "model")
     config = load_config(model)
     first = run(Supplier(model, config).layer_files([0, 1]))
-    mib = 1 << 20
     whole = [f.read(0, f.size) for f in first]
-    sums = [[hashlib.sha256(b[i:i + mib]).digest() for i in range(0, len(b), mib)] for b in whole]
+    sums = [block_sums(b) for b in whole]
+    assert len(sums[1]) > 1
     assert [f.digest for f in first] == [digest(b) for b in whole]
     kept = Path(os.environ["XDG_CACHE_HOME"]) / "cake" / "master" / "sums" / f"{first[0].stamp()}.sums"
     assert kept.read_bytes() == b"".join(sums[0])
     kept.write_bytes(bytes(len(kept.read_bytes())))  # what the store says is what a new master believes
     again = run(Supplier(model, config).layer_files([0, 1]))
-    assert again[0].digest == hashlib.sha256(bytes(32 * len(sums[0]))).digest() and again[1].digest == first[1].digest
+    assert again[0].digest == hashlib.sha256(bytes(16 * len(sums[0]))).digest() and again[1].digest == first[1].digest
+    assert again[1].sums == sums[1]  # block by block: what a resumed transfer sends
     weights = next(model.glob("*.safetensors"))
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model file changed
@@ -235,11 +241,11 @@ def test_a_master_started_again_reads_no_weight_to_know_what_to_ship(tiny_model,
 
 async def _pipelined_master(port: int, config: bytes, blob: bytes, bad: int) -> list[wire.Message]:
     """Sends `blob`'s three chunks without waiting for answers (as cake.shipping does, within its window),
-    the one at `bad` with a wrong SHA-256, then the bad one and those after it again; keeps every answer."""
+    the one at `bad` with a wrong checksum, then the bad one and those after it again; keeps every answer."""
     mib = 1 << 20
     reader, writer, _ = await handshake(port)
     pieces = [(off, blob[off:off + mib]) for off in range(0, len(blob), mib)]
-    sums = lambda data: b"".join(hashlib.sha256(data[i:i + mib]).digest() for i in range(0, len(data), mib))  # noqa: E731
+    sums = lambda data: b"".join(block_sums(data))  # noqa: E731
     u8 = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8)  # noqa: E731
     answers = []
     try:
@@ -248,7 +254,7 @@ async def _pipelined_master(port: int, config: bytes, blob: bytes, bad: int) -> 
             await wire.write_message(writer, msg, u8(payload) if payload else None)
             answers.append((await wire.read_message(reader, 1 << 24))[0])
         for k, (off, data) in enumerate(pieces):
-            await wire.write_message(writer, wire.Chunk(0, off, bytes(32 * len(sums(data))) if k == bad else sums(data)),
+            await wire.write_message(writer, wire.Chunk(0, off, bytes(len(sums(data))) if k == bad else sums(data)),
                                      u8(data))
         answers += [(await wire.read_message(reader, 1 << 24))[0] for _ in pieces]
         for off, data in pieces[bad:]:
@@ -260,7 +266,7 @@ async def _pipelined_master(port: int, config: bytes, blob: bytes, bad: int) -> 
 
 
 def test_a_bad_chunk_among_chunks_in_flight_is_cut_off_and_sent_again(tiny_model, cluster, tmp_path):
-    """The worker hashes and writes several chunks at once: a chunk that fails its SHA-256 is refused, the
+    """The worker hashes and writes several chunks at once: a chunk that fails its checksum is refused, the
     chunks sent after it are not kept, and sent again from there the file comes whole and exact."""
     cache = tmp_path / "cache"
     c = cluster(None, {"w": ["model.layers.0-1"]}, extra=("--cache-dir", str(cache)))
@@ -272,7 +278,7 @@ def test_a_bad_chunk_among_chunks_in_flight_is_cut_off_and_sent_again(tiny_model
     assert len(blob) == 5 << 19
     answers = run(_pipelined_master(c.ports["w"], (tiny_model / "config.json").read_bytes(), blob, bad=1))
     assert [type(a).__name__ for a in answers] == ["Info", "Have", "Ok", "Error", "Error", "Ok", "Ok"], answers
-    assert answers[3].code == "corrupt" and "SHA-256" in answers[3].message
+    assert answers[3].code == "corrupt" and "checksum" in answers[3].message
     assert (cache / "model" / "w" / "big.safetensors").read_bytes() == blob
     assert c.alive("w")
 

@@ -300,3 +300,44 @@ def test_frames_of_every_size_over_a_socket_arrive_exact_in_order_and_a_cut_one_
     assert len(got) == len(tensors) + 1 and isinstance(got[-1], asyncio.IncompleteReadError)
     for i, ((msg, t), x) in enumerate(zip(got, tensors)):
         assert msg.id == i + 1 and torch.equal(t, x)
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_payload_buffers_given_back_are_used_again_and_hold_only_the_next_frame(sealed):
+    """With streams.Buffers (as a worker receiving its weights), a large payload given back is the buffer
+    the next one of its size lands in, and holds that frame's bytes alone; one not given back is not
+    touched again; a small one never comes from the pool."""
+    from cake.seal import Seal
+
+    gen = torch.Generator().manual_seed(9)
+    chunks = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (1 << 20, 1 << 20, 1 << 20, 5, 1 << 20)]
+    messages = [(wire.Chunk(0, i, b""), c) for i, c in enumerate(chunks)]
+    blob = b"".join(sealed_frames(KEY_A, *messages)) if sealed else \
+        b"".join(b"".join(bytes(p) for p in wire.encode(m, t)) for m, t in messages)
+
+    async def go():
+        got, done, pool = [], asyncio.Event(), streams.Buffers(keep=2)
+
+        async def serve(reader, writer):
+            opener = Seal(KEY_A) if sealed else None
+            for i in range(len(chunks)):
+                _, t = await wire.read_message(reader, 1 << 24, opener, buffers=pool)
+                got.append((t.data_ptr(), t.clone(), t))
+                if i == 0:
+                    pool.give(t)  # the first is given back; the second is kept by its holder
+            done.set()
+
+        server = await streams.start_server(serve, "127.0.0.1", 0, limit=1 << 16)
+        _, writer = await streams.open_connection("127.0.0.1", server.sockets[0].getsockname()[1], limit=1 << 16)
+        writer.write(blob)
+        await writer.drain()
+        await done.wait()
+        writer.close()
+        server.close()
+        return got
+
+    got = asyncio.run(go())
+    assert [torch.equal(copy, c) for (_, copy, _), c in zip(got, chunks)] == [True] * len(chunks)
+    assert got[1][0] == got[0][0]  # the first frame's buffer, given back, took the second
+    assert got[2][0] != got[0][0] and torch.equal(got[1][2], chunks[1])  # kept: never written again
+    assert got[3][2].numel() == 5 and got[4][0] != got[1][0]
