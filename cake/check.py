@@ -164,8 +164,11 @@ def _worker_line(st: WorkerStatus, planned: Topology, topology: Topology, suppli
                  + (f" ({chunk_said(i.chunk_us / 1e3)})" if i.chunk_us else "")
                  + f", room {gb(i.room)} for {i.room // max(1, i.layer_bytes)} layer(s)")
     if i.fetches and supplier is not None and layers and list(i.layers) != list(layers):
+        fmt = supplier.shipped_format(i)
+        size = gb(supplier.ship_size(layers, fmt))
         line += (f"; no model files: the master ships it layers {format_layers(layers)}, "
-                 f"{gb(supplier.ship_size(layers))} at most (what its cache holds, checked by hash, is not sent)")
+                 + (f"{size} at most" if fmt == supplier.fmt else f"about {size} as {fmt.scheme} (quantized here first)")
+                 + " (what its cache holds, checked by hash, is not sent)")
     elif i.fetches and layers:
         line += "; no model files: its cache holds its layers"
     if i.topology and i.topology != topology.digest:

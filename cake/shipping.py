@@ -39,7 +39,7 @@ from cake.errors import WorkerError
 from cake.layer_ranges import format_layers
 from cake.memory import gb
 from cake.model.config import LlamaConfig
-from cake.model.loader import Quantization, stored_quantization
+from cake.model.loader import Quantization, share_bytes, stored_quantization
 from cake.model.quant import FORMAT_VERSION
 from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, Entry, WeightFiles
@@ -267,9 +267,17 @@ class Supplier:
         await self.ship(ch, files, link)
         return await ch.ask(self.assignment(link), wire.Info)
 
-    def ship_size(self, layers: list[int]) -> int:
-        """Bytes the files of these layers take (headers read, nothing hashed): the most a worker is sent."""
-        return sum(layer_file(self.files, self.config, i).size for i in layers)
+    def ship_size(self, layers: list[int], fmt: Quantization | None = None) -> int:
+        """Bytes the files of these layers take in `fmt` (default: as stored; headers read, nothing hashed):
+        the most a worker is sent. A format this master has still to quantize them into is counted from
+        their shapes (cake.model.loader.share_bytes), nothing quantized."""
+        fmt = fmt or self.fmt
+        if fmt == self.fmt:
+            return sum(layer_file(self.files, self.config, i).size for i in layers)
+        if all((fmt, i) in self._made for i in layers):
+            return sum(self._made[fmt, i].size for i in layers)
+        floats = next(e.dtype for e in layer_file(self.files, self.config, layers[0]).parts if e.dtype.is_floating_point)
+        return share_bytes(self.config, layers, fmt, floats)
 
     def assignment(self, link: WorkerLink) -> wire.Assign:
         """The plan when the master has one that names this worker, else its own topology entry's layers."""

@@ -25,7 +25,7 @@ from cake.client import Options, WorkerLink
 from cake.errors import WorkerError
 from cake.generate import generate
 from cake.model.config import load_config
-from cake.model.loader import stored_quantization
+from cake.model.loader import Quantization, stored_quantization
 from cake.model.weights import INDEX, WeightFiles, read_header
 from cake.run_master import MasterArgs, build_master
 from cake.sampling import SamplingParams
@@ -281,6 +281,21 @@ def test_a_bad_chunk_among_chunks_in_flight_is_cut_off_and_sent_again(tiny_model
     assert answers[3].code == "corrupt" and "checksum" in answers[3].message
     assert (cache / "model" / "w" / "big.safetensors").read_bytes() == blob
     assert c.alive("w")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_what_a_quantizing_worker_would_be_shipped_is_counted_before_anything_is_quantized(tiny_model, tmp_path, scheme):
+    """`cake --check` says how much a worker that quantizes would be sent: counted from the shapes while
+    nothing is quantized (within 10% of the files the master then makes on this 64-wide model, whose headers
+    weigh more than a real model's), and exact once they are made."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    supply = Supplier(model, load_config(model))
+    fmt = Quantization(scheme, 0 if scheme == "int8" else 32)
+    floats = supply.ship_size([0, 1, 2])
+    guess = supply.ship_size([0, 1, 2], fmt)
+    made = sum(f.size for f in run(supply.layer_files([0, 1, 2], fmt)))
+    assert guess <= made <= 1.1 * guess and made < floats * (0.3 if scheme == "int8" else 0.2)  # headers: the rest
+    assert supply.ship_size([0, 1, 2], fmt) == made
 
 
 def test_a_disk_without_room_is_one_error_before_anything_is_sent(tiny_model, tmp_path, monkeypatch):
