@@ -16,6 +16,7 @@ import xxhash
 
 BLOCK = 1 << 20  # bytes summed as one block (a chunk carries whole blocks)
 SUM = 16  # bytes of a block's sum
+SUM_NAME = "xxh3_128"
 
 
 def block_sum(data) -> bytes:

@@ -45,7 +45,7 @@ from cake.model.tensor_names import layer_tensor_names
 from cake.model.weights import DTYPES, Entry, WeightFiles
 from cake.progress import Progress
 from cake.seal import Seal
-from cake.content_hash import BLOCK, SUM, block_sum, content_digest
+from cake.content_hash import BLOCK, SUM, SUM_NAME, block_sum, content_digest
 
 if TYPE_CHECKING:
     from cake.client import WorkerLink
@@ -112,12 +112,13 @@ class LayerFile:
 
     def stamp(self) -> str:
         """What this file is made of, as the file system sees it: its header, and each source file's
-        path, byte range, size, modification time and inode. Sums stored under it (SumStore) are used
-        while none of these changes, as rsync and git trust a file's size and time."""
+        path, byte range, size, modification and change times and inode. Sums stored under it (SumStore)
+        are used while none of these changes, as rsync and git trust a file's size and time."""
         said = hashlib.sha256(self.head)
         for e in self.parts:
             st = e.path.stat()
-            said.update(f"\0{e.path.resolve()}\0{e.start}\0{e.end}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode())
+            said.update(f"\0{e.path.resolve()}\0{e.start}\0{e.end}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                        f"\0{st.st_ino}".encode())
         return said.hexdigest()
 
 
@@ -140,10 +141,13 @@ class SumStore:
         f.digest = content_digest(f.sums)
         return True
 
-    def save(self, f: LayerFile) -> None:
-        """Keep `f`'s sums (whole before renamed); a store that cannot be written costs the next run a hash."""
-        path = self.folder / f"{f.stamp()}.sums"
-        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+    def save(self, f: LayerFile, stamp: str) -> None:
+        """Keep `f`'s sums, taken while its stamp was `stamp` (not when the files changed meanwhile: the sums
+        may be of neither). Whole before renamed; a store that cannot be written costs the next run a hash."""
+        if f.stamp() != stamp:
+            return
+        path = self.folder / f"{stamp}.sums"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(b"".join(f.sums))
@@ -251,7 +255,7 @@ class Supplier:
         self._lock = threading.Lock()
         from cake.weight_cache import default_cache_dir
 
-        self.stored = SumStore(default_cache_dir() / "master" / "sums")
+        self.stored = SumStore(default_cache_dir() / "master" / f"sums-{SUM_NAME}-{BLOCK >> 20}MiB")
         self.sent = 0  # bytes shipped by this master, all workers together
 
     async def __call__(self, link: WorkerLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -323,8 +327,9 @@ class Supplier:
         return [self._made[fmt, i] for i in layers]
 
     def _hash(self, key: tuple[Quantization, int], f: LayerFile) -> None:
+        before = f.stamp()
         f.hash()
-        self.stored.save(f)
+        self.stored.save(f, before)
         with self._lock:
             self._made[key] = f
 

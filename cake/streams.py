@@ -103,8 +103,8 @@ class Buffers:
 
     SMALLEST = 1 << 20  # below this a fresh buffer is cheap
 
-    def __init__(self, keep: int):
-        self.keep = keep  # buffers held at most while unused
+    def __init__(self, keep: int, largest: int):
+        self.keep, self.largest = keep, largest  # buffers held at most while unused, and their largest size
         self._free: list[torch.Tensor] = []
 
     def take(self, size: int) -> torch.Tensor:
@@ -116,8 +116,9 @@ class Buffers:
 
     def give(self, t: torch.Tensor) -> None:
         """Take back a buffer from take() (or any whole u8 tensor) that nothing reads or writes any more."""
-        if t.dtype == torch.uint8 and t.numel() >= self.SMALLEST and len(self._free) < self.keep:
+        if t.dtype == torch.uint8 and self.SMALLEST <= t.numel() <= self.largest:
             self._free.append(t)
+            del self._free[:-self.keep]  # the oldest go first
 
     def clear(self) -> None:
         self._free.clear()

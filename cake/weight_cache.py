@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from cake import placement, streams, wire
-from cake.content_hash import BLOCK, block_sums, content_digest, file_sums
+from cake.content_hash import BLOCK, SUM, block_sums, content_digest, file_sums
 from cake.devices import compute_unit, machine_id, pick_device, pick_dtype
 from cake.errors import CakeError
 from cake.layer_ranges import format_layers
@@ -47,6 +47,7 @@ from cake.model.stack import LayerStack
 from cake.model.loader import Quantization, choose_quantization, load_layers, resolve_context
 from cake.model.weights import INDEX, read_header
 from cake.progress import Progress
+from cake.seal import TAG
 from cake.topology import Worker as Entry
 from cake.worker import Conn, Placement, RequestError, Worker, WorkerArgs
 
@@ -131,9 +132,10 @@ class Incoming:
         """Write one chunk at `at` (off the event loop; the bytes go to disk on `disk` while this thread
         sums them): its blocks' sums."""
         writing = disk.submit(self._pwrite, data, at)
-        mine = block_sums(data)
-        writing.result()
-        return mine
+        try:
+            return block_sums(data)
+        finally:
+            writing.result()  # `data` is read no more only once this returns
 
     def _pwrite(self, data: memoryview, at: int) -> None:
         fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -183,7 +185,13 @@ class Fetch:
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)),
                                                                                   thread_name_prefix="cake-cache"))
     _disk: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="cake-disk"))
-    buffers: streams.Buffers = field(default_factory=lambda: streams.Buffers(keep=DEPTH + 1))  # chunks' payloads
+    buffers: streams.Buffers = field(  # chunks' payloads, and their sealed bytes
+        default_factory=lambda: streams.Buffers(keep=DEPTH + 2, largest=MAX_CHUNK + TAG))
+
+    def receiving(self) -> streams.Buffers | None:
+        """The buffers the next frame is read into: the pool while weights come, else none."""
+        t = self.transfer
+        return self.buffers if t is not None and not t.done else None
 
     def bare_info(self, worker: Worker, token: str) -> wire.Info:
         """The handshake of a worker that has no model yet: the master sends its config first."""
@@ -324,6 +332,9 @@ class Fetch:
                 g.queued = g.held
         f = t.files[msg.file]
         at, end = f.queued, f.queued + len(data)
+        if len(msg.sums) != SUM * -(-len(data) // BLOCK):
+            raise RequestError("bad_request", f"a chunk of {len(data)} bytes carries {len(msg.sums)} bytes of sums; "
+                                              f"it needs {SUM} for each block of {BLOCK} (is the master's cake as new?)")
         if msg.offset != at or not len(data) or end > f.size or (end < f.size and len(data) % BLOCK):
             raise RequestError("bad_request", f"a chunk of {f.path.name} at {msg.offset} ({len(data)} bytes); this "
                                               f"worker takes it from byte {at} of {f.size} on, in whole blocks of "

@@ -26,7 +26,7 @@ from cake.errors import ProtocolError
 from cake.seal import TAG, Seal, SealBroken
 
 PROTOCOL = "cake"
-VERSION = 3  # 3: the client proves first, sealed frames with a key; 2: worker-to-worker relay
+VERSION = 4  # 4: shipped weights checked by XXH3-128; 3: the client proves first, sealed frames with a key; 2: relay
 MAX_HEADER = 64 * 1024
 FORWARD_OVERHEAD = MAX_HEADER + 64  # a forward frame's bytes besides its hidden states, at most
 MAX_RANK = 4
@@ -232,7 +232,7 @@ class ModelConfig(Message):
 @dataclass
 class Manifest(Message):
     """master -> worker: the files that hold its layers (names, sizes, and their digests, 32 bytes each, one
-    after the other: the SHA-256 of each 1 MiB block's XXH3-128, cake.content_hash).
+    after the other: the SHA-256 of the XXH3-128s of its 1 MiB blocks, cake.content_hash).
     Answered with Have, or an error (a name it refuses, no room on its disk)."""
     TYPE: ClassVar[str] = "manifest"
     names: list[str]

@@ -200,14 +200,16 @@ def test_names_from_a_hostile_master_never_leave_the_cache_folder(tiny_model, cl
     body = b'{"__metadata__":{}}'
     blob = len(body).to_bytes(8, "little") + body
     steps += [(wire.Manifest(["fine.safetensors"], [len(blob)], digest(blob)), None),
+              (wire.Chunk(0, 0, bytes(32)), blob),  # a sum of SHA-256's size: an older master's
               (wire.Chunk(0, 0, bytes(16)), blob), (wire.Chunk(0, 0, block_sums(blob)[0]), blob)]
     answers = run(_fake_master(c.ports["w"], steps))
     refused = answers[:len(bad_bundles)] + answers[len(bad_bundles) + 1:len(bad_bundles) + 1 + len(bad_files)]
     assert all(isinstance(a, wire.Error) and a.code == "bad_request" for a in refused), refused
     assert "plain file name" in refused[0].message
     assert isinstance(answers[len(bad_bundles)], wire.Info) and answers[len(bad_bundles)].hidden_size == 64
-    have, bad_sum, ok = answers[-3:]
+    have, bad_length, bad_sum, ok = answers[-4:]
     assert isinstance(have, wire.Have) and have.held == [0]
+    assert isinstance(bad_length, wire.Error) and bad_length.code == "bad_request" and "16 for each block" in bad_length.message
     assert isinstance(bad_sum, wire.Error) and "checksum" in bad_sum.message and isinstance(ok, wire.Ok)
     assert c.alive("w")
     made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "worker-" not in p.name
@@ -227,7 +229,7 @@ def test_a_master_started_again_reads_no_weight_to_know_what_to_ship(wide_model,
     sums = [block_sums(b) for b in whole]
     assert len(sums[1]) > 1
     assert [f.digest for f in first] == [digest(b) for b in whole]
-    kept = Path(os.environ["XDG_CACHE_HOME"]) / "cake" / "master" / "sums" / f"{first[0].stamp()}.sums"
+    kept = Path(os.environ["XDG_CACHE_HOME"]) / "cake" / "master" / "sums-xxh3_128-1MiB" / f"{first[0].stamp()}.sums"
     assert kept.read_bytes() == b"".join(sums[0])
     kept.write_bytes(bytes(len(kept.read_bytes())))  # what the store says is what a new master believes
     again = run(Supplier(model, config).layer_files([0, 1]))

@@ -316,7 +316,7 @@ def test_payload_buffers_given_back_are_used_again_and_hold_only_the_next_frame(
         b"".join(b"".join(bytes(p) for p in wire.encode(m, t)) for m, t in messages)
 
     async def go():
-        got, done, pool = [], asyncio.Event(), streams.Buffers(keep=2)
+        got, done, pool = [], asyncio.Event(), streams.Buffers(keep=2, largest=2 << 20)
 
         async def serve(reader, writer):
             opener = Seal(KEY_A) if sealed else None

@@ -179,7 +179,7 @@ class Worker:
             while True:
                 try:
                     msg, tensor = await wire.read_message(reader, self.max_frame, opener, self.stall_timeout,
-                                                          self.fetch.buffers if self.fetch else None)
+                                                          self.fetch.receiving() if self.fetch else None)
                 except wire.FrameError as e:  # the byte stream is broken: say why (best effort), then close
                     if e.oversized:
                         e.args = (f"{e} (this worker's --max-frame-mb)",)
