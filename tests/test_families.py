@@ -40,6 +40,11 @@ FAMILIES = {
     "gemma3-sliding-softcap": ("Gemma3Text", dict(  # sliding and global layers, each with its own rope
         head_dim=32, sliding_window=5, sliding_window_pattern=2, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
         rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "gemma3-multimodal-checkpoint": ("Gemma3", dict(  # Gemma 3 4B and up: the text model of a vision model
+        head_dim=32, sliding_window=6, query_pre_attn_scalar=32, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe-dense-layer": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                norm_topk_prob=False, mlp_only_layers=[1])),
@@ -52,6 +57,14 @@ def build(name: str, out: Path) -> Path:
 
     kind, extra = FAMILIES[name]
     torch.manual_seed(sorted(FAMILIES).index(name))
+    if kind == "Gemma3":  # a vision tower beside the text model, which alone is read
+        config = transformers.Gemma3Config(
+            text_config={**COMMON, **extra}, initializer_range=COMMON["initializer_range"],
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=290, eoi_token_index=291, image_token_index=292)
+        transformers.Gemma3ForConditionalGeneration(config).eval().save_pretrained(out)
+        return out
     config = getattr(transformers, f"{kind}Config")(**COMMON, **extra)
     getattr(transformers, f"{kind.removesuffix('Text')}ForCausalLM")(config).eval().save_pretrained(out)
     return out
@@ -163,6 +176,35 @@ def test_an_unsupported_architecture_is_one_line_everywhere(tmp_path):
         line = r.stderr.strip().splitlines()[-1]
         assert line.startswith("error: config.json: architecture GPTNeoXForCausalLM is not supported; cake serves ")
         assert "Qwen3MoeForCausalLM" in line and "MistralForCausalLM" in line
+
+
+def test_the_hubs_gemma3_multimodal_config_is_read_as_transformers_reads_it():
+    """google/gemma-3-4b-it's config.json as published: a sparse text_config, 4.x spellings, the end ids at
+    the top. Each setting cake takes from it equals transformers' Gemma3Config's text model."""
+    from transformers import Gemma3Config
+
+    from cake.model.config import LlamaConfig
+
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "eos_token_id": [1, 106], "model_type": "gemma3",
+           "torch_dtype": "bfloat16", "image_token_index": 262144, "mm_tokens_per_image": 256,
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                             "patch_size": 14, "vision_use_head": False}}
+    ours, theirs = LlamaConfig.from_dict(hub), Gemma3Config(**hub).text_config
+    rope = theirs.rope_parameters
+    assert (ours.arch, ours.hidden_size, ours.num_hidden_layers, ours.intermediate_size) == ("gemma3", 2560, 34, 10240)
+    assert (ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim, ours.vocab_size) == (
+        theirs.num_attention_heads, theirs.num_key_value_heads, theirs.head_dim, theirs.vocab_size)
+    assert (ours.rope_theta, ours.local_rope_theta) == (rope["full_attention"]["rope_theta"],
+                                                        rope["sliding_attention"]["rope_theta"])
+    assert ours.rope_scaling == {"factor": 8.0, "rope_type": "linear"} and rope["full_attention"]["factor"] == 8.0
+    assert list(ours.layer_types) == list(theirs.layer_types) and ours.sliding_window == theirs.sliding_window
+    assert ours.attn_scale == theirs.query_pre_attn_scalar ** -0.5 and ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.max_position_embeddings == theirs.max_position_embeddings and ours.tie_word_embeddings
+    assert ours.eos_token_ids == (1, 106) and ours.torch_dtype == "bfloat16"
 
 
 def test_a_config_missing_what_its_family_needs_is_one_line(tmp_path):

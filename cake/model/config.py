@@ -18,6 +18,17 @@ ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
 }
 MODEL_TYPES = {**{family: family for family in ARCHITECTURES.values()}, "gemma3_text": "gemma3"}
+# Multimodal checkpoints whose text model cake serves (Gemma 3 4B and up): its config is `text_config`,
+# its tensors are under `language_model.` (cake.model.weights), and the vision tower is never read.
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
+# What transformers' Gemma3TextConfig gives the fields the hub's text_config leaves out (its 4B does).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
+}
 ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
 
@@ -74,6 +85,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
+        d = _text_model(d)
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -149,17 +161,34 @@ class LlamaConfig:
             raise ModelError(f"config.json is missing '{e.args[0]}'; is this a Llama model folder?") from None
 
 
+def _text_model(d: dict) -> dict:
+    """A multimodal config's text model as a config of its own (others as they are): transformers' defaults,
+    then what the top level says of the whole model (its dtype, end ids, tied embedding), then text_config."""
+    archs = d.get("architectures") or []
+    multimodal = [a for a in archs if a in MULTIMODAL] if isinstance(archs, list) else []
+    if not multimodal:
+        return d
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelError(f"config.json: a {multimodal[0]} needs 'text_config' (its text model's settings); "
+                         f"restore the file from the model's repository")
+    top = {k: d[k] for k in ("dtype", "torch_dtype", "eos_token_id", "bos_token_id", "tie_word_embeddings") if k in d}
+    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "architectures": multimodal}
+
+
 def family(d: dict) -> str:
     """The family of a config.json, from `architectures` (else `model_type`); unsupported is one error."""
     archs = d.get("architectures") or []
     for a in archs if isinstance(archs, list) else [archs]:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
+        if a in MULTIMODAL:
+            return MULTIMODAL[a]
     if not archs and d.get("model_type", "llama") in MODEL_TYPES:
         return MODEL_TYPES[d.get("model_type", "llama")]
     named = ", ".join(map(str, archs)) if archs else f"model_type {d.get('model_type')!r}"
     raise ModelError(f"config.json: architecture {named} is not supported; cake serves "
-                     f"{', '.join(ARCHITECTURES)}")
+                     f"{', '.join([*ARCHITECTURES, *MULTIMODAL])}")
 
 
 def _window(d: dict, arch: str) -> int | None:

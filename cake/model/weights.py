@@ -66,6 +66,9 @@ class Entry:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Where a multimodal checkpoint keeps its text model (the hub's spelling, and transformers 5's in memory):
+# its tensors are read under the text model's own names, so bundles and shipped files carry those.
+TEXT_MODEL_PREFIXES = {"language_model.": "", "model.language_model.": "model."}
 
 
 class WeightFiles:
@@ -84,6 +87,13 @@ class WeightFiles:
                 f"no {SINGLE} or {INDEX} in '{self.dir}'; --model must point at a Llama 3 folder "
                 f"or a cake-split-model bundle"
             )
+        self.stored: dict[str, str] = {}  # a name read here -> the checkpoint's name for it, where they differ
+        for name in list(self.where):
+            for prefix, plain in TEXT_MODEL_PREFIXES.items():
+                if name.startswith(prefix):
+                    alias = plain + name[len(prefix):]
+                    self.where.setdefault(alias, self.where[name])
+                    self.stored.setdefault(alias, name)
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def holds(self) -> str:
@@ -124,7 +134,7 @@ class WeightFiles:
                 raise ModelError(f"'{path}' (listed in {INDEX} for '{name}') is missing; copy the whole model folder")
             self._headers[fname] = read_header(path)
         header, base = self._headers[fname]
-        meta = header.get(name) if name != "__metadata__" else None
+        meta = header.get(self.stored.get(name, name)) if name != "__metadata__" else None
         try:
             dtype = DTYPES[meta["dtype"]]
             shape = tuple(int(d) for d in meta["shape"])
