@@ -3,8 +3,8 @@ the XXH3-128 of each 1 MiB block, and the SHA-256 of those as the file's digest 
 there with SHA-256 and 4 MiB blocks). Each block's sum checks a chunk as it arrives, and the same sums make
 the file's digest: one pass over the bytes does both.
 
-XXH3 (as rsync's transfer checksum since 3.2.3) because it costs nothing beside the copy (60 GB/s against
-SHA-256's 1.8 here, docs/benchmarks.md): it catches corrupt bytes, not forged ones. What a master sends is
+XXH3 (as rsync's transfer checksum since 3.2.3) because it costs nothing beside the copy, where SHA-256
+capped the transfer (docs/benchmarks.md): it catches corrupt bytes, not forged ones. What a master sends is
 authenticated by the cluster key (every frame sealed), not by these sums (docs/security.md)."""
 
 from __future__ import annotations

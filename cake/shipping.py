@@ -255,7 +255,8 @@ class Supplier:
         self._lock = threading.Lock()
         from cake.weight_cache import default_cache_dir
 
-        self.stored = SumStore(default_cache_dir() / "master" / f"sums-{SUM_NAME}-{BLOCK >> 20}MiB")
+        self.cache = default_cache_dir() / "master"  # what this master keeps between runs
+        self.stored = SumStore(self.cache / f"sums-{SUM_NAME}-{BLOCK >> 20}MiB")
         self.sent = 0  # bytes shipped by this master, all workers together
 
     async def __call__(self, link: WorkerLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -300,9 +301,8 @@ class Supplier:
         if fmt == self.fmt:
             return self.files
         from cake.quantized_store import QuantizedStore
-        from cake.weight_cache import default_cache_dir
 
-        folder = default_cache_dir() / "master" / f"{self.bundle}-{fmt.scheme}{fmt.group or ''}-v{FORMAT_VERSION}"
+        folder = self.cache / f"{self.bundle}-{fmt.scheme}{fmt.group or ''}-v{FORMAT_VERSION}"
         return QuantizedStore(self.files, self.config, fmt, folder).files(layers)
 
     async def layer_files(self, layers: list[int], fmt: Quantization | None = None) -> list[LayerFile]:

@@ -97,8 +97,8 @@ async def open_connection(host: str, port: int, *, limit: int,
 
 
 class Buffers:
-    """Payload buffers of large frames, used again once given back. A fresh one costs the kernel a page
-    fault and a zeroed page every 4 KiB as the socket fills it: ~40% of a worker's CPU while it receives
+    """Payload buffers of large frames, used again once given back: a fresh one costs the kernel a page
+    fault and a zeroed page every 4 KiB as the socket fills it, a large share of a worker's CPU while it receives
     its weights (docs/benchmarks.md). Only a buffer whose holder is done with it may be given back."""
 
     SMALLEST = 1 << 20  # below this a fresh buffer is cheap
